@@ -1,0 +1,67 @@
+"""Cloud providers: one small adapter per kind of cloud behind one interface.
+
+Providers are synchronous (boto3 is); the engine calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+# Tags that mark an instance as ours; the launch tag makes crash recovery idempotent even
+# where an endpoint ignores ClientToken (moto, some OpenStack versions).
+TAG_POOL = "alienec2:pool"
+TAG_CORE = "alienec2:core"
+TAG_LAUNCH = "alienec2:launch"
+
+
+class CloudError(Exception):
+    """A cloud call failed. ``code`` is the EC2 error code when the cloud gave one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CapacityError(CloudError):
+    """The cloud cannot give us instances now (capacity, quota or limit): back off."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    id: str
+    state: str  # the EC2 state name: pending, running, shutting-down, terminated, stopping, stopped
+    address: str | None = None
+    launch_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchRequest:
+    launch_id: str
+    count: int
+    client_token: str
+    user_data: str
+
+
+class CloudProvider(Protocol):
+    name: str
+
+    def launch(self, request: LaunchRequest) -> list[Instance]:
+        """Start up to ``count`` instances in one call, tagged with the launch id."""
+        ...
+
+    def find_launch(self, launch_id: str) -> list[Instance]:
+        """Instances carrying this launch's tag (to finish a launch interrupted by a crash)."""
+        ...
+
+    def describe(self, instance_ids: list[str]) -> list[Instance]:
+        """Current state of the given instances; unknown ids are simply absent."""
+        ...
+
+    def list_pool(self) -> list[Instance]:
+        """Every instance of this pool and core, all pages."""
+        ...
+
+    def terminate(self, instance_ids: list[str]) -> set[str]:
+        """Terminate the instances; returns the ids the cloud no longer knows."""
+        ...

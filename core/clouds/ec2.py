@@ -1,0 +1,173 @@
+"""EC2 through boto3: AWS or any EC2-compatible endpoint (OpenStack, OpenNebula, moto)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from core.clouds import (
+    TAG_CORE,
+    TAG_LAUNCH,
+    TAG_POOL,
+    CapacityError,
+    CloudError,
+    Instance,
+    LaunchRequest,
+)
+from core.config import CloudConfig
+
+# Codes meaning "not now": capacity, account limits and quotas. They put the cloud in backoff.
+CAPACITY_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "InsufficientReservedInstanceCapacity",
+        "InstanceLimitExceeded",
+        "VcpuLimitExceeded",
+        "MaxSpotInstanceCountExceeded",
+        "RequestLimitExceeded",
+        "Unsupported",
+        "InsufficientFreeAddressesInSubnet",
+        "ResourceLimitExceeded",
+        "LimitExceeded",
+    }
+)
+_NOT_FOUND_ID = re.compile(r"i-[0-9a-f]+")
+DESCRIBE_CHUNK = 200  # ids per instance-id filter; keeps requests small on every endpoint
+
+
+def _translate(exc: Exception) -> CloudError:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown")).removeprefix("Server.").removeprefix("Client.")
+        message = f"{code}: {error.get('Message', '')}".rstrip(": ")
+        if code in CAPACITY_CODES:
+            return CapacityError(message, code)
+        return CloudError(message, code)
+    return CloudError(f"{type(exc).__name__}: {exc}")
+
+
+def _instance(raw: dict[str, Any]) -> Instance:
+    tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
+    return Instance(
+        id=raw["InstanceId"],
+        state=raw.get("State", {}).get("Name", "pending"),
+        address=raw.get("PrivateIpAddress") or raw.get("PublicIpAddress"),
+        launch_id=tags.get(TAG_LAUNCH),
+    )
+
+
+class EC2Provider:
+    """One configured cloud. Credentials come from the boto3 chain or a named profile; they
+    are never logged or put into user data."""
+
+    def __init__(self, cloud: CloudConfig, pool: str, core_id: str) -> None:
+        self.name = cloud.name
+        self._cloud = cloud
+        self._pool = pool
+        self._core_id = core_id
+        session = boto3.session.Session(profile_name=cloud.profile, region_name=cloud.region)
+        self._ec2 = session.client(
+            "ec2",
+            endpoint_url=cloud.endpoint_url,
+            config=BotoConfig(
+                retries={"mode": cloud.retry_mode, "max_attempts": cloud.max_attempts},
+                connect_timeout=10,
+                read_timeout=60,
+                max_pool_connections=10,
+            ),
+        )
+
+    def _ours(self) -> list[dict[str, Any]]:
+        return [
+            {"Name": f"tag:{TAG_POOL}", "Values": [self._pool]},
+            {"Name": f"tag:{TAG_CORE}", "Values": [self._core_id]},
+        ]
+
+    def _describe(self, filters: list[dict[str, Any]]) -> Iterator[Instance]:
+        try:
+            paginator = self._ec2.get_paginator("describe_instances")
+            for page in paginator.paginate(Filters=filters, PaginationConfig={"PageSize": 1000}):
+                for reservation in page.get("Reservations", []):
+                    for raw in reservation.get("Instances", []):
+                        yield _instance(raw)
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc) from None
+
+    def launch(self, request: LaunchRequest) -> list[Instance]:
+        cloud = self._cloud
+        tags = [
+            {"Key": TAG_POOL, "Value": self._pool},
+            {"Key": TAG_CORE, "Value": self._core_id},
+            {"Key": TAG_LAUNCH, "Value": request.launch_id},
+            {"Key": "Name", "Value": f"alienec2-{self._pool}"},
+            *({"Key": k, "Value": v} for k, v in cloud.tags.items()),
+        ]
+        params: dict[str, Any] = {
+            "ImageId": cloud.image_id,
+            "InstanceType": cloud.instance_type,
+            # Real EC2 gives what it can (>= 1); moto launches MinCount, so exact_count asks N.
+            "MinCount": request.count if cloud.exact_count else 1,
+            "MaxCount": request.count,
+            "ClientToken": request.client_token,
+            "UserData": request.user_data,
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        }
+        if cloud.key_name:
+            params["KeyName"] = cloud.key_name
+        if cloud.security_group_ids:
+            params["SecurityGroupIds"] = cloud.security_group_ids
+        if cloud.subnet_id:
+            params["SubnetId"] = cloud.subnet_id
+        try:
+            reply = self._ec2.run_instances(**params)
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc) from None
+        return [_instance(raw) for raw in reply.get("Instances", [])]
+
+    def find_launch(self, launch_id: str) -> list[Instance]:
+        return list(
+            self._describe([*self._ours(), {"Name": f"tag:{TAG_LAUNCH}", "Values": [launch_id]}])
+        )
+
+    def describe(self, instance_ids: list[str]) -> list[Instance]:
+        # A filter, not InstanceIds=: one unknown id must not fail the whole call.
+        found: list[Instance] = []
+        for start in range(0, len(instance_ids), DESCRIBE_CHUNK):
+            chunk = instance_ids[start : start + DESCRIBE_CHUNK]
+            found.extend(self._describe([{"Name": "instance-id", "Values": chunk}]))
+        return found
+
+    def list_pool(self) -> list[Instance]:
+        return list(self._describe(self._ours()))
+
+    def terminate(self, instance_ids: list[str]) -> set[str]:
+        missing: set[str] = set()
+        remaining = list(instance_ids)
+        while remaining:
+            batch, remaining = remaining[:1000], remaining[1000:]
+            while batch:
+                try:
+                    self._ec2.terminate_instances(InstanceIds=batch)
+                    break
+                except ClientError as exc:
+                    error = _translate(exc)
+                    if error.code != "InvalidInstanceID.NotFound":
+                        raise error from None
+                    # The whole batch fails for one unknown id: drop those named and retry.
+                    unknown = set(_NOT_FOUND_ID.findall(str(exc))) & set(batch)
+                    if not unknown:
+                        raise error from None
+                    missing |= unknown
+                    batch = [i for i in batch if i not in unknown]
+                except BotoCoreError as exc:
+                    raise _translate(exc) from None
+        return missing

@@ -1,0 +1,302 @@
+"""YAML configuration → validated pydantic models.
+
+Every error names its key path (``pool.max_vms: must be >= pool.min_vms (got 2 < 5)``) so an
+admin can fix a file without reading a traceback. Unknown keys are errors: a typo must not
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` holds one ``path: message`` line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CloudConfig(_Section):
+    """One EC2-compatible endpoint the pool may launch into."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    profile: str | None = None
+    image_id: Annotated[str, Field(min_length=1)]
+    instance_type: str = "t3.medium"
+    key_name: str | None = None
+    security_group_ids: list[str] = []
+    subnet_id: str | None = None
+    max_instances: Annotated[int, Field(ge=0)] = 100
+    priority: int = 100
+    tags: dict[str, str] = {}
+    exact_count: bool = False
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 60.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 1800.0
+    boot_failures_before_backoff: Annotated[int, Field(ge=1)] = 3
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {value!r})")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = [key for key in value if key.startswith("alienec2:")]
+        if reserved:
+            raise ValueError(
+                f"tag keys starting with 'alienec2:' are reserved (got {reserved[0]!r})"
+            )
+        return value
+
+    @field_validator("backoff_max_s")
+    @classmethod
+    def _backoff(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("backoff_initial_s")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be >= backoff_initial_s (got {value:g} < {initial:g})")
+        return value
+
+
+class PoolConfig(_Section):
+    """Bounds and timers of the VM pool; see the scaling policy in DESIGN.md."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "default"
+    min_vms: Annotated[int, Field(ge=0)] = 0
+    max_vms: Annotated[int, Field(ge=0)] = 10
+    idle_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    boot_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    max_launch_per_cycle: Annotated[int, Field(ge=1)] = 50
+    cycle_interval_s: Annotated[float, Field(gt=0)] = 15.0
+    reconcile_interval_s: Annotated[float, Field(gt=0)] = 300.0
+    adaptive_warm: bool = True
+    arrival_window_s: Annotated[float, Field(gt=0)] = 600.0
+    boot_time_guess_s: Annotated[float, Field(ge=0)] = 120.0
+
+    @field_validator("max_vms")
+    @classmethod
+    def _max_vms(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_vms")
+        if low is not None and value < low:
+            raise ValueError(f"must be >= pool.min_vms (got {value} < {low})")
+        return value
+
+
+class BuiltinQueueConfig(_Section):
+    """The core's own FIFO task queue, served to agents through the agent API."""
+
+    kind: Literal["builtin"] = "builtin"
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+
+
+class CommandQueueConfig(_Section):
+    """Demand from any command that prints one integer (e.g. an AliEn/jAliEn CLI query)."""
+
+    kind: Literal["command"]
+    command: Annotated[list[str], Field(min_length=1)]
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class HTCondorQueueConfig(_Section):
+    """Demand from the idle jobs that ``condor_q`` lists, as elastiq counted them."""
+
+    kind: Literal["htcondor"]
+    condor_q: Annotated[list[str], Field(min_length=1)] = ["condor_q"]
+    constraint: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+QueueConfig = Annotated[
+    BuiltinQueueConfig | CommandQueueConfig | HTCondorQueueConfig, Field(discriminator="kind")
+]
+
+
+class StateConfig(_Section):
+    path: str = "/var/lib/alienec2/state.db"
+    synchronous: Literal["full", "normal"] = "full"
+
+
+def _networks(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"not a CIDR network: {value!r}") from None
+    return values
+
+
+class WebConfig(_Section):
+    """The agent API listener that VMs reach."""
+
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8470
+    public_url: str | None = None
+    allowed_networks: list[str] = ["0.0.0.0/0", "::/0"]
+    trusted_proxies: list[str] = []
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @field_validator("allowed_networks", "trusted_proxies")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        return _networks(values)
+
+
+class AdminConfig(_Section):
+    """The admin API: a unix socket by default, TCP only with a bearer token."""
+
+    socket: str = "/run/alienec2/admin.sock"
+    tcp_host: str | None = None
+    tcp_port: Annotated[int, Field(ge=0, le=65535)] = 8471
+    token: str | None = None
+    token_env: str = "ALIENEC2_ADMIN_TOKEN"
+
+    def resolved_token(self) -> str | None:
+        return self.token or os.environ.get(self.token_env) or None
+
+
+class ContextualisationConfig(_Section):
+    """How a VM is told to start its job agent (the cloud-init user-data)."""
+
+    template: Literal["builtin", "alien"] = "builtin"
+    agent_heartbeat_s: Annotated[float, Field(gt=0)] = 30.0
+    extra_env: dict[str, str] = {}
+
+
+class Config(_Section):
+    core_id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "alienec2"
+    clouds: Annotated[list[CloudConfig], Field(min_length=1)]
+    pool: PoolConfig = PoolConfig()
+    queue: QueueConfig = BuiltinQueueConfig()
+    state: StateConfig = StateConfig()
+    web: WebConfig = WebConfig()
+    admin: AdminConfig = AdminConfig()
+    contextualisation: ContextualisationConfig = ContextualisationConfig()
+
+    @model_validator(mode="after")
+    def _unique_cloud_names(self) -> Config:
+        seen: set[str] = set()
+        for cloud in self.clouds:
+            if cloud.name in seen:
+                raise ValueError(f"clouds: duplicate cloud name {cloud.name!r}")
+            seen.add(cloud.name)
+        return self
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    if len(loc) > 1 and loc[0] == "queue":
+        loc = ("queue", *loc[2:])  # drop the union tag pydantic inserts: queue.command.x
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        return f"must be one of builtin, command, htcondor (got {error['input'].get('kind')!r})"
+    if kind == "union_tag_not_found":
+        return "required key is missing (builtin, command or htcondor)"
+    message = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if kind.endswith(("_type", "_parsing")) or kind == "literal_error":
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        message = _message(error)
+        # A model-level check already names its path in the message.
+        if not error["loc"] and ": " in message:
+            lines.append(message)
+        else:
+            path = _path(error["loc"])
+            if error["type"].startswith("union_tag"):
+                path += ".kind"
+            lines.append(f"{path}: {message}")
+    return lines
+
+
+def parse_config(data: Any) -> Config:
+    """Validate already-loaded YAML data; raise ConfigError listing every problem."""
+    if data is None:
+        raise ConfigError(["(top level): the file is empty"])
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"(top level): must be a mapping of sections (got {type(data).__name__})"]
+        )
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML file; every failure becomes a ConfigError with a readable line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: invalid YAML at {where}{problem}"]) from None
+    return parse_config(data)
+
+
+def summary(config: Config) -> str:
+    """One line an admin can eyeball after check-config."""
+    clouds = ", ".join(f"{c.name}(max {c.max_instances})" for c in config.clouds)
+    pool = config.pool
+    return (
+        f"ok: pool {pool.name!r} min {pool.min_vms} max {pool.max_vms}, "
+        f"queue {config.queue.kind}, clouds {clouds}, state {config.state.path}"
+    )

@@ -1,0 +1,186 @@
+"""The scaling policy: a pure function from a snapshot of the pool to a list of actions.
+
+No I/O, no clock reads, no randomness: everything the pool does can be tested here in
+microseconds and replayed in the benchmark simulator. The engine carries the actions out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from core.model import ALIVE_STATES, HEARTBEATING_STATES, SERVING_STATES, VMState
+
+
+@dataclass(frozen=True, slots=True)
+class VMView:
+    id: str
+    cloud: str
+    state: VMState
+    launched_at: float
+    idle_since: float | None = None
+    last_heartbeat: float | None = None
+    has_job: bool = False
+    kill_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CloudView:
+    name: str
+    priority: int
+    max_instances: int
+    backoff_until: float = 0.0
+    launch_in_flight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    min_vms: int
+    max_vms: int
+    idle_timeout_s: float
+    boot_timeout_s: float
+    heartbeat_timeout_s: float
+    max_launch_per_cycle: int
+    adaptive_warm: bool = True
+    paused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    vms: tuple[VMView, ...]
+    clouds: tuple[CloudView, ...]
+    arrival_rate: float = 0.0  # jobs per second over the recent window
+    boot_time_s: float = 0.0  # typical submit-to-registered time of a VM
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    cloud: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate:
+    vm_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Mark a VM failed (never registered) and terminate it."""
+
+    vm_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lose:
+    """Mark a VM lost (stopped heartbeating), requeue its job and terminate it."""
+
+    vm_id: str
+    reason: str
+
+
+Action = Launch | Terminate | Fail | Lose
+
+
+def warm_target(snapshot: Snapshot, settings: Settings) -> int:
+    """Idle VMs to keep ready beyond the waiting jobs: the arrivals expected during one boot.
+
+    Bursts then meet warm VMs while quiet hours (rate → 0) cost nothing beyond ``min_vms``.
+    """
+    if not settings.adaptive_warm:
+        return 0
+    return min(math.ceil(snapshot.arrival_rate * snapshot.boot_time_s), settings.max_vms)
+
+
+def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
+    """Per-VM rules that apply even when scaling is paused or demand is unknown."""
+    if vm.state not in ALIVE_STATES or vm.state == VMState.TERMINATING:
+        return None
+    if vm.kill_requested:
+        return Terminate(vm.id, "killed by admin")
+    if vm.state in (VMState.FAILED, VMState.LOST):
+        return Terminate(vm.id, f"{vm.state} VM still alive")
+    if vm.state in (VMState.REQUESTED, VMState.BOOTING):
+        if now - vm.launched_at > settings.boot_timeout_s:
+            return Fail(vm.id, f"not registered within boot_timeout_s={settings.boot_timeout_s:g}")
+        return None
+    if vm.state in HEARTBEATING_STATES:
+        seen = vm.last_heartbeat if vm.last_heartbeat is not None else vm.launched_at
+        if now - seen > settings.heartbeat_timeout_s:
+            return Lose(
+                vm.id, f"no heartbeat for {now - seen:.0f}s > {settings.heartbeat_timeout_s:g}s"
+            )
+    if vm.state == VMState.DRAINING and not vm.has_job:
+        return Terminate(vm.id, "drained")
+    return None
+
+
+def _spread(count: int, snapshot: Snapshot, now: float) -> list[Launch]:
+    """Fill clouds in priority order within their quota, skipping those in backoff."""
+    alive: dict[str, int] = {}
+    for vm in snapshot.vms:
+        if vm.state in ALIVE_STATES:
+            alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
+    launches = []
+    for cloud in sorted(snapshot.clouds, key=lambda c: (c.priority, c.name)):
+        if count <= 0:
+            break
+        if cloud.backoff_until > now or cloud.launch_in_flight:
+            continue
+        room = cloud.max_instances - alive.get(cloud.name, 0)
+        take = min(room, count)
+        if take > 0:
+            launches.append(Launch(cloud.name, take))
+            count -= take
+    return launches
+
+
+def decide(snapshot: Snapshot, waiting: int | None, now: float, settings: Settings) -> list[Action]:
+    """Actions for one cycle. ``waiting`` is the queue's demand; None means it could not be
+    read, and then only per-VM health rules run (no scaling change on a blind cycle)."""
+    actions: list[Action] = []
+    handled: set[str] = set()
+    for vm in snapshot.vms:
+        action = _health(vm, now, settings)
+        if action is not None:
+            actions.append(action)
+            handled.add(vm.id)
+    if waiting is None or settings.paused:
+        return actions
+
+    serving = [vm for vm in snapshot.vms if vm.state in SERVING_STATES and vm.id not in handled]
+    idle = sorted(
+        (vm for vm in serving if vm.state == VMState.IDLE),
+        key=lambda vm: (vm.idle_since if vm.idle_since is not None else vm.launched_at, vm.id),
+    )
+    starting = sum(vm.state in (VMState.REQUESTED, VMState.BOOTING) for vm in serving)
+    live = len(serving)
+    warm = warm_target(snapshot, settings)
+
+    wanted = max(waiting + warm - len(idle) - starting, settings.min_vms - live)
+    launch = min(wanted, settings.max_vms - live, settings.max_launch_per_cycle)
+    if launch > 0:
+        actions.extend(_spread(launch, snapshot, now))
+        return actions
+
+    # Shrink: first anything above max_vms (an admin lowered it), then idle VMs past the idle
+    # timer, longest idle first, keeping min_vms alive and the idle VMs waiting jobs will need.
+    over_max = max(live - settings.max_vms, 0)
+    spare = max(len(idle) - waiting - warm, 0)
+    reapable = min(max(live - settings.min_vms, 0), spare)
+    for vm in idle:
+        idle_for = now - (vm.idle_since if vm.idle_since is not None else vm.launched_at)
+        if over_max > 0:
+            actions.append(Terminate(vm.id, f"above max_vms={settings.max_vms}"))
+            over_max -= 1
+            reapable -= 1
+        elif reapable > 0 and idle_for > settings.idle_timeout_s:
+            actions.append(
+                Terminate(
+                    vm.id, f"idle {idle_for:.0f}s > idle_timeout_s={settings.idle_timeout_s:g}"
+                )
+            )
+            reapable -= 1
+    return actions

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real moto EC2 server on loopback, a manual clock, config builders."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from core.clouds import TAG_CORE
+from core.clouds.sandbox import (
+    SANDBOX_CREDENTIALS,
+    SANDBOX_IMAGE,
+    SANDBOX_REGION,
+    FaultyEndpoint,
+    MotoEC2Server,
+)
+from core.config import Config, parse_config
+from core.store import Store
+
+os.environ.update(SANDBOX_CREDENTIALS)
+os.environ.pop("AWS_PROFILE", None)
+os.environ["AWS_DEFAULT_REGION"] = SANDBOX_REGION
+
+
+class ManualClock:
+    """Virtual time: tests move it forward instead of sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture(scope="session")
+def moto_session() -> Iterator[MotoEC2Server]:
+    with MotoEC2Server() as server:
+        yield server
+
+
+@pytest.fixture
+def moto(moto_session: MotoEC2Server) -> MotoEC2Server:
+    """moto's EC2 server, emptied for each test."""
+    moto_session.reset()
+    return moto_session
+
+
+@pytest.fixture
+def faulty(moto: MotoEC2Server) -> Iterator[FaultyEndpoint]:
+    with FaultyEndpoint(moto.url) as endpoint:
+        yield endpoint
+
+
+def ec2_client(url: str) -> Any:
+    return boto3.client("ec2", endpoint_url=url, region_name=SANDBOX_REGION)
+
+
+def instances_in_cloud(url: str, core_id: str = "test-core") -> dict[str, str]:
+    """instance id -> EC2 state for every instance carrying our core tag."""
+    pages = ec2_client(url).get_paginator("describe_instances").paginate(
+        Filters=[{"Name": f"tag:{TAG_CORE}", "Values": [core_id]}]
+    )
+    return {
+        i["InstanceId"]: i["State"]["Name"]
+        for page in pages
+        for r in page["Reservations"]
+        for i in r["Instances"]
+    }
+
+
+def running_in_cloud(url: str, core_id: str = "test-core") -> set[str]:
+    return {
+        i for i, state in instances_in_cloud(url, core_id).items() if state in ("pending", "running")
+    }
+
+
+def cloud(name: str, url: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "endpoint_url": url,
+        "region": SANDBOX_REGION,
+        "image_id": SANDBOX_IMAGE,
+        "exact_count": True,
+        "max_attempts": 1,
+        **overrides,
+    }
+
+
+def make_config(tmp_path: Path, clouds: list[dict[str, Any]], **sections: Any) -> Config:
+    data: dict[str, Any] = {
+        "core_id": "test-core",
+        "clouds": clouds,
+        "state": {"path": str(tmp_path / "state.db"), "synchronous": "normal"},
+        "admin": {"socket": str(tmp_path / "admin.sock")},
+    }
+    pool = {"cycle_interval_s": 0.05, "adaptive_warm": False}
+    pool.update(sections.pop("pool", {}))
+    data["pool"] = pool
+    data.update(sections)
+    return parse_config(data)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "state.db", "normal")
+    yield s
+    s.close()
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Poll until ``predicate()`` holds, failing after ``timeout`` seconds of real time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,118 @@
+"""Configuration: every error names its key path; check-config never shows a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = {"clouds": [{"name": "a", "image_id": "ami-1"}]}
+
+
+def errors_of(data: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    return caught.value.errors
+
+
+def check_config(path: Path | str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_example_config_is_valid_and_documents_every_option() -> None:
+    config = load_config(ROOT / "config.example.yaml")
+    assert config.queue.kind == "builtin"
+    text = (ROOT / "config.example.yaml").read_text()
+    for section in ("clouds", "pool", "queue", "state", "web", "admin", "contextualisation"):
+        model = type(getattr(config, section)) if section != "clouds" else type(config.clouds[0])
+        for key in model.model_fields:
+            assert f"{key}:" in text, f"config.example.yaml does not document {section}.{key}"
+
+
+def test_minimal_config_gets_documented_defaults() -> None:
+    config = parse_config(MINIMAL)
+    assert (config.pool.min_vms, config.pool.max_vms) == (0, 10)
+    assert config.clouds[0].retry_mode == "standard"
+    assert config.state.path == "/var/lib/alienec2/state.db"
+
+
+def test_max_below_min_names_both_keys_and_values() -> None:
+    data = {**MINIMAL, "pool": {"min_vms": 5, "max_vms": 2}}
+    assert errors_of(data) == ["pool.max_vms: must be >= pool.min_vms (got 2 < 5)"]
+
+
+def test_every_error_is_listed_at_once_with_its_path() -> None:
+    data = {
+        "clouds": [{"name": "a", "image_id": "x", "imageid": "typo", "max_instances": -1}],
+        "pool": {"idle_timeout_s": "soon"},
+        "queue": {"kind": "slurm"},
+        "web": {"allowed_networks": ["10.0.0.0/33"]},
+        "extra": 1,
+    }
+    errors = errors_of(data)
+    assert "clouds[0].imageid: unknown key" in errors
+    assert any(e.startswith("clouds[0].max_instances: ") for e in errors)
+    assert any(e.startswith("pool.idle_timeout_s: ") and "'soon'" in e for e in errors)
+    assert "queue.kind: must be one of builtin, command, htcondor (got 'slurm')" in errors
+    assert "web.allowed_networks: not a CIDR network: '10.0.0.0/33'" in errors
+    assert "extra: unknown key" in errors
+
+
+def test_queue_options_are_checked_per_kind() -> None:
+    errors = errors_of({**MINIMAL, "queue": {"kind": "command", "command": [], "timeout": 3}})
+    assert any(e.startswith("queue.command: ") for e in errors)
+    assert "queue.timeout: unknown key" in errors
+
+
+def test_duplicate_cloud_names_and_reserved_tags_are_refused() -> None:
+    clouds = [{"name": "a", "image_id": "x"}, {"name": "a", "image_id": "y"}]
+    assert errors_of({"clouds": clouds}) == ["clouds: duplicate cloud name 'a'"]
+    tagged = [{"name": "a", "image_id": "x", "tags": {"alienec2:pool": "x"}}]
+    assert errors_of({"clouds": tagged})[0].startswith("clouds[0].tags: tag keys starting with")
+
+
+def test_missing_clouds_and_non_mapping_files_are_clear() -> None:
+    assert errors_of({}) == ["clouds: required key is missing"]
+    assert errors_of([1, 2]) == ["(top level): must be a mapping of sections (got list)"]
+    assert errors_of(None) == ["(top level): the file is empty"]
+
+
+def test_check_config_prints_one_line_summary_and_exits_0() -> None:
+    result = check_config(ROOT / "config.example.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: pool 'default' min 1 max 10")
+    assert len(result.stdout.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "file not found"),
+        ("pool: [\n", "invalid YAML at line 2, column 1"),
+        ("clouds: [{name: a}]\npool: {min_vms: 5, max_vms: 2}\n", "pool.max_vms: must be >="),
+        ("clouds: [{name: a, image_id: x, max_instances: lots}]\n", "clouds[0].max_instances:"),
+        ("\xff\xfe", "not UTF-8 text"),
+    ],
+)
+def test_check_config_exits_2_with_a_clear_line_and_no_traceback(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_bytes(content.encode("latin-1"))
+    result = check_config(path)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert all(line.startswith("error: ") for line in result.stderr.strip().splitlines())

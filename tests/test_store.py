@@ -1,0 +1,141 @@
+"""The store: FIFO assignment, idempotent reports, requeue on VM loss, durability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.model import JobState, LaunchState, VMState
+from core.store import Conflict, NotFound, Store
+
+T0 = 1000.0
+
+
+def idle_vm(store: Store, vm_id: str = "i-1", cloud: str = "a") -> str:
+    store.add_launch(f"L-{vm_id}", cloud, 1, f"tok-{vm_id}", T0)
+    store.complete_launch(f"L-{vm_id}", [(vm_id, "10.0.0.1")], T0)
+    store.register_vm(vm_id, T0 + 1)
+    return vm_id
+
+
+def test_jobs_are_assigned_first_in_first_out(store: Store) -> None:
+    ids = [store.submit_job(["echo", str(n)], T0).id for n in range(3)]
+    idle_vm(store, "i-1")
+    idle_vm(store, "i-2")
+    assert store.assign_next_job("i-1", T0 + 2).id == ids[0]
+    assert store.assign_next_job("i-2", T0 + 2).id == ids[1]
+    assert store.vm("i-1").state == VMState.BUSY
+    assert store.vm("i-1").job_id == ids[0]
+
+
+def test_empty_queue_assigns_nothing_and_busy_vm_cannot_take_a_second_job(store: Store) -> None:
+    idle_vm(store)
+    assert store.assign_next_job("i-1", T0) is None
+    store.submit_job(["true"], T0)
+    store.submit_job(["true"], T0)
+    store.assign_next_job("i-1", T0)
+    with pytest.raises(Conflict, match="i-1 is busy"):
+        store.assign_next_job("i-1", T0)
+
+
+def test_finish_report_is_idempotent_and_frees_the_vm(store: Store) -> None:
+    idle_vm(store)
+    job = store.submit_job(["true"], T0)
+    store.assign_next_job("i-1", T0 + 1)
+    store.start_job(job.id, 1, "i-1", T0 + 2)
+    first = store.finish_job(job.id, 1, "i-1", 0, "ok\n", T0 + 3)
+    again = store.finish_job(job.id, 1, "i-1", 0, "ok\n", T0 + 9)
+    assert first is not None and again is not None
+    assert first.state == again.state == JobState.DONE
+    assert again.finished_at == T0 + 3
+    assert store.vm("i-1").state == VMState.IDLE
+    assert store.vm("i-1").idle_since == T0 + 3
+    finished_events = [e for e in store.events_after(0) if e.kind == "job_done"]
+    assert len(finished_events) == 1
+
+
+def test_nonzero_exit_marks_the_job_failed_with_reason(store: Store) -> None:
+    idle_vm(store)
+    job = store.submit_job(["false"], T0)
+    store.assign_next_job("i-1", T0)
+    done = store.finish_job(job.id, 1, "i-1", 3, "boom", T0 + 1)
+    assert done is not None and done.state == JobState.FAILED
+    assert done.reason == "exit code 3"
+
+
+def test_lost_vm_requeues_its_job_with_next_attempt_and_stale_report_is_ignored(
+    store: Store,
+) -> None:
+    idle_vm(store)
+    job = store.submit_job(["sleep", "9"], T0, max_attempts=3)
+    store.assign_next_job("i-1", T0)
+    store.start_job(job.id, 1, "i-1", T0)
+    store.transition_vm("i-1", VMState.LOST, T0 + 5, "no heartbeat")
+    requeued = store.job(job.id)
+    assert (requeued.state, requeued.attempt, requeued.vm_id) == (JobState.QUEUED, 2, None)
+    assert store.vm("i-1").job_id is None
+    stale = store.finish_job(job.id, 1, "i-1", 0, "late", T0 + 6)
+    assert stale is None
+    assert store.job(job.id).state == JobState.QUEUED
+
+
+def test_job_fails_after_max_attempts_of_vm_loss(store: Store) -> None:
+    job = store.submit_job(["x"], T0, max_attempts=2)
+    for n in (1, 2):
+        vm = idle_vm(store, f"i-{n}")
+        assert store.assign_next_job(vm, T0).id == job.id
+        store.transition_vm(vm, VMState.LOST, T0, "gone")
+    final = store.job(job.id)
+    assert final.state == JobState.FAILED
+    failed = [e for e in store.events_after(0) if e.kind == "job_failed"]
+    assert [e.job_id for e in failed] == [job.id]
+    assert "gave up after 2 attempts" in failed[0].message
+
+
+def test_cancel_detaches_a_running_job_and_refuses_a_finished_one(store: Store) -> None:
+    idle_vm(store)
+    job = store.submit_job(["x"], T0)
+    store.assign_next_job("i-1", T0)
+    assert store.cancel_job(job.id, T0 + 1).state == JobState.CANCELLED
+    assert store.vm("i-1").state == VMState.IDLE
+    with pytest.raises(Conflict, match="cancelled"):
+        store.cancel_job(job.id, T0 + 2)
+    with pytest.raises(NotFound):
+        store.cancel_job(999, T0)
+
+
+def test_illegal_vm_transition_leaves_nothing_half_written(store: Store) -> None:
+    idle_vm(store)
+    store.transition_vm("i-1", VMState.TERMINATED, T0, "gone")
+    seq = store.last_seq()
+    with pytest.raises(Exception, match="terminated -> idle"):
+        store.transition_vm("i-1", VMState.IDLE, T0, "back?")
+    assert store.vm("i-1").state == VMState.TERMINATED
+    assert store.last_seq() == seq
+
+
+def test_state_and_event_sequence_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    first = Store(path)
+    first.add_launch("L1", "a", 2, "tok", T0)
+    job = first.submit_job(["echo"], T0)
+    seq = first.last_seq()
+    first.close()
+    second = Store(path)
+    assert [launch.id for launch in second.pending_launches()] == ["L1"]
+    assert second.pending_launches()[0].state == LaunchState.PENDING
+    assert second.job(job.id).command == ["echo"]
+    second.record_event(T0, "note", "after restart")
+    assert second.last_seq() == seq + 1
+    assert [e.seq for e in second.events_after(seq)] == [seq + 1]
+    second.close()
+
+
+def test_drain_only_from_idle_or_busy(store: Store) -> None:
+    store.add_launch("L", "a", 1, "t", T0)
+    store.complete_launch("L", [("i-9", None)], T0)
+    with pytest.raises(Conflict, match="requested"):
+        store.drain_vm("i-9", T0)
+    store.register_vm("i-9", T0)
+    assert store.drain_vm("i-9", T0).state == VMState.DRAINING
