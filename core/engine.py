@@ -264,7 +264,8 @@ class Engine:
         for action in actions:
             match action:
                 case policy.Launch(cloud=cloud, count=count):
-                    if not self._stopping:
+                    # Health actions come first and may just have put this cloud in backoff.
+                    if not self._stopping and self.store.cloud_status(cloud).backoff_until <= now:
                         launch = self._new_launch(cloud, count, now)
                         self._spawn(self._launching, cloud, self._run_launch(launch))
                 case policy.Fail(vm_id=vm_id, reason=reason):

@@ -71,8 +71,10 @@ def ec2_client(url: str) -> Any:
 
 def instances_in_cloud(url: str, core_id: str = "test-core") -> dict[str, str]:
     """instance id -> EC2 state for every instance carrying our core tag."""
-    pages = ec2_client(url).get_paginator("describe_instances").paginate(
-        Filters=[{"Name": f"tag:{TAG_CORE}", "Values": [core_id]}]
+    pages = (
+        ec2_client(url)
+        .get_paginator("describe_instances")
+        .paginate(Filters=[{"Name": f"tag:{TAG_CORE}", "Values": [core_id]}])
     )
     return {
         i["InstanceId"]: i["State"]["Name"]
@@ -84,7 +86,9 @@ def instances_in_cloud(url: str, core_id: str = "test-core") -> dict[str, str]:
 
 def running_in_cloud(url: str, core_id: str = "test-core") -> set[str]:
     return {
-        i for i, state in instances_in_cloud(url, core_id).items() if state in ("pending", "running")
+        i
+        for i, state in instances_in_cloud(url, core_id).items()
+        if state in ("pending", "running")
     }
 
 

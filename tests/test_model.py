@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from core.model import (
@@ -21,7 +23,7 @@ def test_every_state_has_a_transition_row() -> None:
 def test_documented_vm_lifecycle_is_allowed() -> None:
     path = [VMState.REQUESTED, VMState.BOOTING, VMState.IDLE, VMState.BUSY, VMState.IDLE]
     path += [VMState.DRAINING, VMState.TERMINATING, VMState.TERMINATED]
-    for old, new in zip(path, path[1:], strict=False):
+    for old, new in itertools.pairwise(path):
         check_vm(old, new)
     check_vm(VMState.BOOTING, VMState.FAILED)
     check_vm(VMState.BUSY, VMState.LOST)

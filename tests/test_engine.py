@@ -1,0 +1,488 @@
+"""The engine against moto's EC2 server over HTTP (boto3 → loopback), with a virtual clock.
+
+VMs "register", "take jobs" and "report" through the same store calls the agent API makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from core.clouds import TAG_CORE, TAG_LAUNCH, TAG_POOL
+from core.clouds.sandbox import SANDBOX_IMAGE, SANDBOX_REGION, FaultyEndpoint, MotoEC2Server
+from core.config import Config
+from core.daemon import build_engine
+from core.engine import Engine
+from core.model import JobState, LaunchState, VMState
+from core.store import Store
+from tests.conftest import (
+    ManualClock,
+    cloud,
+    ec2_client,
+    instances_in_cloud,
+    make_config,
+    running_in_cloud,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def step(engine: Engine) -> None:
+    """One cycle, then wait for the cloud calls it started."""
+    await engine.cycle()
+    await engine.settle()
+
+
+def submit(store: Store, n: int, now: float) -> list[int]:
+    return [store.submit_job(["echo", str(i)], now).id for i in range(n)]
+
+
+def register_all(store: Store, now: float) -> list[str]:
+    ids = [vm.id for vm in store.vms([VMState.REQUESTED, VMState.BOOTING])]
+    for vm_id in ids:
+        store.register_vm(vm_id, now)
+    return ids
+
+
+def heartbeat_all(store: Store, now: float) -> None:
+    for vm in store.vms([VMState.IDLE, VMState.BUSY, VMState.DRAINING]):
+        store.heartbeat(vm.id, now)
+
+
+def run_all_jobs(store: Store, now: float) -> None:
+    for vm in store.vms([VMState.IDLE]):
+        job = store.assign_next_job(vm.id, now)
+        if job is not None:
+            store.finish_job(job.id, job.attempt, vm.id, 0, "ok", now)
+
+
+@pytest.fixture
+def second_endpoint(moto: MotoEC2Server) -> Iterator[FaultyEndpoint]:
+    with FaultyEndpoint(moto.url) as endpoint:
+        yield endpoint
+
+
+async def test_queue_of_50_jobs_scales_to_max_in_one_run_instances_call_per_cloud(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    faulty: FaultyEndpoint,
+    second_endpoint: FaultyEndpoint,
+) -> None:
+    clouds = [
+        cloud("first", faulty.url, priority=1, max_instances=12),
+        cloud("second", second_endpoint.url, priority=2, max_instances=50),
+    ]
+    config = make_config(tmp_path, clouds, pool={"max_vms": 20})
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    submit(store, 50, clock())
+
+    await step(engine)
+
+    assert faulty.calls["RunInstances"] == 1
+    assert second_endpoint.calls["RunInstances"] == 1
+    by_cloud = {"first": 0, "second": 0}
+    for vm in store.vms():
+        by_cloud[vm.cloud] += 1
+    assert by_cloud == {"first": 12, "second": 8}
+    assert set(instances_in_cloud(moto.url)) == {vm.id for vm in store.vms()}
+
+    clock.advance(1)
+    await step(engine)  # at max: describes the new instances, launches nothing more
+    assert faulty.calls["RunInstances"] + second_endpoint.calls["RunInstances"] == 2
+    assert {vm.state for vm in store.vms()} == {VMState.BOOTING}
+    assert len(store.vms()) == 20
+    store.close()
+
+
+async def test_idle_vms_are_reaped_down_to_min_after_the_idle_timer(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(
+        tmp_path,
+        [cloud("only", moto.url)],
+        pool={"min_vms": 2, "max_vms": 10, "idle_timeout_s": 600},
+    )
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    submit(store, 8, clock())
+    await step(engine)
+    assert len(running_in_cloud(moto.url)) == 8
+
+    clock.advance(30)
+    register_all(store, clock())
+    run_all_jobs(store, clock())
+    assert store.job_counts()[JobState.DONE] == 8
+
+    clock.advance(599)
+    heartbeat_all(store, clock())
+    await step(engine)
+    assert len(running_in_cloud(moto.url)) == 8, "nothing is reaped before the idle timer"
+
+    clock.advance(2)
+    heartbeat_all(store, clock())
+    await step(engine)
+    assert len(running_in_cloud(moto.url)) == 2
+    live = store.vms([VMState.IDLE])
+    assert {vm.id for vm in live} == running_in_cloud(moto.url)
+    assert len(store.vms([VMState.TERMINATED])) == 6
+    store.close()
+
+
+async def test_second_cloud_is_used_when_the_first_has_no_capacity(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, faulty: FaultyEndpoint
+) -> None:
+    faulty.capacity_error = True
+    clouds = [
+        cloud("scarce", faulty.url, priority=1, backoff_initial_s=60),
+        cloud("spare", moto.url, priority=2),
+    ]
+    config = make_config(tmp_path, clouds)
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    submit(store, 3, clock())
+
+    await step(engine)
+    status = store.cloud_status("scarce")
+    assert status.backoff_until == clock() + 60
+    assert "InsufficientInstanceCapacity" in (status.last_error or "")
+    backoff = [e for e in store.events_after(0) if e.kind == "cloud_backoff"]
+    assert backoff and backoff[0].message.startswith("capacity: InsufficientInstanceCapacity")
+
+    clock.advance(1)
+    await step(engine)
+    assert {vm.cloud for vm in store.vms()} == {"spare"}
+    assert len(store.vms()) == 3
+
+    # After the backoff the preferred cloud is tried again, and its success clears the backoff.
+    faulty.capacity_error = False
+    clock.advance(120)
+    submit(store, 2, clock())
+    await step(engine)
+    assert sorted(vm.cloud for vm in store.vms()) == ["scarce", "scarce", "spare", "spare", "spare"]
+    assert store.cloud_status("scarce").backoff_level == 0
+    store.close()
+
+
+def write_config(tmp_path: Path, config: Config) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def start_core(config_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "core", "--config", str(config_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+async def test_core_killed_mid_launch_restarts_without_duplicates_and_adopts_every_instance(
+    tmp_path: Path, moto: MotoEC2Server, faulty: FaultyEndpoint
+) -> None:
+    faulty.hold_run_instances = True
+    config = make_config(tmp_path, [cloud("c", faulty.url)], pool={"min_vms": 3, "max_vms": 5})
+    core = start_core(write_config(tmp_path, config))
+    try:
+        forwarded = await asyncio.to_thread(faulty.run_instances_forwarded.wait, 30)
+        assert forwarded, "the core never called RunInstances"
+        # The cloud has launched; the core has not heard back. Kill it now.
+        os.kill(core.pid, signal.SIGKILL)
+        core.wait(timeout=10)
+    finally:
+        if core.poll() is None:
+            core.kill()
+        faulty.release.set()
+    launched = running_in_cloud(moto.url)
+    assert len(launched) == 3
+
+    store = Store(config.state.path)
+    [pending] = store.pending_launches()
+    assert pending.count == 3
+    engine = build_engine(config, store, ManualClock(time.time()))
+    await engine.start()
+
+    assert faulty.calls["RunInstances"] == 1, "the restarted core launched again"
+    assert store.launch(pending.id).state == LaunchState.DONE
+    assert {vm.id for vm in store.vms()} == launched
+    assert running_in_cloud(moto.url) == launched
+
+    await step(engine)  # min_vms is met by the adopted instances
+    assert faulty.calls["RunInstances"] == 1
+    assert running_in_cloud(moto.url) == launched
+    store.close()
+
+
+async def test_intent_written_before_a_crash_is_launched_exactly_once_with_its_token(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, faulty: FaultyEndpoint
+) -> None:
+    config = make_config(tmp_path, [cloud("c", faulty.url)])
+    store = Store(config.state.path)
+    store.add_launch("deadbeef00000001", "c", 2, "alienec2-deadbeef00000001", clock())
+
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    again = build_engine(config, store, clock)
+    await again.start()
+
+    assert faulty.calls["RunInstances"] == 1
+    assert len(running_in_cloud(moto.url)) == 2
+    tags = ec2_client(moto.url).describe_tags(Filters=[{"Name": "key", "Values": [TAG_LAUNCH]}])[
+        "Tags"
+    ]
+    assert {t["Value"] for t in tags} == {"deadbeef00000001"}
+    assert store.launch("deadbeef00000001").state == LaunchState.DONE
+    store.close()
+
+
+async def test_reconcile_adopts_tagged_strays_and_retires_vanished_vms_requeueing_jobs(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"max_vms": 5})
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    [job] = submit(store, 1, clock())
+    await step(engine)
+    [vm] = store.vms()
+    store.register_vm(vm.id, clock())
+    store.assign_next_job(vm.id, clock())
+
+    ec2 = ec2_client(moto.url)
+    ec2.terminate_instances(InstanceIds=[vm.id])  # behind the core's back
+    tags = [
+        {"Key": TAG_POOL, "Value": "default"},
+        {"Key": TAG_CORE, "Value": "test-core"},
+        {"Key": TAG_LAUNCH, "Value": "from-an-older-store"},
+    ]
+    stray = ec2.run_instances(
+        ImageId=SANDBOX_IMAGE,
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]["InstanceId"]
+    ec2.run_instances(ImageId=SANDBOX_IMAGE, MinCount=1, MaxCount=1)  # not ours: ignored
+
+    clock.advance(300)
+    restarted = build_engine(config, store, clock)
+    await restarted.start()
+
+    assert store.vm(vm.id).state == VMState.TERMINATED
+    assert store.job(job).state == JobState.QUEUED
+    assert store.job(job).attempt == 2
+    adopted = store.vm(stray)
+    assert (adopted.state, adopted.launch_id) == (VMState.BOOTING, "from-an-older-store")
+    assert len(store.vms()) == 2
+    store.close()
+
+
+async def test_vm_that_never_registers_is_failed_terminated_and_replaced(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(
+        tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1, "boot_timeout_s": 300}
+    )
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    await step(engine)
+    [first] = store.vms()
+
+    clock.advance(301)
+    await step(engine)
+
+    assert store.vm(first.id).state == VMState.TERMINATED
+    assert instances_in_cloud(moto.url)[first.id] in ("shutting-down", "terminated")
+    assert any(e.kind == "vm_failed" and e.vm_id == first.id for e in store.events_after(0))
+    replacement = running_in_cloud(moto.url)
+    assert len(replacement) == 1 and first.id not in replacement
+    assert store.cloud_status("c").boot_failures == 1
+    store.close()
+
+
+async def test_repeated_boot_failures_put_the_cloud_in_backoff(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(
+        tmp_path,
+        [cloud("c", moto.url, boot_failures_before_backoff=2, backoff_initial_s=500)],
+        pool={"min_vms": 2, "boot_timeout_s": 100},
+    )
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    await step(engine)
+    clock.advance(101)
+    await step(engine)
+    assert store.cloud_status("c").backoff_until == clock() + 500
+    assert len(running_in_cloud(moto.url)) == 0, "no replacement while the cloud is backed off"
+    store.close()
+
+
+async def test_silent_vm_is_lost_its_job_requeued_and_the_vm_terminated(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"heartbeat_timeout_s": 120})
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    [job] = submit(store, 1, clock())
+    await step(engine)
+    [vm] = register_all(store, clock())
+    store.assign_next_job(vm, clock())
+    store.start_job(job, 1, vm, clock())
+
+    clock.advance(60)
+    store.heartbeat(vm, clock())
+    clock.advance(119)
+    await step(engine)
+    assert store.vm(vm).state == VMState.BUSY
+
+    clock.advance(2)
+    await engine.cycle()
+    assert store.job(job).state == JobState.QUEUED  # requeued before any cloud call
+    await engine.settle()
+    assert store.vm(vm).state == VMState.TERMINATED
+    assert instances_in_cloud(moto.url)[vm] in ("shutting-down", "terminated")
+    assert store.job(job).attempt == 2
+    store.close()
+
+
+async def test_kill_terminates_now_and_requeues_while_drain_waits_for_the_job(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)])
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    jobs = submit(store, 2, clock())
+    await step(engine)
+    killed, drained = register_all(store, clock())
+    kill_job = store.assign_next_job(killed, clock())
+    drain_job = store.assign_next_job(drained, clock())
+    assert kill_job and drain_job
+    engine.pause(True)  # kill and drain are honoured while scaling is paused
+
+    store.request_kill(killed, clock())
+    store.drain_vm(drained, clock())
+    await step(engine)
+    assert store.vm(killed).state == VMState.TERMINATED
+    assert store.job(kill_job.id).state == JobState.QUEUED
+    assert store.vm(drained).state == VMState.DRAINING
+    assert drained in running_in_cloud(moto.url)
+
+    store.finish_job(drain_job.id, 1, drained, 0, "done", clock())
+    await step(engine)
+    assert store.vm(drained).state == VMState.TERMINATED
+    assert running_in_cloud(moto.url) == set()
+    assert store.job(jobs[1]).state == JobState.DONE
+    store.close()
+
+
+async def test_unreadable_demand_records_an_event_and_changes_no_scaling(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    queue = {"kind": "command", "command": ["sh", "-c", "echo not-a-number"]}
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 2}, queue=queue)
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    await step(engine)
+    assert store.vms() == []
+    [event] = [e for e in store.events_after(0) if e.kind == "demand_error"]
+    assert "printed 'not-a-number'" in event.message
+    assert "no scaling change" in event.message
+    store.close()
+
+
+async def test_resize_is_validated_durable_and_applied(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)])
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    with pytest.raises(ValueError, match="max must be >= min"):
+        engine.resize(min_vms=4, max_vms=3)
+    engine.resize(min_vms=3, max_vms=4)
+    restarted = build_engine(config, store, clock)
+    assert (restarted.settings().min_vms, restarted.settings().max_vms) == (3, 4)
+    await restarted.start()
+    await step(restarted)
+    assert len(running_in_cloud(moto.url)) == 3
+    store.close()
+
+
+def test_sigterm_stops_the_core_promptly_with_exit_0_and_leaves_instances_running(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 2})
+    core = start_core(write_config(tmp_path, config))
+    try:
+        deadline = time.monotonic() + 30
+        while len(running_in_cloud(moto.url)) < 2:
+            assert time.monotonic() < deadline, "the core did not launch min_vms"
+            assert core.poll() is None, core.stdout.read() if core.stdout else ""
+            time.sleep(0.05)
+        sent = time.monotonic()
+        core.send_signal(signal.SIGTERM)
+        assert core.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 5
+    finally:
+        if core.poll() is None:
+            core.kill()
+    assert len(running_in_cloud(moto.url)) == 2
+    output = core.stdout.read() if core.stdout else ""
+    assert "event=engine_stopped" in output
+
+
+def test_credentials_never_reach_user_data_or_logs(tmp_path: Path, moto: MotoEC2Server) -> None:
+    secret = "s3cr3t-ACCESS-KEY-do-not-leak"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": secret, "AWS_SECRET_ACCESS_KEY": secret}
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1})
+    core = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "core", "--config", str(write_config(tmp_path, config))],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not running_in_cloud(moto.url):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        core.send_signal(signal.SIGTERM)
+        core.wait(timeout=10)
+    finally:
+        if core.poll() is None:
+            core.kill()
+    [vm_id] = running_in_cloud(moto.url)
+    user_data = boto3.client(
+        "ec2", endpoint_url=moto.url, region_name=SANDBOX_REGION
+    ).describe_instance_attribute(InstanceId=vm_id, Attribute="userData")["UserData"]["Value"]
+    decoded = base64.b64decode(user_data).decode()
+    assert decoded.startswith("#cloud-config")
+    assert secret not in decoded
+    assert secret not in (core.stdout.read() if core.stdout else "")
+    store = Store(config.state.path)
+    assert all(secret not in e.message for e in store.events_after(0))
+    store.close()
