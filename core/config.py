@@ -54,6 +54,7 @@ class CloudConfig(_Section):
     exact_count: bool = False
     retry_mode: Literal["standard", "adaptive"] = "standard"
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    read_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     backoff_initial_s: Annotated[float, Field(gt=0)] = 60.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 1800.0
     boot_failures_before_backoff: Annotated[int, Field(ge=1)] = 3

@@ -79,7 +79,7 @@ class EC2Provider:
             config=BotoConfig(
                 retries={"mode": cloud.retry_mode, "max_attempts": cloud.max_attempts},
                 connect_timeout=10,
-                read_timeout=60,
+                read_timeout=cloud.read_timeout_s,
                 max_pool_connections=10,
             ),
         )

@@ -129,7 +129,7 @@ class FaultyEndpoint:
         }
         request = urllib.request.Request(self.upstream + path, data=body, headers=keep)
         try:
-            with urllib.request.urlopen(request, timeout=60) as reply:
+            with urllib.request.urlopen(request, timeout=600) as reply:
                 return reply.status, reply.read(), reply.headers.get("Content-Type", "text/xml")
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), exc.headers.get("Content-Type", "text/xml")

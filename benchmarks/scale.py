@@ -1,0 +1,208 @@
+"""Engine cycle time and EC2 calls with large fleets in moto's EC2 server.
+
+    .venv/bin/python benchmarks/scale.py --sizes 1000 5000
+
+For each size N: N tagged instances are launched in moto and known to the store as idle,
+heartbeating VMs. It then times (a) the start-up reconcile, split into moto's listing and our
+own work, (b) a steady cycle (nothing changing), and (c) a cycle that reaps 10% of the fleet,
+and counts the EC2 calls each makes as seen by the endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.clouds.sandbox import (
+    SANDBOX_CREDENTIALS,
+    SANDBOX_IMAGE,
+    SANDBOX_REGION,
+    FaultyEndpoint,
+)
+from core.config import parse_config
+from core.daemon import build_engine
+from core.model import VMState
+from core.store import Store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MotoProcess:
+    """moto's server in its own process, so its CPU time is not charged to the engine."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+
+    def reset(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=30
+        ).close()
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
+async def measure(size: int, moto: MotoProcess, workdir: Path) -> dict[str, float]:
+    moto.reset()
+    endpoint = FaultyEndpoint(moto.url).start()
+    config = parse_config(
+        {
+            "core_id": "bench",
+            "clouds": [
+                {
+                    "name": "c",
+                    "endpoint_url": endpoint.url,
+                    "region": SANDBOX_REGION,
+                    "image_id": SANDBOX_IMAGE,
+                    "exact_count": True,
+                    "max_instances": size * 2,
+                    "read_timeout_s": 600,
+                }
+            ],
+            "pool": {
+                "min_vms": int(size * 0.9),
+                "max_vms": size,
+                "adaptive_warm": False,
+                "idle_timeout_s": 600,
+                "heartbeat_timeout_s": 10_000,
+                "reconcile_interval_s": 10_000,
+            },
+            "state": {"path": str(workdir / f"state-{size}.db"), "synchronous": "normal"},
+        }
+    )
+    clock = Clock()
+    store = Store(config.state.path, "normal")
+    engine = build_engine(config, store, clock)
+    provider = engine.providers["c"]
+
+    # A fleet the engine launched earlier: one launch, every VM registered and idle.
+    launch = engine._new_launch("c", size, clock())
+    instances = provider.launch(engine._request(launch))
+    store.complete_launch(launch.id, [(i.id, i.address) for i in instances], clock())
+    for instance in instances:
+        store.register_vm(instance.id, clock())
+
+    started = time.perf_counter()
+    listed = provider.list_pool()
+    listing_s = time.perf_counter() - started
+    assert len(listed) == size
+
+    endpoint.calls.clear()
+    started = time.perf_counter()
+    await engine.start()
+    start_s = time.perf_counter() - started
+    start_calls = sum(endpoint.calls.values())
+
+    steady = []
+    endpoint.calls.clear()
+    for _ in range(10):
+        clock.now += 1
+        started = time.perf_counter()
+        actions = await engine.cycle()
+        await engine.settle()
+        steady.append(time.perf_counter() - started)
+        assert actions == []
+    steady_calls = sum(endpoint.calls.values()) / 10
+
+    clock.now += 601  # everyone is idle past the timer: reap down to min_vms
+    for vm in store.vms([VMState.IDLE]):
+        store.heartbeat(vm.id, clock.now)
+    endpoint.calls.clear()
+    started = time.perf_counter()
+    actions = await engine.cycle()
+    await engine.settle()
+    reap_s = time.perf_counter() - started
+    reap_calls = sum(endpoint.calls.values())
+    reaped = len(store.vms([VMState.TERMINATED]))
+    store.close()
+    endpoint.stop()
+    os.remove(config.state.path)
+    return {
+        "size": size,
+        "listing_s": listing_s,
+        "start_s": start_s,
+        "start_ours_s": max(start_s - listing_s, 0.0),
+        "start_calls": start_calls,
+        "steady_ms": statistics.median(steady) * 1000,
+        "steady_calls": steady_calls,
+        "reap_ms": reap_s * 1000,
+        "reaped": reaped,
+        "reap_calls": reap_calls,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    args = parser.parse_args()
+    os.environ.update(SANDBOX_CREDENTIALS)
+    rows = []
+    moto = MotoProcess()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for size in args.sizes:
+                rows.append(asyncio.run(measure(size, moto, Path(tmp))))
+    finally:
+        moto.stop()
+    header = (
+        f"{'VMs':>6} {'moto list s':>11} {'start s':>8} {'start ours s':>12} {'calls':>5} "
+        f"{'steady ms':>9} {'calls':>5} {'reap ms':>8} {'reaped':>6} {'calls':>5} "
+        f"{'max RSS MB':>10}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['size']:>6} {r['listing_s']:>11.2f} {r['start_s']:>8.2f}"
+            f" {r['start_ours_s']:>12.2f}"
+            f" {r['start_calls']:>5.0f} {r['steady_ms']:>9.1f} {r['steady_calls']:>5.1f}"
+            f" {r['reap_ms']:>8.1f} {r['reaped']:>6} {r['reap_calls']:>5.0f} {r['rss_mb']:>10.0f}"
+        )
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        print(
+            f"steady cycle time x{last['steady_ms'] / first['steady_ms']:.1f} for "
+            f"x{last['size'] / first['size']:.0f} VMs; EC2 calls per steady cycle "
+            f"{first['steady_calls']:.0f} -> {last['steady_calls']:.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
