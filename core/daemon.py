@@ -1,15 +1,25 @@
-"""The core process: store, providers, demand source and engine wired from a Config."""
+"""The core process: store, engine and web service wired from a Config.
+
+``Core`` is what `alienec2 core` runs and what the integration tests start on loopback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
 import time
+from pathlib import Path
 
+from core.api.admin import create_admin_app
+from core.api.agent import create_agent_app
+from core.api.longpoll import Changes
+from core.api.server import EmbeddedServer, make_server, tcp_socket, unix_socket
 from core.clouds import CloudProvider
 from core.clouds.ec2 import EC2Provider
-from core.config import Config
+from core.config import Config, ConfigError
 from core.engine import Clock, Engine
 from core.queues import demand_source
 from core.store import Store
@@ -17,31 +27,113 @@ from core.store import Store
 log = logging.getLogger("alienec2.core")
 
 
-def build_engine(config: Config, store: Store, clock: Clock = time.time) -> Engine:
+def build_engine(
+    config: Config, store: Store, clock: Clock = time.time, core_url: str | None = None
+) -> Engine:
     providers: dict[str, CloudProvider] = {
         cloud.name: EC2Provider(cloud, config.pool.name, config.core_id) for cloud in config.clouds
     }
-    return Engine(config, store, providers, demand_source(config.queue, store), clock=clock)
+    return Engine(
+        config,
+        store,
+        providers,
+        demand_source(config.queue, store),
+        clock=clock,
+        core_url=core_url,
+    )
 
 
-async def run_core(config: Config, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop``); instances keep running for the next start."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    store = Store(config.state.path, config.state.synchronous)
-    try:
-        engine = build_engine(config, store)
+def _url(sock: socket.socket, tls: bool) -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+class Core:
+    """A running core: engine loop, agent API on TCP, admin API on a unix socket (and TCP)."""
+
+    def __init__(self, config: Config, clock: Clock = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.stop_requested = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._servers: list[EmbeddedServer] = []
+        self.agent_url = ""
+        self.admin_socket = Path(config.admin.socket)
+        self.admin_url: str | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        admin_token = config.admin.resolved_token()
+        if config.admin.tcp_host and not admin_token:
+            raise ConfigError(
+                [f"admin.tcp_host: needs a token (admin.token or ${config.admin.token_env})"]
+            )
+        tls = bool(config.web.ssl_certfile)
+        agent_sock = tcp_socket(config.web.host, config.web.port)
+        self.agent_url = _url(agent_sock, tls)
+        self.store = Store(config.state.path, config.state.synchronous)
+        core_url = config.web.public_url or self.agent_url
+        if not config.web.public_url:
+            log.warning("event=public_url_unset msg=%s", f"VMs are told to reach {core_url}")
+        self.engine = build_engine(config, self.store, self.clock, core_url)
+        self.changes = Changes(self.store)
+
+        listeners: list[tuple[socket.socket, EmbeddedServer]] = [
+            (
+                agent_sock,
+                make_server(
+                    create_agent_app(self.engine, self.changes),
+                    ssl_certfile=config.web.ssl_certfile,
+                    ssl_keyfile=config.web.ssl_keyfile,
+                ),
+            ),
+            (
+                unix_socket(self.admin_socket),
+                make_server(create_admin_app(self.engine, self.changes)),
+            ),
+        ]
+        if config.admin.tcp_host:
+            admin_sock = tcp_socket(config.admin.tcp_host, config.admin.tcp_port)
+            self.admin_url = _url(admin_sock, False)
+            app = create_admin_app(self.engine, self.changes, token=admin_token)
+            listeners.append((admin_sock, make_server(app)))
+        for sock, server in listeners:
+            self._servers.append(server)
+            self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
+        self._tasks.append(asyncio.create_task(self.engine.run(self.stop_requested)))
         log.info(
-            "event=core_started core=%s pool=%s clouds=%s state=%s",
+            "event=core_started core=%s pool=%s clouds=%s agent_api=%s admin_socket=%s",
             config.core_id,
             config.pool.name,
             ",".join(c.name for c in config.clouds),
-            config.state.path,
+            self.agent_url,
+            self.admin_socket,
         )
-        await engine.run(stop)
+
+    async def stop(self) -> None:
+        """Stop launching, finish in-flight cloud calls briefly, close listeners and the store."""
+        self.stop_requested.set()
+        for server in self._servers:
+            server.should_exit = True
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.admin_socket.unlink()
+        log.info("event=core_stopped")
+
+
+async def run_core(config: Config) -> None:
+    """Run until SIGTERM/SIGINT; instances keep running for the next start."""
+    loop = asyncio.get_running_loop()
+    core = Core(config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, core.stop_requested.set)
+    await core.start()
+    try:
+        await core.stop_requested.wait()
     finally:
-        store.close()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        await core.stop()

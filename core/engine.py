@@ -16,13 +16,13 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from core import policy
+from core import policy, userdata
 from core.clouds import CapacityError, CloudError, CloudProvider, Instance, LaunchRequest
 from core.config import Config
 from core.model import ALIVE_STATES, Launch, VMState
 from core.queues import DemandError, DemandSource
 from core.store import Store
-from core.userdata import AgentSettings, launch_key, launch_secret, render_cloud_config
+from core.userdata import AgentSettings, launch_secret, render_cloud_config
 
 log = logging.getLogger("alienec2.engine")
 
@@ -52,7 +52,7 @@ class Engine:
         self.clock = clock
         self.core_url = core_url or config.web.public_url or f"http://127.0.0.1:{config.web.port}"
         self._render_user_data = render_user_data
-        self._key = launch_key(store, clock())
+        self.launch_key = userdata.launch_key(store, clock())
         self._launching: dict[str, asyncio.Task[None]] = {}
         self._terminating: dict[str, asyncio.Task[None]] = {}
         self._describing: dict[str, asyncio.Task[None]] = {}
@@ -287,7 +287,7 @@ class Engine:
         settings = AgentSettings(
             core_url=self.core_url,
             launch_id=launch.id,
-            launch_secret=launch_secret(self._key, launch.id),
+            launch_secret=launch_secret(self.launch_key, launch.id),
             heartbeat_s=self.config.contextualisation.agent_heartbeat_s,
         )
         return LaunchRequest(

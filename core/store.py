@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,14 @@ CREATE TABLE IF NOT EXISTS vms (
     id TEXT PRIMARY KEY, cloud TEXT NOT NULL, launch_id TEXT NOT NULL, state TEXT NOT NULL,
     launched_at REAL NOT NULL, state_since REAL NOT NULL, registered_at REAL,
     last_heartbeat REAL, idle_since REAL, job_id INTEGER, address TEXT,
-    kill_requested INTEGER NOT NULL DEFAULT 0
+    kill_requested INTEGER NOT NULL DEFAULT 0, token_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS vms_state ON vms(state);
+CREATE UNIQUE INDEX IF NOT EXISTS vms_token ON vms(token_hash);
+CREATE TABLE IF NOT EXISTS assignments (
+    job_id INTEGER NOT NULL, attempt INTEGER NOT NULL, vm_id TEXT NOT NULL,
+    assigned_at REAL NOT NULL, PRIMARY KEY (job_id, attempt)
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, command TEXT NOT NULL, env TEXT NOT NULL,
     wall_time_s REAL, state TEXT NOT NULL, attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
@@ -62,7 +68,16 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
     message TEXT NOT NULL, vm_id TEXT, job_id INTEGER, cloud TEXT
 );
+CREATE INDEX IF NOT EXISTS events_vm ON events(vm_id, seq);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    wall_time_s: float | None = None
+    max_attempts: int = 3
 
 
 class NotFound(LookupError):
@@ -110,6 +125,18 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+def _event(row: sqlite3.Row) -> Event:
+    return Event(
+        seq=row["seq"],
+        ts=row["ts"],
+        kind=row["kind"],
+        message=row["message"],
+        vm_id=row["vm_id"],
+        job_id=row["job_id"],
+        cloud=row["cloud"],
+    )
+
+
 def _launch(row: sqlite3.Row) -> Launch:
     return Launch(
         id=row["id"],
@@ -136,6 +163,9 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._in_tx = False
+        self._kinds: set[str] = set()
+        # Called after each commit with the event kinds it made durable (long polls wake on it).
+        self.listeners: list[Callable[[set[str]], None]] = []
 
     def close(self) -> None:
         self._db.close()
@@ -155,8 +185,13 @@ class Store:
             raise
         else:
             self._db.execute("COMMIT")
+            kinds, self._kinds = self._kinds, set()
+            if kinds:
+                for listener in self.listeners:
+                    listener(kinds)
         finally:
             self._in_tx = False
+            self._kinds = set()
 
     def _event(
         self,
@@ -172,6 +207,7 @@ class Store:
             "INSERT INTO events(ts, kind, message, vm_id, job_id, cloud) VALUES (?,?,?,?,?,?)",
             (now, kind, message, vm_id, job_id, cloud),
         )
+        self._kinds.add(kind)
         fields = [f"event={kind}"]
         if vm_id:
             fields.append(f"vm={vm_id}")
@@ -202,18 +238,14 @@ class Store:
         rows = self._db.execute(
             "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
         ).fetchall()
-        return [
-            Event(
-                seq=r["seq"],
-                ts=r["ts"],
-                kind=r["kind"],
-                message=r["message"],
-                vm_id=r["vm_id"],
-                job_id=r["job_id"],
-                cloud=r["cloud"],
-            )
-            for r in rows
-        ]
+        return [_event(r) for r in rows]
+
+    def events_for_vm(self, vm_id: str, limit: int = 200) -> list[Event]:
+        """The VM's most recent events, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM events WHERE vm_id = ? ORDER BY seq DESC LIMIT ?", (vm_id, limit)
+        ).fetchall()
+        return [_event(r) for r in reversed(rows)]
 
     def last_seq(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
@@ -368,6 +400,12 @@ class Store:
             ).fetchall()
         return [_vm(r) for r in rows]
 
+    def vm_counts(self) -> dict[VMState, int]:
+        counts = {state: 0 for state in VMState}
+        for row in self._db.execute("SELECT state, COUNT(*) AS n FROM vms GROUP BY state"):
+            counts[VMState(row["state"])] = row["n"]
+        return counts
+
     def adopt_vm(
         self, vm_id: str, cloud: str, launch_id: str, address: str | None, now: float
     ) -> None:
@@ -431,9 +469,27 @@ class Store:
             self.transition_vm(vm_id, VMState.IDLE, now, "agent registered")
         return self.vm(vm_id)
 
-    def heartbeat(self, vm_id: str, now: float) -> VM:
+    def set_vm_token(self, vm_id: str, token_hash: str) -> None:
         with self._tx():
-            self._db.execute("UPDATE vms SET last_heartbeat = ? WHERE id = ?", (now, vm_id))
+            self._db.execute("UPDATE vms SET token_hash = ? WHERE id = ?", (token_hash, vm_id))
+
+    def vm_by_token(self, token_hash: str) -> VM | None:
+        row = self._db.execute("SELECT * FROM vms WHERE token_hash = ?", (token_hash,)).fetchone()
+        return _vm(row) if row else None
+
+    def has_token(self, vm_id: str) -> bool:
+        row = self._db.execute("SELECT token_hash FROM vms WHERE id = ?", (vm_id,)).fetchone()
+        return bool(row and row["token_hash"])
+
+    def heartbeat(self, vm_id: str, now: float, busy: bool = False) -> VM:
+        """Record liveness. ``busy`` (a pilot such as the AliEn JobAgent is working) keeps an
+        idle VM from counting as idle, since such work is invisible to the built-in queue."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE vms SET last_heartbeat = ?, idle_since = CASE WHEN ? AND state = ? "
+                "THEN ? ELSE idle_since END WHERE id = ?",
+                (now, busy, VMState.IDLE, now, vm_id),
+            )
         return self.vm(vm_id)
 
     def request_kill(self, vm_id: str, now: float) -> VM:
@@ -465,24 +521,31 @@ class Store:
         wall_time_s: float | None = None,
         max_attempts: int = 3,
     ) -> Job:
-        with self._tx():
-            cur = self._db.execute(
-                "INSERT INTO jobs(command, env, wall_time_s, state, attempt, max_attempts, "
-                "submitted_at) VALUES (?,?,?,?,?,?,?)",
-                (
-                    json.dumps(command),
-                    json.dumps(env or {}),
-                    wall_time_s,
-                    JobState.QUEUED,
-                    1,
-                    max_attempts,
-                    now,
-                ),
-            )
-            job_id = cur.lastrowid
-            assert job_id is not None
-            self._event(now, "job_queued", "submitted", job_id=job_id)
+        [job_id] = self.submit_jobs([JobSpec(command, env or {}, wall_time_s, max_attempts)], now)
         return self.job(job_id)
+
+    def submit_jobs(self, specs: Iterable[JobSpec], now: float) -> list[int]:
+        """Queue jobs in one transaction (a batch is all or nothing); returns their ids."""
+        ids = []
+        with self._tx():
+            for spec in specs:
+                cur = self._db.execute(
+                    "INSERT INTO jobs(command, env, wall_time_s, state, attempt, max_attempts, "
+                    "submitted_at) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        json.dumps(spec.command),
+                        json.dumps(spec.env),
+                        spec.wall_time_s,
+                        JobState.QUEUED,
+                        1,
+                        spec.max_attempts,
+                        now,
+                    ),
+                )
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
+                self._event(now, "job_queued", "submitted", job_id=cur.lastrowid)
+        return ids
 
     def job(self, job_id: int) -> Job:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -550,12 +613,24 @@ class Store:
                 return None
             job = _job(row)
             self._set_job(job, JobState.ASSIGNED, now, vm_id=vm_id, assigned_at=now)
+            self._db.execute(
+                "INSERT INTO assignments(job_id, attempt, vm_id, assigned_at) VALUES (?,?,?,?)",
+                (job.id, job.attempt, vm_id, now),
+            )
             self._db.execute("UPDATE vms SET job_id = ? WHERE id = ?", (job.id, vm_id))
             self.transition_vm(vm_id, VMState.BUSY, now, f"assigned job {job.id}")
             self._event(
                 now, "job_assigned", f"attempt {job.attempt} on {vm_id}", vm_id=vm_id, job_id=job.id
             )
         return self.job(job.id)
+
+    def was_assigned(self, job_id: int, vm_id: str) -> bool:
+        """Whether any attempt of the job was ever given to this VM (a report from a VM that
+        never had the job is forbidden; one from an earlier attempt is merely stale)."""
+        row = self._db.execute(
+            "SELECT 1 FROM assignments WHERE job_id = ? AND vm_id = ? LIMIT 1", (job_id, vm_id)
+        ).fetchone()
+        return row is not None
 
     def _current_attempt(self, job_id: int, attempt: int, vm_id: str) -> Job | None:
         """The job if this (attempt, VM) still owns it; None for a stale report."""

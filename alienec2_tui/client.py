@@ -1,0 +1,155 @@
+"""The admin API client: the only code in the console (and the CLI) that speaks HTTP.
+
+Connects over the core's unix socket by default, or to a TCP URL with a bearer token.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+DEFAULT_SOCKET = "/run/alienec2/admin.sock"
+
+
+class AdminError(Exception):
+    """The core answered with an error; ``message`` is its own words."""
+
+    def __init__(self, message: str, code: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+class CoreUnreachable(Exception):
+    """No answer from the core (not running, wrong socket or URL)."""
+
+
+def default_socket() -> str:
+    return os.environ.get("ALIENEC2_SOCKET", DEFAULT_SOCKET)
+
+
+class AdminClient:
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if url:
+            self.where = url
+            self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout)
+        else:
+            path = socket_path or default_socket()
+            self.where = f"unix:{path}"
+            transport = httpx.AsyncHTTPTransport(uds=path)
+            self._http = httpx.AsyncClient(
+                transport=transport, base_url="http://alienec2", headers=headers, timeout=timeout
+            )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AdminClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        try:
+            reply = await self._http.request(
+                method,
+                path,
+                json=json,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except (httpx.TransportError, OSError) as exc:
+            raise CoreUnreachable(f"cannot reach the core at {self.where}: {exc}") from None
+        if reply.is_success:
+            return reply.json()
+        try:
+            body = reply.json()
+            raise AdminError(
+                body.get("error", reply.text), body.get("code", "error"), reply.status_code
+            )
+        except ValueError:
+            raise AdminError(
+                reply.text or reply.reason_phrase, "error", reply.status_code
+            ) from None
+
+    # ---- reading --------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call("GET", "/admin/v1/status")
+
+    async def vms(self, state: str | None = None) -> dict[str, Any]:
+        return await self._call("GET", "/admin/v1/vms", params={"state": state})
+
+    async def vm(self, vm_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/admin/v1/vms/{vm_id}")
+
+    async def jobs(self, state: str | None = None, limit: int = 200) -> dict[str, Any]:
+        return await self._call("GET", "/admin/v1/jobs", params={"state": state, "limit": limit})
+
+    async def job(self, job_id: int) -> dict[str, Any]:
+        return await self._call("GET", f"/admin/v1/jobs/{job_id}")
+
+    async def events(self, after: int = 0, wait: float = 0, limit: int = 1000) -> dict[str, Any]:
+        """Events after a sequence number; long-polls up to ``wait`` seconds for new ones."""
+        return await self._call(
+            "GET",
+            "/admin/v1/events",
+            params={"after": after, "wait": wait, "limit": limit},
+            timeout=wait + 10,
+        )
+
+    # ---- steering -------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        wall_time_s: float | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"command": command, "env": env or {}}
+        if wall_time_s is not None:
+            body["wall_time_s"] = wall_time_s
+        return await self._call("POST", "/admin/v1/jobs", json=body)
+
+    async def submit_batch(self, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+        return await self._call("POST", "/admin/v1/jobs/batch", json={"jobs": jobs})
+
+    async def cancel(self, job_id: int) -> dict[str, Any]:
+        return await self._call("POST", f"/admin/v1/jobs/{job_id}/cancel")
+
+    async def drain(self, vm_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/admin/v1/vms/{vm_id}/drain")
+
+    async def drain_all(self) -> dict[str, Any]:
+        return await self._call("POST", "/admin/v1/vms/drain")
+
+    async def kill(self, vm_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/admin/v1/vms/{vm_id}/kill")
+
+    async def resize(
+        self, min_vms: int | None = None, max_vms: int | None = None
+    ) -> dict[str, Any]:
+        body = {k: v for k, v in (("min_vms", min_vms), ("max_vms", max_vms)) if v is not None}
+        return await self._call("POST", "/admin/v1/pool/resize", json=body)
+
+    async def pause(self, paused: bool) -> dict[str, Any]:
+        return await self._call("POST", f"/admin/v1/pool/{'pause' if paused else 'resume'}")

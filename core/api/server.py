@@ -1,0 +1,76 @@
+"""uvicorn inside the core's event loop, on sockets the core binds itself.
+
+Binding ourselves lets the admin socket be created with mode 0600 (no window where it is
+world-accessible) and lets tests ask for port 0 and learn the real port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+
+class EmbeddedServer(uvicorn.Server):
+    """The core owns SIGTERM/SIGINT; uvicorn must not install its own handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def tcp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def unix_socket(path: str | Path) -> socket.socket:
+    """A listening unix socket only its owner can use (mode 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        path.unlink()  # left behind by a core that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def make_server(
+    app: FastAPI, *, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+) -> EmbeddedServer:
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # access.py decides whose X-Forwarded-For counts
+        server_header=False,
+        timeout_graceful_shutdown=2,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )
+    return EmbeddedServer(config)
