@@ -183,12 +183,34 @@ class AdminConfig(_Section):
         return self.token or os.environ.get(self.token_env) or None
 
 
+class AlienConfig(_Section):
+    """The AliEn variant: CVMFS settings and the site's JobAgent command."""
+
+    pilot_command: list[str] = []
+    cvmfs_repositories: list[str] = ["alice.cern.ch", "alice-ocdb.cern.ch", "grid.cern.ch"]
+    cvmfs_http_proxy: str = "DIRECT"
+    cvmfs_quota_mb: Annotated[int, Field(ge=1000)] = 20000
+    pilot_pause_s: Annotated[float, Field(ge=0)] = 60.0
+
+
 class ContextualisationConfig(_Section):
     """How a VM is told to start its job agent (the cloud-init user-data)."""
 
     template: Literal["builtin", "alien"] = "builtin"
     agent_heartbeat_s: Annotated[float, Field(gt=0)] = 30.0
+    fetch_wait_s: Annotated[float, Field(gt=0, le=60)] = 20.0
+    ca_file: str | None = None
     extra_env: dict[str, str] = {}
+    alien: AlienConfig = AlienConfig()
+
+    @field_validator("alien")
+    @classmethod
+    def _alien_needs_a_command(cls, value: AlienConfig, info: ValidationInfo) -> AlienConfig:
+        if info.data.get("template") == "alien" and not value.pilot_command:
+            raise ValueError(
+                "pilot_command: required when template is 'alien' (the site's JobAgent command)"
+            )
+        return value
 
 
 class Config(_Section):

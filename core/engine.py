@@ -22,12 +22,11 @@ from core.config import Config
 from core.model import ALIVE_STATES, Launch, VMState
 from core.queues import DemandError, DemandSource
 from core.store import Store
-from core.userdata import AgentSettings, launch_secret, render_cloud_config
+from core.userdata import launch_secret
 
 log = logging.getLogger("alienec2.engine")
 
 Clock = Callable[[], float]
-UserDataRenderer = Callable[[AgentSettings], str]
 
 GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 VANISH_GRACE_S = 120.0  # an instance younger than this may not be listed yet (eventual consistency)
@@ -43,7 +42,6 @@ class Engine:
         *,
         clock: Clock = time.time,
         core_url: str | None = None,
-        render_user_data: UserDataRenderer = render_cloud_config,
     ) -> None:
         self.config = config
         self.store = store
@@ -51,7 +49,6 @@ class Engine:
         self.demand = demand
         self.clock = clock
         self.core_url = core_url or config.web.public_url or f"http://127.0.0.1:{config.web.port}"
-        self._render_user_data = render_user_data
         self.launch_key = userdata.launch_key(store, clock())
         self._launching: dict[str, asyncio.Task[None]] = {}
         self._terminating: dict[str, asyncio.Task[None]] = {}
@@ -284,17 +281,15 @@ class Engine:
         return self.store.add_launch(launch_id, cloud, count, f"alienec2-{launch_id}", now)
 
     def _request(self, launch: Launch) -> LaunchRequest:
-        settings = AgentSettings(
-            core_url=self.core_url,
-            launch_id=launch.id,
-            launch_secret=launch_secret(self.launch_key, launch.id),
-            heartbeat_s=self.config.contextualisation.agent_heartbeat_s,
+        contextualisation = self.config.contextualisation
+        settings = userdata.agent_settings(
+            self.core_url, launch.id, launch_secret(self.launch_key, launch.id), contextualisation
         )
         return LaunchRequest(
             launch_id=launch.id,
             count=launch.count,
             client_token=launch.client_token,
-            user_data=self._render_user_data(settings),
+            user_data=userdata.render(settings, contextualisation),
         )
 
     async def _run_launch(self, launch: Launch) -> None:

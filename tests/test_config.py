@@ -34,8 +34,17 @@ def test_example_config_is_valid_and_documents_every_option() -> None:
     config = load_config(ROOT / "config.example.yaml")
     assert config.queue.kind == "builtin"
     text = (ROOT / "config.example.yaml").read_text()
-    for section in ("clouds", "pool", "queue", "state", "web", "admin", "contextualisation"):
-        model = type(getattr(config, section)) if section != "clouds" else type(config.clouds[0])
+    sections = {
+        "clouds": type(config.clouds[0]),
+        "pool": type(config.pool),
+        "queue": type(config.queue),
+        "state": type(config.state),
+        "web": type(config.web),
+        "admin": type(config.admin),
+        "contextualisation": type(config.contextualisation),
+        "contextualisation.alien": type(config.contextualisation.alien),
+    }
+    for section, model in sections.items():
         for key in model.model_fields:
             assert f"{key}:" in text, f"config.example.yaml does not document {section}.{key}"
 
