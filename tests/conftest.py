@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import os
+import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,11 @@ from core.clouds.sandbox import (
     SANDBOX_REGION,
     FaultyEndpoint,
     MotoEC2Server,
+    agent_command,
+    prepare_agent,
 )
 from core.config import Config, parse_config
+from core.daemon import Core
 from core.store import Store
 
 os.environ.update(SANDBOX_CREDENTIALS)
@@ -134,3 +140,76 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+# ---- a real core (engine + uvicorn on loopback) and real agent processes ------------------
+
+
+def core_config(tmp_path: Path, moto_url: str, **sections: Any) -> Config:
+    """A config for a core on loopback: agent API on a free port, admin on a tmp socket."""
+    web = {"host": "127.0.0.1", "port": 0}
+    web.update(sections.pop("web", {}))
+    return make_config(tmp_path, [cloud("c", moto_url)], web=web, **sections)
+
+
+@contextlib.asynccontextmanager
+async def running_core(config: Config) -> AsyncIterator[Core]:
+    core = Core(config)
+    await core.start()
+    try:
+        yield core
+    finally:
+        await core.stop()
+
+
+async def wait_for_vms(core: Core, count: int, timeout: float = 15.0) -> list[str]:
+    """Ids of the first ``count`` instances the core has launched."""
+    await eventually(lambda: len(core.store.vms()) >= count, timeout)
+    return [vm.id for vm in core.store.vms()][:count]
+
+
+class AgentProcess:
+    """The real agent script, booted from the instance's user data as read back from EC2."""
+
+    def __init__(self, moto_url: str, vm_id: str, workdir: Path, **overrides: Any) -> None:
+        user_data = ec2_client(moto_url).describe_instance_attribute(
+            InstanceId=vm_id, Attribute="userData"
+        )["UserData"]["Value"]
+        settings = {"fetch_wait_s": 5, "heartbeat_s": 0.5, "max_backoff_s": 0.5, **overrides}
+        self.settings_path = prepare_agent(
+            base64.b64decode(user_data).decode(), vm_id, workdir / vm_id, **settings
+        )
+        self.state_dir = workdir / vm_id / "state"
+        self.log_path = workdir / vm_id / "agent.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            agent_command(self.settings_path), stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def agents(moto: MotoEC2Server, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(vm_id: str, **overrides: Any) -> AgentProcess:
+        agent = AgentProcess(moto.url, vm_id, tmp_path / "agents", **overrides)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()

@@ -63,7 +63,7 @@ def job_view(job: Job) -> dict[str, Any]:
     return view
 
 
-def status(engine: Engine) -> dict[str, Any]:
+def status(engine: Engine, changes: Changes) -> dict[str, Any]:
     """The pool at a glance: what the console's header and `alienec2 status` show."""
     store, now = engine.store, engine.clock()
     settings = engine.settings()
@@ -99,6 +99,7 @@ def status(engine: Engine) -> dict[str, Any]:
             "jobs": {str(state): n for state, n in store.job_counts().items()},
         },
         "clouds": clouds,
+        "agents_waiting": changes.jobs.waiting,
         "last_seq": store.last_seq(),
     }
 
@@ -137,7 +138,7 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
 
     @app.get("/admin/v1/status")
     async def get_status() -> dict[str, Any]:
-        return status(engine)
+        return status(engine, changes)
 
     @app.get("/admin/v1/vms")
     async def list_vms(

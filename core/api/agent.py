@@ -78,12 +78,27 @@ def job_body(job: Job) -> dict[str, Any]:
     }
 
 
+def current_vm(request: Request) -> VM:
+    """The VM whose token the caller presents; 401 for anything else."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized()
+    vm = request.app.state.engine.store.vm_by_token(token_hash(token))
+    if vm is None:
+        raise unauthorized()
+    return vm
+
+
+CurrentVM = Annotated[VM, Depends(current_vm)]
+
+
 def create_agent_app(engine: Engine, changes: Changes) -> FastAPI:
     store = engine.store
     web = engine.config.web
     allowed = networks(web.allowed_networks)
     trusted = networks(web.trusted_proxies)
     app = FastAPI(title="alienec2 agent API", version="1", docs_url=None, redoc_url=None)
+    app.state.engine = engine
     install_error_handlers(app)
 
     @app.middleware("http")
@@ -93,17 +108,6 @@ def create_agent_app(engine: Engine, changes: Changes) -> FastAPI:
         if not is_allowed(address, allowed):
             return JSONResponse(error_body("forbidden", "forbidden"), 403)
         return await call_next(request)
-
-    def current_vm(request: Request) -> VM:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized()
-        vm = store.vm_by_token(token_hash(token))
-        if vm is None:
-            raise unauthorized()
-        return vm
-
-    CurrentVM = Annotated[VM, Depends(current_vm)]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -15,14 +15,19 @@ class Signal:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.waiting = 0  # how many callers are parked right now (e.g. idle agents polling)
 
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        self.waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+        finally:
+            self.waiting -= 1
 
 
 class Changes:

@@ -8,17 +8,23 @@ counts the EC2 actions it sees, which is the cloud-side view of our API economy.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
 from moto.server import ThreadedMotoServer
 
 from core.config import Config
+from core.userdata import read_agent_settings
 
 SANDBOX_REGION = "us-east-1"
 SANDBOX_IMAGE = "ami-12c6146b"  # one of the AMIs moto knows
@@ -158,3 +164,24 @@ def sandbox_config(config: Config, endpoint_url: str) -> Config:
         for cloud in config.clouds
     ]
     return config.model_copy(update={"clouds": clouds})
+
+
+def agent_path() -> Path:
+    """The job agent script the user data installs, as shipped with this package."""
+    return Path(str(resources.files("contextualisation").joinpath("agent.py")))
+
+
+def prepare_agent(user_data: str, instance_id: str, workdir: Path, **overrides: Any) -> Path:
+    """Write the agent settings an instance's user data carries, as cloud-init would on a VM,
+    with the instance id (no IMDS here) and a private state directory; returns their path."""
+    settings = read_agent_settings(user_data)
+    settings.update(instance_id=instance_id, state_dir=str(workdir / "state"), **overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "agent.json"
+    path.write_text(json.dumps(settings))
+    path.chmod(0o600)
+    return path
+
+
+def agent_command(settings_path: Path) -> list[str]:
+    return [sys.executable, str(agent_path()), "--settings", str(settings_path)]

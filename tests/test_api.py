@@ -1,0 +1,368 @@
+"""The web service over real HTTP: uvicorn on loopback, httpx as the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from alienec2_tui.client import AdminClient, AdminError
+from core.api.access import client_address, is_allowed, networks
+from core.clouds.sandbox import SANDBOX_IMAGE, MotoEC2Server
+from core.config import ConfigError
+from core.daemon import Core
+from core.model import JobState, VMState
+from core.userdata import read_agent_settings
+from tests.conftest import core_config, ec2_client, eventually, running_core, wait_for_vms
+
+FORBIDDEN = {"error": "forbidden", "code": "forbidden"}
+
+
+def launch_settings(moto_url: str, vm_id: str) -> dict[str, Any]:
+    """What the instance's user data tells its agent (read back from EC2, as a VM would)."""
+    raw = ec2_client(moto_url).describe_instance_attribute(InstanceId=vm_id, Attribute="userData")
+    return read_agent_settings(base64.b64decode(raw["UserData"]["Value"]).decode())
+
+
+async def register(http: httpx.AsyncClient, moto_url: str, vm_id: str) -> str:
+    settings = launch_settings(moto_url, vm_id)
+    reply = await http.post(
+        "/agent/v1/register",
+        json={
+            "instance_id": vm_id,
+            "launch_id": settings["launch_id"],
+            "launch_secret": settings["launch_secret"],
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()["token"]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def core(tmp_path: Path, moto: MotoEC2Server) -> Any:
+    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 2})) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(core: Core) -> Any:
+    async with httpx.AsyncClient(base_url=core.agent_url, timeout=20) as client:
+        yield client
+
+
+@pytest.fixture
+async def admin(core: Core) -> Any:
+    async with AdminClient(socket_path=str(core.admin_socket)) as client:
+        yield client
+
+
+async def test_instance_registers_once_and_a_second_registration_is_refused(
+    core: Core, http: httpx.AsyncClient, moto: MotoEC2Server
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    token = await register(http, moto.url, vm_id)
+    assert len(token) >= 32
+    assert core.store.vm(vm_id).state == VMState.IDLE
+
+    settings = launch_settings(moto.url, vm_id)
+    again = await http.post(
+        "/agent/v1/register",
+        json={
+            "instance_id": vm_id,
+            "launch_id": settings["launch_id"],
+            "launch_secret": settings["launch_secret"],
+        },
+    )
+    assert again.status_code == 409
+    assert again.json()["code"] == "already_registered"
+
+
+async def test_wrong_secret_unknown_launch_or_foreign_instance_get_403_and_learn_nothing(
+    core: Core, http: httpx.AsyncClient, moto: MotoEC2Server
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    settings = launch_settings(moto.url, vm_id)
+    foreign = ec2_client(moto.url).run_instances(ImageId=SANDBOX_IMAGE, MinCount=1, MaxCount=1)
+    foreign_id = foreign["Instances"][0]["InstanceId"]
+    attempts = [
+        {"instance_id": vm_id, "launch_id": settings["launch_id"], "launch_secret": "guess"},
+        {"instance_id": vm_id, "launch_id": "nope", "launch_secret": settings["launch_secret"]},
+        {
+            "instance_id": foreign_id,
+            "launch_id": settings["launch_id"],
+            "launch_secret": settings["launch_secret"],
+        },
+    ]
+    for body in attempts:
+        reply = await http.post("/agent/v1/register", json=body)
+        assert (reply.status_code, reply.json()) == (403, FORBIDDEN)
+    assert core.store.vm(vm_id).state != VMState.IDLE
+
+
+async def test_agent_calls_without_a_valid_token_get_401(
+    core: Core, http: httpx.AsyncClient
+) -> None:
+    for headers in ({}, bearer("not-a-token"), {"Authorization": "Basic abc"}):
+        reply = await http.post("/agent/v1/heartbeat", headers=headers)
+        assert reply.status_code == 401
+        assert reply.json() == {"error": "unauthorized", "code": "unauthorized"}
+    reply = await http.post("/agent/v1/jobs/1/report", json={"attempt": 1, "status": "started"})
+    assert reply.status_code == 401
+
+
+async def test_one_vms_token_cannot_report_another_vms_job_and_reports_are_idempotent(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, moto: MotoEC2Server
+) -> None:
+    first, second = await wait_for_vms(core, 2)
+    token1 = await register(http, moto.url, first)
+    token2 = await register(http, moto.url, second)
+    job = await admin.submit(["echo", "hi"])
+    fetched = (await http.post("/agent/v1/jobs/next", headers=bearer(token1))).json()
+    assert fetched["job"]["id"] == job["id"]
+
+    finished = {"attempt": 1, "status": "finished", "exit_code": 0, "output_tail": "hi\n"}
+    path = f"/agent/v1/jobs/{job['id']}/report"
+    stolen = await http.post(path, json=finished, headers=bearer(token2))
+    assert (stolen.status_code, stolen.json()) == (403, FORBIDDEN)
+    assert core.store.job(job["id"]).state == JobState.ASSIGNED
+
+    for _ in range(2):
+        reply = await http.post(path, json=finished, headers=bearer(token1))
+        assert reply.status_code == 200
+        assert reply.json()["state"] == "done"
+    done_events = [e for e in core.store.events_after(0) if e.kind == "job_done"]
+    assert len(done_events) == 1
+    assert core.store.job(job["id"]).output_tail == "hi\n"
+
+
+async def test_fetch_returns_the_same_job_again_if_the_first_answer_was_lost(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, moto: MotoEC2Server
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    token = await register(http, moto.url, vm_id)
+    job = await admin.submit(["true"])
+    await admin.submit(["false"])
+    first = (await http.post("/agent/v1/jobs/next", headers=bearer(token))).json()
+    second = (await http.post("/agent/v1/jobs/next", headers=bearer(token))).json()
+    assert first["job"]["id"] == second["job"]["id"] == job["id"]
+
+
+async def test_long_poll_hands_a_job_submitted_during_the_wait_to_the_waiting_agent(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, moto: MotoEC2Server
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    token = await register(http, moto.url, vm_id)
+    waiting = asyncio.create_task(
+        http.post("/agent/v1/jobs/next", params={"wait": 30}, headers=bearer(token))
+    )
+    await eventually(lambda: core.changes.jobs.waiting == 1)
+    submitted = time.perf_counter()
+    job = await admin.submit(["echo", "now"])
+    reply = await asyncio.wait_for(waiting, 5)
+    latency = time.perf_counter() - submitted
+    assert reply.json()["job"]["id"] == job["id"]
+    assert latency < 1.0, f"long poll answered after {latency:.3f}s"
+
+
+async def test_empty_long_poll_returns_no_job_after_the_wait(
+    core: Core, http: httpx.AsyncClient, moto: MotoEC2Server
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    token = await register(http, moto.url, vm_id)
+    started = time.perf_counter()
+    reply = await http.post("/agent/v1/jobs/next", params={"wait": 0.3}, headers=bearer(token))
+    assert reply.json() == {"job": None, "action": "run"}
+    assert time.perf_counter() - started >= 0.3
+
+
+async def test_heartbeat_answers_run_then_drain_then_stop(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, moto: MotoEC2Server
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    token = await register(http, moto.url, vm_id)
+    beat = await http.post("/agent/v1/heartbeat", headers=bearer(token))
+    assert beat.json()["action"] == "run"
+    await admin.drain(vm_id)
+    assert (await http.post("/agent/v1/heartbeat", headers=bearer(token))).json()["action"] in (
+        "drain",
+        "stop",  # the engine may already have terminated the idle, drained VM
+    )
+    await eventually(lambda: core.store.vm(vm_id).state == VMState.TERMINATED)
+    beat = await http.post("/agent/v1/heartbeat", headers=bearer(token))
+    assert beat.json()["action"] == "stop"
+
+
+async def test_malformed_requests_get_422_with_a_message(
+    core: Core, http: httpx.AsyncClient, moto: MotoEC2Server
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    token = await register(http, moto.url, vm_id)
+    reply = await http.post("/agent/v1/register", json={"instance_id": vm_id})
+    assert reply.status_code == 422
+    assert "launch_id: Field required" in reply.json()["error"]
+    reply = await http.post(
+        "/agent/v1/register", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert reply.status_code == 422 and reply.json()["code"] == "invalid_request"
+    reply = await http.post(
+        "/agent/v1/jobs/1/report", json={"attempt": 1, "status": "finished"}, headers=bearer(token)
+    )
+    assert reply.status_code == 422
+    assert "exit_code is required" in reply.json()["error"]
+    reply = await http.post("/agent/v1/jobs/next", params={"wait": 999}, headers=bearer(token))
+    assert reply.status_code == 422 and "wait" in reply.json()["error"]
+
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)), base_url="http://core"
+    ) as raw:
+        reply = await raw.post("/admin/v1/jobs", json={"command": []})
+        assert reply.status_code == 422 and "command" in reply.json()["error"]
+        reply = await raw.post("/admin/v1/pool/resize", json={"min_vms": 5, "max_vms": 1})
+        assert reply.status_code == 422
+        assert reply.json()["error"] == "max must be >= min (got max 1 < min 5)"
+        reply = await raw.post("/admin/v1/vms/i-nope/kill")
+        assert reply.status_code == 404 and reply.json()["error"] == "vm i-nope not found"
+        reply = await raw.get("/admin/v1/no/such/path")
+        assert reply.status_code == 404 and "error" in reply.json()
+
+
+async def test_requests_from_outside_allowed_networks_get_403(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, web={"allowed_networks": ["10.0.0.0/8"]})
+    async with running_core(config) as core, httpx.AsyncClient(base_url=core.agent_url) as http:
+        for reply in (
+            await http.get("/healthz"),
+            await http.post("/agent/v1/register", json={}),
+            await http.post("/agent/v1/heartbeat", headers={"X-Forwarded-For": "10.1.2.3"}),
+        ):
+            assert (reply.status_code, reply.json()) == (403, FORBIDDEN)
+
+
+async def test_only_a_trusted_proxys_forwarded_for_is_honoured(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    web = {"allowed_networks": ["192.0.2.0/24"], "trusted_proxies": ["127.0.0.1/32"]}
+    config = core_config(tmp_path, moto.url, web=web)
+    async with running_core(config) as core, httpx.AsyncClient(base_url=core.agent_url) as http:
+        inside = await http.get("/healthz", headers={"X-Forwarded-For": "192.0.2.7"})
+        assert inside.status_code == 200
+        outside = await http.get("/healthz", headers={"X-Forwarded-For": "198.51.100.9"})
+        assert outside.status_code == 403
+        spoofed = await http.get("/healthz", headers={"X-Forwarded-For": "192.0.2.7, 198.51.100.9"})
+        assert spoofed.status_code == 403  # the proxy saw 198.51.100.9; the rest is the caller's
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
+    trusted = networks(["10.0.0.1/32"])
+    assert client_address("203.0.113.5", "192.0.2.7", trusted) == "203.0.113.5"
+    assert client_address("10.0.0.1", "192.0.2.7", trusted) == "192.0.2.7"
+    assert client_address("10.0.0.1", None, trusted) == "10.0.0.1"
+    assert is_allowed("::ffff:192.0.2.7", networks(["192.0.2.0/24"]))
+    assert not is_allowed("garbage", networks(["0.0.0.0/0"]))
+
+
+async def test_admin_socket_is_private_and_answers_status(core: Core, admin: AdminClient) -> None:
+    mode = stat.S_IMODE(os.stat(core.admin_socket).st_mode)
+    assert mode == 0o600
+    status = await admin.status()
+    assert status["pool"]["min_vms"] == 2
+    assert set(status["queue"]["jobs"]) >= {"queued", "running", "done", "failed"}
+    assert status["clouds"][0]["name"] == "c"
+
+
+async def test_admin_over_tcp_needs_the_bearer_token(tmp_path: Path, moto: MotoEC2Server) -> None:
+    token = "tcp-admin-token-0123456789"
+    admin_section = {"socket": str(tmp_path / "a.sock"), "tcp_host": "127.0.0.1", "tcp_port": 0}
+    config = core_config(tmp_path, moto.url, admin={**admin_section, "token": token})
+    async with running_core(config) as core:
+        assert core.admin_url
+        async with httpx.AsyncClient(base_url=core.admin_url) as http:
+            for headers in ({}, bearer("wrong"), {"Authorization": token}):
+                reply = await http.get("/admin/v1/status", headers=headers)
+                assert reply.status_code == 401
+                assert reply.json() == {"error": "unauthorized", "code": "unauthorized"}
+                assert reply.headers["www-authenticate"] == "Bearer"
+            assert (await http.get("/metrics")).status_code == 401
+        async with AdminClient(url=core.admin_url, token=token) as admin:
+            assert (await admin.status())["core_id"] == "test-core"
+        assert token not in (tmp_path / "state.db").read_bytes().decode(errors="replace")
+
+
+async def test_admin_tcp_without_a_token_refuses_to_start(
+    tmp_path: Path, moto: MotoEC2Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ALIENEC2_ADMIN_TOKEN", raising=False)
+    admin_section = {"socket": str(tmp_path / "a.sock"), "tcp_host": "127.0.0.1", "tcp_port": 0}
+    core = Core(core_config(tmp_path, moto.url, admin=admin_section))
+    with pytest.raises(ConfigError, match=r"admin.tcp_host: needs a token"):
+        await core.start()
+
+
+async def test_events_resume_after_a_sequence_number_and_long_poll_for_new_ones(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    async with (
+        running_core(core_config(tmp_path, moto.url)) as core,
+        AdminClient(socket_path=str(core.admin_socket)) as admin,
+    ):
+        await admin.submit(["echo", "one"])
+        first = await admin.events(after=0)
+        seqs = [e["seq"] for e in first["events"]]
+        assert seqs == sorted(seqs) and first["last_seq"] == seqs[-1]
+        resumed = await admin.events(after=seqs[0])
+        assert [e["seq"] for e in resumed["events"]][:1] == [seqs[0] + 1]
+
+        await admin.pause(True)  # a quiet pool: the next event is the one we cause
+        after = core.store.last_seq()
+        later = asyncio.create_task(admin.events(after=after, wait=20))
+        await eventually(lambda: core.changes.events.waiting >= 1)
+        job = await admin.submit(["echo", "two"])
+        reply = await asyncio.wait_for(later, 5)
+        assert reply["events"][0]["kind"] == "job_queued"
+        assert reply["events"][0]["job_id"] == job["id"]
+        assert all(e["seq"] > after for e in reply["events"])
+
+
+async def test_admin_steers_the_pool_and_shows_the_core_message_on_refusal(
+    core: Core, admin: AdminClient
+) -> None:
+    vm_id, _ = await wait_for_vms(core, 2)
+    assert (await admin.resize(min_vms=1, max_vms=3)) == {"min_vms": 1, "max_vms": 3}
+    await admin.pause(True)
+    assert (await admin.status())["pool"]["paused"] is True
+    await admin.pause(False)
+    killed = await admin.kill(vm_id)
+    assert killed["kill_requested"] is True
+    await eventually(lambda: core.store.vm(vm_id).state == VMState.TERMINATED)
+    with pytest.raises(AdminError, match=f"vm {vm_id} is already terminated"):
+        await admin.kill(vm_id)
+    job = await admin.submit(["sleep", "1"])
+    cancelled = await admin.cancel(job["id"])
+    assert cancelled["state"] == "cancelled"
+    with pytest.raises(AdminError, match="cannot be cancelled"):
+        await admin.cancel(job["id"])
+
+
+async def test_metrics_and_healthz(core: Core, admin: AdminClient) -> None:
+    await wait_for_vms(core, 2)
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)), base_url="http://core"
+    ) as raw:
+        text = (await raw.get("/metrics")).text
+        assert 'alienec2_vms{state="requested"}' in text or 'alienec2_vms{state="booting"}' in text
+        assert "alienec2_pool_max_vms 10.0" in text
+        assert (await raw.get("/healthz")).json()["status"] == "ok"
+    async with httpx.AsyncClient(base_url=core.agent_url) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
