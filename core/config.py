@@ -201,7 +201,7 @@ class ContextualisationConfig(_Section):
     fetch_wait_s: Annotated[float, Field(gt=0, le=60)] = 20.0
     ca_file: str | None = None
     extra_env: dict[str, str] = {}
-    alien: AlienConfig = AlienConfig()
+    alien: Annotated[AlienConfig, Field(validate_default=True)] = AlienConfig()
 
     @field_validator("alien")
     @classmethod

@@ -117,6 +117,7 @@ class Core:
     async def stop(self) -> None:
         """Stop launching, finish in-flight cloud calls briefly, close listeners and the store."""
         self.stop_requested.set()
+        self.changes.close()
         for server in self._servers:
             server.should_exit = True
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -149,7 +149,14 @@ def core_config(tmp_path: Path, moto_url: str, **sections: Any) -> Config:
     """A config for a core on loopback: agent API on a free port, admin on a tmp socket."""
     web = {"host": "127.0.0.1", "port": 0}
     web.update(sections.pop("web", {}))
-    return make_config(tmp_path, [cloud("c", moto_url)], web=web, **sections)
+    contextualisation = {"agent_heartbeat_s": 0.5, **sections.pop("contextualisation", {})}
+    return make_config(
+        tmp_path,
+        [cloud("c", moto_url)],
+        web=web,
+        contextualisation=contextualisation,
+        **sections,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -175,7 +182,7 @@ class AgentProcess:
         user_data = ec2_client(moto_url).describe_instance_attribute(
             InstanceId=vm_id, Attribute="userData"
         )["UserData"]["Value"]
-        settings = {"fetch_wait_s": 5, "heartbeat_s": 0.5, "max_backoff_s": 0.5, **overrides}
+        settings = {"fetch_wait_s": 5, "max_backoff_s": 0.5, **overrides}
         self.settings_path = prepare_agent(
             base64.b64decode(user_data).decode(), vm_id, workdir / vm_id, **settings
         )

@@ -239,7 +239,7 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
         while True:
             found = store.events_after(after, limit)
             remaining = deadline - loop.time()
-            if found or remaining <= 0:
+            if found or remaining <= 0 or changes.closing:
                 last = found[-1].seq if found else after
                 return {"events": [as_dict(e) for e in found], "last_seq": last}
             await changes.events.wait(remaining)

@@ -168,7 +168,7 @@ def create_agent_app(engine: Engine, changes: Changes) -> FastAPI:
                 if job is not None:
                     return {"job": job_body(job), "action": action}
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or changes.closing:
                 return {"job": None, "action": action}
             await changes.jobs.wait(remaining)
 

@@ -37,7 +37,14 @@ class Changes:
     def __init__(self, store: Store) -> None:
         self.jobs = Signal()
         self.events = Signal()
+        self.closing = False
         store.listeners.append(self._committed)
+
+    def close(self) -> None:
+        """Answer every parked long poll now, so a stopping server has nothing to cancel."""
+        self.closing = True
+        self.jobs.notify()
+        self.events.notify()
 
     def _committed(self, kinds: set[str]) -> None:
         self.events.notify()

@@ -171,11 +171,12 @@ def agent_path() -> Path:
     return Path(str(resources.files("contextualisation").joinpath("agent.py")))
 
 
-def prepare_agent(user_data: str, instance_id: str, workdir: Path, **overrides: Any) -> Path:
+def prepare_agent(user_data: str, vm_id: str, workdir: Path, **overrides: Any) -> Path:
     """Write the agent settings an instance's user data carries, as cloud-init would on a VM,
     with the instance id (no IMDS here) and a private state directory; returns their path."""
     settings = read_agent_settings(user_data)
-    settings.update(instance_id=instance_id, state_dir=str(workdir / "state"), **overrides)
+    settings.update({"instance_id": vm_id, "state_dir": str(workdir / "state")})
+    settings.update(overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "agent.json"
     path.write_text(json.dumps(settings))
