@@ -242,3 +242,47 @@ def test_agent_with_unreadable_settings_exits_with_a_clear_error(tmp_path: Path)
     assert result.returncode == 3
     assert "lack launch_id, launch_secret" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it (openssl CLI)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
+    key, csr, cert = directory / "core.key", directory / "core.csr", directory / "core.pem"
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        f"openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca "
+        f"-keyout {ca_key} -out {ca_cert}",
+        f"openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {key} -out {csr}",
+        f"openssl x509 -req -in {csr} -CA {ca_cert} -CAkey {ca_key} -CAcreateserial -days 1 "
+        f"-extfile {ext} -out {cert}",
+    ):
+        subprocess.run(command.split(), check=True, capture_output=True, timeout=60)
+    return ca_cert, cert, key
+
+
+async def test_agent_talks_tls_to_a_core_serving_its_own_certificate(
+    tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
+) -> None:
+    ca, cert, key = make_tls_files(tmp_path)
+    config = core_config(
+        tmp_path,
+        moto.url,
+        pool={"min_vms": 1},
+        web={"ssl_certfile": str(cert), "ssl_keyfile": str(key)},
+        contextualisation={"ca_file": str(ca)},
+    )
+    async with running_core(config) as core:
+        assert core.agent_url.startswith("https://127.0.0.1:")
+        [vm_id] = await wait_for_vms(core, 1)
+        agents(vm_id)
+        await eventually(lambda: core.store.vm(vm_id).state == VMState.IDLE)
+        async with AdminClient(socket_path=str(core.admin_socket)) as admin:
+            job = await admin.submit(["echo", "over tls"])
+        await eventually(lambda: job_state(core, job["id"]) == JobState.DONE)
+        assert core.store.job(job["id"]).output_tail == "over tls\n"
