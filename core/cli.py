@@ -9,6 +9,7 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,48 @@ def cmd_core(args: argparse.Namespace) -> int:
     with MotoEC2Server() as cloud:
         print(f"sandbox EC2 endpoint: {cloud.url}", file=sys.stderr)
         return _run_core(sandbox_config(config, cloud.url))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from core.demo import DemoOptions, run_demo
+
+    if args.jobs is not None and args.jobs < 1:
+        print("error: --jobs must be >= 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if not 0 <= args.never_boot < 1:
+        print("error: --never-boot must be a fraction in [0, 1)", file=sys.stderr)
+        return EXIT_CONFIG
+    if not 0 <= args.min <= args.max:
+        print(f"error: need 0 <= --min <= --max (got {args.min} and {args.max})", file=sys.stderr)
+        return EXIT_CONFIG
+    opts = DemoOptions(
+        jobs=args.jobs if args.jobs is not None else (40 if args.headless else None),
+        min_vms=args.min,
+        max_vms=args.max,
+        idle_timeout_s=args.idle_timeout,
+        boot_delay_s=args.boot_delay,
+        never_boot_fraction=args.never_boot,
+        die_mid_job=args.die_mid_job,
+        capacity_error=args.capacity_error,
+        timeout_s=args.timeout,
+    )
+    workdir = Path(args.workdir) if args.workdir else None
+    if args.headless:
+        _configure_logging("warning")
+        summary = asyncio.run(run_demo(opts, workdir))
+        print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text())
+        return 0 if summary.all_finished else 1
+    from alienec2_tui.app import demo_console
+
+    log_dir = workdir or Path(tempfile.gettempdir())
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        filename=str(log_dir / "alienec2-demo.log"),
+    )
+    summary = asyncio.run(run_demo(opts, workdir, console=demo_console))
+    print(f"demo stopped; log in {log_dir / 'alienec2-demo.log'}")
+    return 0
 
 
 # ---- admin commands: talk to a running core through the admin API ------------------------
@@ -283,6 +326,30 @@ def parser() -> argparse.ArgumentParser:
     )
     core.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     core.set_defaults(run=cmd_core)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole system on this machine: sandbox cloud, core, agents and the console",
+    )
+    demo.add_argument("--headless", action="store_true", help="no console: run jobs, summarise")
+    demo.add_argument("--jobs", type=int, help="jobs to run (headless default 40; else endless)")
+    demo.add_argument("--json", action="store_true", help="headless summary as JSON")
+    demo.add_argument("--min", type=int, default=1, help="pool min_vms (default 1)")
+    demo.add_argument("--max", type=int, default=8, help="pool max_vms (default 8)")
+    demo.add_argument("--idle-timeout", type=float, default=15.0, help="seconds (default 15)")
+    demo.add_argument("--boot-delay", type=float, default=3.0, help="VM boot seconds (default 3)")
+    demo.add_argument(
+        "--never-boot", type=float, default=0.0, help="fraction of VMs that never boot"
+    )
+    demo.add_argument("--die-mid-job", type=int, default=0, help="VMs that die while running a job")
+    demo.add_argument(
+        "--capacity-error",
+        action="store_true",
+        help="the preferred cloud answers InsufficientInstanceCapacity",
+    )
+    demo.add_argument("--timeout", type=float, default=300.0, help="headless time limit (s)")
+    demo.add_argument("--workdir", help="keep state, sockets and instances here (not removed)")
+    demo.set_defaults(run=cmd_demo)
 
     connection = argparse.ArgumentParser(add_help=False)
     where = connection.add_argument_group("connection to the core")

@@ -77,8 +77,10 @@ class Core:
         self.agent_url = _url(agent_sock, tls)
         self.store = Store(config.state.path, config.state.synchronous)
         core_url = config.web.public_url or self.agent_url
-        if not config.web.public_url:
-            log.warning("event=public_url_unset msg=%s", f"VMs are told to reach {core_url}")
+        if not config.web.public_url and config.web.host in ("0.0.0.0", "::"):
+            log.warning(
+                "event=public_url_unset msg=%s", f"set web.public_url; VMs are told {core_url}"
+            )
         self.engine = build_engine(config, self.store, self.clock, core_url)
         self.changes = Changes(self.store)
 

@@ -175,7 +175,9 @@ class Engine:
             )
             for vm in self.store.vms(ALIVE_STATES)
         )
-        pending = {launch.cloud for launch in self._pending()}
+        pending: dict[str, int] = {}
+        for launch in self.store.pending_launches():
+            pending[launch.cloud] = pending.get(launch.cloud, 0) + launch.count
         clouds = tuple(
             policy.CloudView(
                 name=cloud.name,
@@ -183,6 +185,7 @@ class Engine:
                 max_instances=cloud.max_instances,
                 backoff_until=self.store.cloud_status(cloud.name).backoff_until,
                 launch_in_flight=cloud.name in self._launching or cloud.name in pending,
+                pending=pending.get(cloud.name, 0),
             )
             for cloud in self.config.clouds
             if cloud.name in self.providers

@@ -31,6 +31,7 @@ class CloudView:
     max_instances: int
     backoff_until: float = 0.0
     launch_in_flight: bool = False
+    pending: int = 0  # VMs asked for in launches whose result is not recorded yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
 
 def _spread(count: int, snapshot: Snapshot, now: float) -> list[Launch]:
     """Fill clouds in priority order within their quota, skipping those in backoff."""
-    alive: dict[str, int] = {}
+    alive = {cloud.name: cloud.pending for cloud in snapshot.clouds}
     for vm in snapshot.vms:
         if vm.state in ALIVE_STATES:
             alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
@@ -155,8 +156,10 @@ def decide(snapshot: Snapshot, waiting: int | None, now: float, settings: Settin
         (vm for vm in serving if vm.state == VMState.IDLE),
         key=lambda vm: (vm.idle_since if vm.idle_since is not None else vm.launched_at, vm.id),
     )
-    starting = sum(vm.state in (VMState.REQUESTED, VMState.BOOTING) for vm in serving)
-    live = len(serving)
+    # VMs of launches in flight are not in the snapshot yet but are coming: count them.
+    pending = sum(cloud.pending for cloud in snapshot.clouds)
+    starting = pending + sum(vm.state in (VMState.REQUESTED, VMState.BOOTING) for vm in serving)
+    live = len(serving) + pending
     warm = warm_target(snapshot, settings)
 
     wanted = max(waiting + warm - len(idle) - starting, settings.min_vms - live)

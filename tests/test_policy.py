@@ -95,6 +95,13 @@ def test_cloud_with_launch_in_flight_gets_no_second_launch() -> None:
     assert launches(decide(snap(clouds=clouds), 3, NOW, SETTINGS)) == {"b": 3}
 
 
+def test_vms_of_a_launch_in_flight_count_against_demand_max_and_quota() -> None:
+    clouds = (replace(A, launch_in_flight=True, pending=6, max_instances=8), B)
+    assert launches(decide(snap(clouds=clouds), 8, NOW, SETTINGS)) == {"b": 2}
+    assert launches(decide(snap(clouds=clouds), 20, NOW, SETTINGS)) == {"b": 4}  # max_vms 10
+    assert launches(decide(snap(clouds=clouds), 6, NOW, SETTINGS)) == {}
+
+
 def test_min_vms_is_kept_alive_without_any_demand() -> None:
     warm = replace(SETTINGS, min_vms=3)
     assert launches(decide(snap(vm(1)), 0, NOW, warm)) == {"a": 2}

@@ -8,23 +8,36 @@ counts the EC2 actions it sees, which is the cloud-side view of our API economy.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
 import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import boto3
 from moto.server import ThreadedMotoServer
 
 from core.config import Config
 from core.userdata import read_agent_settings
+
+log = logging.getLogger("alienec2.sandbox")
 
 SANDBOX_REGION = "us-east-1"
 SANDBOX_IMAGE = "ami-12c6146b"  # one of the AMIs moto knows
@@ -186,3 +199,137 @@ def prepare_agent(user_data: str, vm_id: str, workdir: Path, **overrides: Any) -
 
 def agent_command(settings_path: Path) -> list[str]:
     return [sys.executable, str(agent_path()), "--settings", str(settings_path)]
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Fault injection for the sandbox runner."""
+
+    never_boot_fraction: float = 0.0  # instances whose agent never starts
+    die_mid_job: int = 0  # instances that die (agent and job killed) once they run a job
+    seed: int = 1
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (jobs run in their own sessions, so a group kill misses
+    them): what must die with a VM."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class InstanceRunner:
+    """The sandbox's hypervisor: each instance EC2 reports running boots, after a boot delay,
+    as a local agent process configured by that instance's own user data. Terminated instances'
+    processes are stopped. Everything lives in ``workdir``, removed by ``close``."""
+
+    def __init__(
+        self,
+        ec2_url: str,
+        workdir: Path,
+        *,
+        boot_delay_s: float = 3.0,
+        jitter_s: float = 1.0,
+        faults: Faults = Faults(),
+        poll_s: float = 0.25,
+        agent_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self._ec2 = boto3.client("ec2", endpoint_url=ec2_url, region_name=SANDBOX_REGION)
+        self.workdir = workdir
+        self._boot_delay_s = boot_delay_s
+        self._jitter_s = jitter_s
+        self._faults = faults
+        self._random = random.Random(faults.seed)
+        self._poll_s = poll_s
+        self._overrides = agent_overrides or {}
+        self._seen: set[str] = set()
+        self._boot_at: dict[str, float] = {}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._doomed: set[str] = set()
+        self.booted: list[str] = []
+        self.never_booted: list[str] = []
+        self.died: list[str] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self.poll)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._poll_s)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        pages = self._ec2.get_paginator("describe_instances").paginate()
+        for page in pages:
+            for reservation in page["Reservations"]:
+                for raw in reservation["Instances"]:
+                    self._observe(raw["InstanceId"], raw["State"]["Name"], now)
+        for instance_id, due in list(self._boot_at.items()):
+            if due <= now:
+                del self._boot_at[instance_id]
+                self._boot(instance_id)
+        for instance_id in list(self._doomed):
+            if instance_id in self._procs and any(
+                (self._dir(instance_id) / "state/jobs").glob("*")
+            ):
+                self._doomed.discard(instance_id)
+                self._kill(instance_id)
+                self.died.append(instance_id)
+                log.info("event=sandbox_instance_died vm=%s", instance_id)
+
+    def _observe(self, instance_id: str, state: str, now: float) -> None:
+        if state in ("shutting-down", "terminated"):
+            self._boot_at.pop(instance_id, None)
+            if instance_id in self._procs:
+                self._kill(instance_id)
+            return
+        if state != "running" or instance_id in self._seen:
+            return
+        self._seen.add(instance_id)
+        if self._random.random() < self._faults.never_boot_fraction:
+            self.never_booted.append(instance_id)
+            log.info("event=sandbox_never_boots vm=%s", instance_id)
+            return
+        if len(self._doomed) + len(self.died) < self._faults.die_mid_job:
+            self._doomed.add(instance_id)
+        delay = self._boot_delay_s + self._random.uniform(0, self._jitter_s)
+        self._boot_at[instance_id] = now + delay
+
+    def _dir(self, instance_id: str) -> Path:
+        return self.workdir / instance_id
+
+    def _boot(self, instance_id: str) -> None:
+        reply = self._ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        user_data = base64.b64decode(reply["UserData"]["Value"]).decode()
+        settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **self._overrides)
+        with open(self._dir(instance_id) / "agent.log", "ab") as log_file:
+            self._procs[instance_id] = subprocess.Popen(
+                agent_command(settings),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.booted.append(instance_id)
+        log.info("event=sandbox_instance_booted vm=%s", instance_id)
+
+    def _kill(self, instance_id: str) -> None:
+        """Power off: the agent and everything it started die at once."""
+        proc = self._procs.pop(instance_id)
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+    def close(self) -> None:
+        for instance_id in list(self._procs):
+            self._kill(instance_id)
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,302 @@
+"""`alienec2 demo`: the whole system on one machine, without a cloud account.
+
+moto's EC2 server is the cloud (two "clouds" in front of it, the first one optionally out of
+capacity), the real core runs with its web service, each instance boots as a local agent
+process from its own user data, and a stream of demo jobs keeps the pool busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from alienec2_tui.client import AdminClient
+from core.clouds.sandbox import (
+    SANDBOX_CREDENTIALS,
+    SANDBOX_IMAGE,
+    SANDBOX_REGION,
+    Faults,
+    FaultyEndpoint,
+    InstanceRunner,
+    MotoEC2Server,
+)
+from core.config import Config, parse_config
+from core.daemon import Core
+from core.model import SERVING_STATES, JobState, VMState
+
+log = logging.getLogger("alienec2.demo")
+
+TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    jobs: int | None = None  # None: an endless stream of bursts (the interactive demo)
+    min_vms: int = 1
+    max_vms: int = 8
+    idle_timeout_s: float = 15.0
+    boot_delay_s: float = 3.0
+    jitter_s: float = 1.5
+    never_boot_fraction: float = 0.0
+    die_mid_job: int = 0
+    capacity_error: bool = False
+    failure_rate: float = 0.1
+    seed: int = 7
+    timeout_s: float = 300.0
+
+
+@dataclass(slots=True)
+class DemoSummary:
+    jobs_submitted: int
+    jobs_done: int
+    jobs_failed: int
+    jobs_finished_twice: int
+    vms_launched: int
+    vms_reaped: int
+    vms_failed: int
+    vms_lost: int
+    peak_vms: int
+    final_vms: int
+    mean_wait_s: float
+    runtime_s: float
+    all_finished: bool
+
+    def text(self) -> str:
+        return (
+            f"jobs: {self.jobs_submitted} submitted, {self.jobs_done} done, "
+            f"{self.jobs_failed} failed ({self.jobs_finished_twice} finished twice)\n"
+            f"vms: {self.vms_launched} launched, {self.vms_reaped} reaped when idle, "
+            f"{self.vms_failed} failed to boot, {self.vms_lost} lost; "
+            f"peak {self.peak_vms}, now {self.final_vms}\n"
+            f"mean job wait {self.mean_wait_s:.2f}s, run time {self.runtime_s:.1f}s"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def demo_config(workdir: Path, first_cloud: str, second_cloud: str, opts: DemoOptions) -> Config:
+    """Two sandbox clouds (the first preferred, with a small quota) and short timers."""
+    cloud = {
+        "region": SANDBOX_REGION,
+        "image_id": SANDBOX_IMAGE,
+        "exact_count": True,
+        "max_attempts": 1,
+        "backoff_initial_s": 5,
+        "backoff_max_s": 20,
+        "boot_failures_before_backoff": 5,
+    }
+    return parse_config(
+        {
+            "core_id": "demo",
+            "clouds": [
+                {
+                    **cloud,
+                    "name": "sandbox-a",
+                    "endpoint_url": first_cloud,
+                    "priority": 1,
+                    "max_instances": max(opts.max_vms // 2, 1),
+                },
+                {
+                    **cloud,
+                    "name": "sandbox-b",
+                    "endpoint_url": second_cloud,
+                    "priority": 2,
+                    "max_instances": opts.max_vms,
+                },
+            ],
+            "pool": {
+                "name": "demo",
+                "min_vms": opts.min_vms,
+                "max_vms": opts.max_vms,
+                "idle_timeout_s": opts.idle_timeout_s,
+                "boot_timeout_s": opts.boot_delay_s + opts.jitter_s + 8,
+                "heartbeat_timeout_s": 5,
+                "cycle_interval_s": 0.5,
+                "reconcile_interval_s": 60,
+                "adaptive_warm": False,
+            },
+            "queue": {"kind": "builtin", "max_attempts": 3},
+            "state": {"path": str(workdir / "state.db"), "synchronous": "normal"},
+            "web": {"host": "127.0.0.1", "port": 0},
+            "admin": {"socket": str(workdir / "admin.sock")},
+            "contextualisation": {"agent_heartbeat_s": 1, "fetch_wait_s": 20},
+        }
+    )
+
+
+def demo_job(rng: random.Random, number: int, failure_rate: float) -> dict[str, Any]:
+    """A short shell job of varied length; some fail on purpose."""
+    seconds = round(rng.uniform(0.2, 2.5), 1)
+    if rng.random() < failure_rate:
+        script = f"sleep {seconds}; echo 'demo job {number}: simulated failure' >&2; exit 3"
+    else:
+        script = f"sleep {seconds}; echo 'demo job {number} done after {seconds}s'"
+    return {"command": ["sh", "-c", script], "env": {"DEMO_JOB": str(number)}}
+
+
+async def job_stream(client: AdminClient, opts: DemoOptions, stop: asyncio.Event) -> int:
+    """Submit the demo jobs: a burst, then a trickle; endless waves when no count is given."""
+    rng = random.Random(opts.seed)
+    submitted = 0
+
+    async def submit(count: int) -> None:
+        nonlocal submitted
+        batch = [demo_job(rng, submitted + i + 1, opts.failure_rate) for i in range(count)]
+        await client.submit_batch(batch)
+        submitted += count
+
+    async def pause(seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        return stop.is_set()
+
+    if opts.jobs is not None:
+        burst = (opts.jobs * 3) // 5
+        await submit(burst)
+        while submitted < opts.jobs and not await pause(0.25):
+            await submit(min(2, opts.jobs - submitted))
+        return submitted
+    while True:  # waves: a burst, a trickle, a quiet spell for the pool to shrink
+        await submit(rng.randint(15, 30))
+        for _ in range(rng.randint(10, 20)):
+            if await pause(1.0):
+                return submitted
+            await submit(1)
+        if await pause(opts.idle_timeout_s * 2.5):
+            return submitted
+
+
+class Demo:
+    """Everything the demo starts, and the one place that stops it all."""
+
+    def __init__(self, opts: DemoOptions, workdir: Path | None = None) -> None:
+        self.opts = opts
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="alienec2-demo-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.stop_requested = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._cleanup: list[Callable[[], Any]] = []  # undo what start() did, newest first
+
+    async def start(self) -> None:
+        os.environ.update(SANDBOX_CREDENTIALS)
+        if self._own_workdir:
+            self._cleanup.append(lambda: shutil.rmtree(self.workdir, ignore_errors=True))
+        self.cloud = MotoEC2Server().start()
+        self._cleanup.append(self.cloud.stop)
+        self.scarce = FaultyEndpoint(self.cloud.url).start()
+        self._cleanup.append(self.scarce.stop)
+        self.scarce.capacity_error = self.opts.capacity_error
+        self.config = demo_config(self.workdir, self.scarce.url, self.cloud.url, self.opts)
+        self.core = Core(self.config)
+        await self.core.start()
+        self._cleanup.append(self.core.stop)
+        self.runner = InstanceRunner(
+            self.cloud.url,
+            self.workdir / "instances",
+            boot_delay_s=self.opts.boot_delay_s,
+            jitter_s=self.opts.jitter_s,
+            faults=Faults(self.opts.never_boot_fraction, self.opts.die_mid_job, self.opts.seed),
+            agent_overrides={"max_backoff_s": 2},
+        )
+        self._cleanup.append(self.runner.close)
+        self._tasks.append(asyncio.create_task(self.runner.run(self.stop_requested)))
+        self.client = AdminClient(socket_path=str(self.core.admin_socket))
+        self._cleanup.append(self.client.aclose)
+        self.jobs_task = asyncio.create_task(
+            job_stream(self.client, self.opts, self.stop_requested)
+        )
+        self._tasks.append(self.jobs_task)
+
+    async def stop(self) -> None:
+        """Stop the job stream, the core, every instance process and the sandbox cloud."""
+        self.stop_requested.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._cleanup:
+            result = self._cleanup.pop()()
+            if asyncio.iscoroutine(result):
+                await result
+
+    def serving_vms(self) -> int:
+        counts = self.core.store.vm_counts()
+        return sum(counts[state] for state in SERVING_STATES)
+
+    async def run_headless(self) -> DemoSummary:
+        """Wait for every job to finish and the pool to shrink back to min, then summarise."""
+        started = time.monotonic()
+        deadline = started + self.opts.timeout_s
+        peak = 0
+        store = self.core.store
+
+        def finished() -> bool:
+            if not self.jobs_task.done():
+                return False
+            counts = store.job_counts()
+            return sum(counts[state] for state in TERMINAL) >= self.jobs_task.result()
+
+        while time.monotonic() < deadline:
+            peak = max(peak, self.serving_vms())
+            settled = self.serving_vms() == self.opts.min_vms and not store.vms(
+                [VMState.REQUESTED, VMState.BOOTING]
+            )
+            if finished() and settled:
+                break
+            await asyncio.sleep(0.1)
+        return self.summary(peak, time.monotonic() - started, finished())
+
+    def summary(self, peak: int, runtime_s: float, all_finished: bool) -> DemoSummary:
+        store = self.core.store
+        events = store.events_after(0, limit=1_000_000)
+        terminal_events: dict[int, int] = {}
+        for event in events:
+            if event.kind in ("job_done", "job_failed") and event.job_id is not None:
+                terminal_events[event.job_id] = terminal_events.get(event.job_id, 0) + 1
+        jobs = store.jobs(limit=1_000_000)
+        waits = [j.started_at - j.submitted_at for j in jobs if j.started_at is not None]
+        counts = store.job_counts()
+        return DemoSummary(
+            jobs_submitted=len(jobs),
+            jobs_done=counts[JobState.DONE],
+            jobs_failed=counts[JobState.FAILED],
+            jobs_finished_twice=sum(1 for n in terminal_events.values() if n > 1),
+            vms_launched=len(store.vms()),
+            vms_reaped=sum(
+                1 for e in events if e.kind == "vm_terminating" and e.message.startswith("idle")
+            ),
+            vms_failed=sum(1 for e in events if e.kind == "vm_failed"),
+            vms_lost=sum(1 for e in events if e.kind == "vm_lost"),
+            peak_vms=peak,
+            final_vms=self.serving_vms(),
+            mean_wait_s=statistics.fmean(waits) if waits else 0.0,
+            runtime_s=runtime_s,
+            all_finished=all_finished,
+        )
+
+
+async def run_demo(
+    opts: DemoOptions,
+    workdir: Path | None = None,
+    console: Callable[[Demo], Awaitable[None]] | None = None,
+) -> DemoSummary:
+    """Headless without ``console``; else run until the console returns. Always cleans up."""
+    demo = Demo(opts, workdir)
+    try:
+        await demo.start()
+        if console is None:
+            return await demo.run_headless()
+        await console(demo)
+        return demo.summary(demo.serving_vms(), 0.0, True)
+    finally:
+        await demo.stop()

@@ -1,0 +1,91 @@
+"""`alienec2 demo --headless` end to end: sandbox cloud, real core, real agent processes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(f"{cmdline.parent.name}: {args}")
+    return found
+
+
+def run_demo(workdir: Path, *extra: str) -> tuple[dict[str, object], float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "core.cli", "demo", "--headless", "--jobs", "40"),
+            *("--idle-timeout", "3", "--json", "--timeout", "150", "--workdir", str(workdir)),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout), elapsed
+
+
+@pytest.mark.slow
+def test_headless_demo_runs_every_job_once_grows_to_max_and_shrinks_to_min(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "demo"
+    summary, elapsed = run_demo(workdir)
+    assert summary["jobs_submitted"] == 40
+    assert summary["jobs_done"] + summary["jobs_failed"] == 40
+    assert summary["jobs_failed"] >= 1  # some demo jobs fail on purpose
+    assert summary["jobs_finished_twice"] == 0
+    assert summary["peak_vms"] == 8
+    assert summary["final_vms"] == 1
+    assert summary["vms_reaped"] >= 7
+    assert summary["all_finished"] is True
+    assert elapsed < 60, f"the demo took {elapsed:.0f}s"
+    assert processes_mentioning(str(workdir)) == []
+    assert not (workdir / "instances").exists()
+
+
+@pytest.mark.slow
+def test_demo_with_faults_still_finishes_every_job_and_replaces_failed_vms(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "demo"
+    summary, elapsed = run_demo(workdir, "--never-boot", "0.2", "--die-mid-job", "1")
+    assert elapsed < 90, f"the demo with faults took {elapsed:.0f}s"
+    assert summary["jobs_done"] + summary["jobs_failed"] == 40
+    assert summary["jobs_finished_twice"] == 0
+    assert summary["vms_failed"] >= 1
+    assert summary["vms_lost"] == 1
+    assert summary["vms_launched"] > summary["peak_vms"]  # replacements were launched
+    assert summary["final_vms"] == 1
+    assert processes_mentioning(str(workdir)) == []
+    with sqlite3.connect(workdir / "state.db") as db:
+        dead = db.execute(
+            "SELECT DISTINCT vm_id FROM events WHERE kind IN ('vm_failed', 'vm_lost')"
+        ).fetchall()
+        states = {
+            vm_id: db.execute("SELECT state FROM vms WHERE id = ?", (vm_id,)).fetchone()[0]
+            for (vm_id,) in dead
+        }
+        requeued = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'job_requeued'").fetchone()
+    assert set(states.values()) == {"terminated"}
+    assert requeued[0] >= 1  # the job on the VM that died ran again elsewhere
