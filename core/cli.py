@@ -298,6 +298,17 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return _admin(args, work)
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    from alienec2_tui.app import ConsoleApp
+
+    async def run() -> None:
+        async with _client(args) as client:
+            await ConsoleApp(client, refresh_s=args.refresh).run_async()
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         await client.pause(args.command == "pause")
@@ -396,6 +407,10 @@ def parser() -> argparse.ArgumentParser:
     resize.add_argument("--min", type=int)
     resize.add_argument("--max", type=int)
     resize.set_defaults(run=cmd_resize)
+
+    tui = sub.add_parser("tui", parents=[connection], help="the console: watch and steer the pool")
+    tui.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes")
+    tui.set_defaults(run=cmd_tui)
 
     for name, text in (("pause", "pause scaling"), ("resume", "resume scaling")):
         pause = sub.add_parser(name, parents=[connection], help=text)

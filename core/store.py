@@ -624,6 +624,13 @@ class Store:
             )
         return self.job(job.id)
 
+    def last_job_of_vm(self, vm_id: str) -> Job | None:
+        row = self._db.execute(
+            "SELECT job_id FROM assignments WHERE vm_id = ? ORDER BY assigned_at DESC LIMIT 1",
+            (vm_id,),
+        ).fetchone()
+        return self.job(row["job_id"]) if row else None
+
     def was_assigned(self, job_id: int, vm_id: str) -> bool:
         """Whether any attempt of the job was ever given to this VM (a report from a VM that
         never had the job is forbidden; one from an earlier attempt is merely stale)."""

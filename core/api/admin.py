@@ -156,8 +156,9 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
     async def get_vm(vm_id: str) -> dict[str, Any]:
         vm = store.vm(vm_id)
         events = [as_dict(e) for e in store.events_for_vm(vm_id)]
-        job = job_view(store.job(vm.job_id)) if vm.job_id is not None else None
-        return {"now": engine.clock(), "vm": as_dict(vm), "job": job, "events": events}
+        job = store.job(vm.job_id) if vm.job_id is not None else store.last_job_of_vm(vm_id)
+        view = job_view(job) if job is not None else None
+        return {"now": engine.clock(), "vm": as_dict(vm), "job": view, "events": events}
 
     @app.post("/admin/v1/vms/{vm_id}/drain")
     async def drain(vm_id: str) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""Small modal dialogs: confirm, resize, submit. They return values; the app acts."""
+
+from __future__ import annotations
+
+import shlex
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label
+
+
+class ConfirmDialog(ModalScreen[bool]):
+    BINDINGS = [Binding("escape,n", "cancel", "Cancel"), Binding("y", "confirm", "Confirm")]
+
+    def __init__(self, question: str, confirm: str = "Yes") -> None:
+        super().__init__()
+        self._question = question
+        self._confirm = confirm
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self._question, id="question")
+            with Horizontal(classes="buttons"):
+                yield Button(f"{self._confirm} (y)", variant="error", id="confirm")
+                yield Button("Cancel (n)", id="cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "confirm")
+
+    def action_confirm(self) -> None:
+        self.dismiss(True)
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)
+
+
+class ResizeDialog(ModalScreen[tuple[int, int] | None]):
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, min_vms: int, max_vms: int) -> None:
+        super().__init__()
+        self._min, self._max = min_vms, max_vms
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Resize the pool")
+            yield Label("min VMs")
+            yield Input(str(self._min), id="min", type="integer")
+            yield Label("max VMs")
+            yield Input(str(self._max), id="max", type="integer")
+            yield Label("", id="problem", classes="problem")
+            with Horizontal(classes="buttons"):
+                yield Button("Resize", variant="primary", id="ok")
+                yield Button("Cancel", id="cancel")
+
+    def _submit(self) -> None:
+        try:
+            low = int(self.query_one("#min", Input).value)
+            high = int(self.query_one("#max", Input).value)
+        except ValueError:
+            self.query_one("#problem", Label).update("min and max must be whole numbers")
+            return
+        self.dismiss((low, high))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "min":
+            self.query_one("#max", Input).focus()
+        else:
+            self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "ok":
+            self._submit()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class SubmitDialog(ModalScreen[list[str] | None]):
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Submit a job: a command line, split like a shell would")
+            yield Input(placeholder="sh -c 'echo hello; sleep 5'", id="command")
+            yield Label("", id="problem", classes="problem")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        try:
+            argv = shlex.split(event.value)
+        except ValueError as exc:
+            self.query_one("#problem", Label).update(str(exc))
+            return
+        if not argv:
+            self.query_one("#problem", Label).update("type a command")
+            return
+        self.dismiss(argv)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

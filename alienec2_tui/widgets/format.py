@@ -1,0 +1,35 @@
+"""How times and states look in the console."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+STATE_STYLES = {
+    "requested": "grey62",
+    "booting": "yellow",
+    "idle": "green",
+    "busy": "bold cyan",
+    "draining": "magenta",
+    "terminating": "grey50",
+    "terminated": "grey35",
+    "failed": "bold red",
+    "lost": "bold red",
+}
+
+
+def age(seconds: float | None) -> str:
+    """Coarse ages (12s, 4m, 3h, 2d): coarse on purpose, so cells change rarely."""
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f}h"
+    return f"{seconds // 86400:.0f}d"
+
+
+def state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLES.get(state, ""))

@@ -1,0 +1,58 @@
+"""The pool at a glance: VM and job counts, bounds, pause, clouds in backoff, connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widgets import Static
+
+from alienec2_tui.widgets.format import STATE_STYLES
+
+VM_STATES = ("idle", "busy", "booting", "requested", "draining", "failed", "lost")
+
+
+class PoolHeader(Static):
+    status: reactive[dict[str, Any] | None] = reactive(None)
+    connection: reactive[str] = reactive("connecting…")
+
+    def render(self) -> Text:
+        text = Text()
+        if self.connection != "connected":
+            text.append(f" ● {self.connection} ", style="bold white on red")
+            text.append("  ")
+        status = self.status
+        if status is None:
+            text.append("waiting for the core…", style="dim")
+            return text
+        pool, jobs = status["pool"], status["queue"]["jobs"]
+        text.append(f"pool {pool['name']} ", style="bold")
+        text.append(f"min {pool['min_vms']} max {pool['max_vms']}  ")
+        if pool["paused"]:
+            text.append(" SCALING PAUSED ", style="bold black on yellow")
+            text.append("  ")
+        for state in VM_STATES:
+            count = pool["vms"].get(state, 0)
+            style = STATE_STYLES.get(state, "") if count else "dim"
+            text.append(f"{state} {count}  ", style=style)
+        text.append("\n")
+        text.append("jobs  ", style="bold")
+        running = jobs.get("running", 0) + jobs.get("assigned", 0)
+        for state, count in (
+            ("queued", jobs.get("queued", 0)),
+            ("running", running),
+            ("done", jobs.get("done", 0)),
+            ("failed", jobs.get("failed", 0)),
+        ):
+            text.append(
+                f"{state} {count}  ", style="bold red" if state == "failed" and count else ""
+            )
+        backoff = [c for c in status["clouds"] if c["backoff_s"] > 0]
+        for cloud in status["clouds"]:
+            style = "bold red" if cloud in backoff else "dim"
+            note = f" backoff {cloud['backoff_s']:.0f}s" if cloud in backoff else ""
+            text.append(
+                f"  {cloud['name']} {cloud['alive']}/{cloud['max_instances']}{note}", style=style
+            )
+        return text
