@@ -116,6 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from alienec2_tui.app import demo_console
 
     log_dir = workdir or Path(tempfile.gettempdir())
+    log_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -89,3 +91,43 @@ def test_demo_with_faults_still_finishes_every_job_and_replaces_failed_vms(
         requeued = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'job_requeued'").fetchone()
     assert set(states.values()) == {"terminated"}
     assert requeued[0] >= 1  # the job on the VM that died ran again elsewhere
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+def test_interactive_demo_opens_the_console_and_quitting_stops_everything(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "demo"
+    server = f"alienec2-demo-test-{os.getpid()}"
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-L", server, *args], capture_output=True, text=True, timeout=30
+        ).stdout
+
+    command = f"{sys.executable} -m core.cli demo --workdir {workdir}; sleep 60"
+    tmux("new-session", "-d", "-s", "demo", "-x", "120", "-y", "40", "-c", str(ROOT), command)
+    try:
+
+        def screen_shows(text: str, timeout: float = 60) -> str:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                screen = tmux("capture-pane", "-t", "demo", "-p")
+                if text in screen:
+                    return screen
+                time.sleep(0.1)
+            raise AssertionError(f"{text!r} never appeared:\n{screen}")
+
+        screen = screen_shows("sandbox-b")
+        assert "pool demo min 1 max 8" in screen
+        screen_shows("busy     ")  # agents booted from their user data are running jobs
+        assert processes_mentioning(str(workdir / "instances"))
+        tmux("send-keys", "-t", "demo", "q")
+        screen_shows("demo stopped")
+        assert processes_mentioning(str(workdir / "instances")) == []
+        deadline = time.monotonic() + 15
+        while left := [p for p in processes_mentioning(str(workdir)) if "sleep 60" not in p]:
+            assert time.monotonic() < deadline, f"left behind: {left}"
+            time.sleep(0.1)
+    finally:
+        tmux("kill-server")
