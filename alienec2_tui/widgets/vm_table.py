@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from rich.text import Text
 from textual.widgets import DataTable
 
 from alienec2_tui.widgets.format import age, state_text
@@ -14,19 +13,25 @@ COLUMNS = ("id", "cloud", "state", "job", "uptime", "idle", "address", "heartbea
 SORTS = ("id", "cloud", "state", "uptime", "idle", "heartbeat")
 
 
-def row_for(vm: dict[str, Any], now: float) -> tuple[Any, ...]:
+def row_for(vm: dict[str, Any], now: float) -> tuple[str, ...]:
+    """The row as plain strings: cheap to build and compare for every VM on every refresh."""
     idle = now - vm["idle_since"] if vm["state"] == "idle" and vm["idle_since"] else None
     heartbeat = now - vm["last_heartbeat"] if vm["last_heartbeat"] else None
     return (
         vm["id"],
         vm["cloud"],
-        state_text(vm["state"]),
+        vm["state"],
         str(vm["job_id"]) if vm["job_id"] is not None else "-",
         age(now - vm["launched_at"]),
         age(idle),
         vm["address"] or "-",
         age(heartbeat),
     )
+
+
+def cell(column: str, value: str) -> Any:
+    """What the table shows for a value: states in their colour."""
+    return state_text(value) if column == "state" else value
 
 
 def sort_value(vm: dict[str, Any], column: str, now: float) -> Any:
@@ -79,13 +84,13 @@ class VMTable(DataTable[Any]):
         for vm_id, row in wanted.items():
             old = self._shown.get(vm_id)
             if old is None:
-                self.add_row(*row, key=vm_id)
+                self.add_row(*(cell(c, v) for c, v in zip(COLUMNS, row, strict=True)), key=vm_id)
                 added = True
                 changes += 1
             elif old != row:
                 for column, before, after in zip(COLUMNS, old, row, strict=True):
                     if before != after:
-                        self.update_cell(vm_id, column, after)
+                        self.update_cell(vm_id, column, cell(column, after))
                         changes += 1
             self._shown[vm_id] = row
         if added:
@@ -111,7 +116,3 @@ class VMTable(DataTable[Any]):
         self.filter_text = text.strip()
         self.show(list(self.vms.values()), now)
         self.apply_sort(now)
-
-
-def text_of(cell: Any) -> str:
-    return cell.plain if isinstance(cell, Text) else str(cell)
