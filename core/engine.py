@@ -195,8 +195,11 @@ class Engine:
         return policy.Snapshot(
             vms=vms,
             clouds=clouds,
-            arrival_rate=self.store.submitted_since(now - pool.arrival_window_s)
-            / pool.arrival_window_s,
+            arrival_rate=policy.arrival_rate(
+                self.store.submitted_since(now - pool.arrival_window_s),
+                pool.arrival_window_s,
+                self.store.submitted_since(now - policy.BURST_WINDOW_S),
+            ),
             boot_time_s=statistics.median(boot_times) if boot_times else pool.boot_time_guess_s,
         )
 

@@ -85,6 +85,15 @@ class Lose:
 Action = Launch | Terminate | Fail | Lose
 
 
+BURST_WINDOW_S = 60.0
+
+
+def arrival_rate(recent: int, window_s: float, last_minute: int) -> float:
+    """Jobs per second: the larger of the long-window average and the last minute's, so the
+    warm target rises within a cycle of a burst's onset and decays over the long window."""
+    return max(recent / window_s, last_minute / BURST_WINDOW_S)
+
+
 def warm_target(snapshot: Snapshot, settings: Settings) -> int:
     """Idle VMs to keep ready beyond the waiting jobs: the arrivals expected during one boot.
 

@@ -14,6 +14,7 @@ from core.policy import (
     Snapshot,
     Terminate,
     VMView,
+    arrival_rate,
     decide,
     warm_target,
 )
@@ -201,6 +202,12 @@ def test_adaptive_warm_target_follows_arrival_rate_times_boot_time() -> None:
     assert launches(decide(busy, 2, NOW, adaptive)) == {"a": 7}
     assert warm_target(snap(arrival_rate=1.0, boot_time_s=100), adaptive) == 10  # max_vms
     assert warm_target(busy, SETTINGS) == 0
+
+
+def test_arrival_rate_rises_within_a_minute_of_a_burst_and_decays_over_the_window() -> None:
+    assert arrival_rate(recent=12, window_s=600, last_minute=12) == 12 / 60  # burst onset
+    assert arrival_rate(recent=600, window_s=600, last_minute=0) == 1.0  # burst just ended
+    assert arrival_rate(recent=0, window_s=600, last_minute=0) == 0.0  # quiet hours
 
 
 def test_warm_idle_vms_are_kept_while_arrivals_continue_and_reaped_when_they_stop() -> None:
