@@ -366,3 +366,27 @@ async def test_metrics_and_healthz(core: Core, admin: AdminClient) -> None:
         assert (await raw.get("/healthz")).json()["status"] == "ok"
     async with httpx.AsyncClient(base_url=core.agent_url) as http:
         assert (await http.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_agent_connections_have_nodelay_so_responses_are_not_held_for_acks() -> None:
+    """Without TCP_NODELAY a two-part response waited ~40 ms for a delayed ACK (measured by
+    benchmarks/dispatch.py before the fix)."""
+    import socket
+
+    from core.api.server import tcp_socket
+
+    listener = tcp_socket("127.0.0.1", 0)
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+    _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+    assert await asyncio.wait_for(accepted, 5) != 0
+    writer.close()
+    server.close()
+    await server.wait_closed()

@@ -1,0 +1,137 @@
+"""Shared set-up for the service benchmarks: a real core (subprocess) on loopback, moto as its
+cloud, and agents that register with the launch secret their instance's user data carries."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.clouds.sandbox import (
+    SANDBOX_CREDENTIALS,
+    SANDBOX_IMAGE,
+    SANDBOX_REGION,
+    MotoEC2Server,
+)
+from core.userdata import read_agent_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class CoreProcess:
+    """`alienec2 core` in its own process (its own GIL), with ``vms`` instances launched."""
+
+    def __init__(self, vms: int, heartbeat_s: float = 30.0) -> None:
+        os.environ.update(SANDBOX_CREDENTIALS)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.cloud = MotoEC2Server().start()
+        self.port = free_port()
+        self.agent_url = f"http://127.0.0.1:{self.port}"
+        self.socket = str(Path(self.tmp.name) / "admin.sock")
+        config = {
+            "core_id": "bench",
+            "clouds": [
+                {
+                    "name": "c",
+                    "endpoint_url": self.cloud.url,
+                    "region": SANDBOX_REGION,
+                    "image_id": SANDBOX_IMAGE,
+                    "exact_count": True,
+                    "max_instances": vms,
+                    "read_timeout_s": 600,
+                }
+            ],
+            "pool": {
+                "min_vms": vms,
+                "max_vms": vms,
+                "max_launch_per_cycle": vms,
+                "cycle_interval_s": 1,
+                "heartbeat_timeout_s": 3600,
+                "boot_timeout_s": 3600,
+                "reconcile_interval_s": 3600,
+                "adaptive_warm": False,
+            },
+            "state": {"path": str(Path(self.tmp.name) / "state.db"), "synchronous": "normal"},
+            "web": {"host": "127.0.0.1", "port": self.port},
+            "admin": {"socket": self.socket},
+            "contextualisation": {"agent_heartbeat_s": heartbeat_s},
+        }
+        path = Path(self.tmp.name) / "config.json"  # JSON is YAML
+        path.write_text(json.dumps(config))
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "core.cli",
+                "core",
+                "--config",
+                str(path),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.ec2 = boto3.client("ec2", endpoint_url=self.cloud.url, region_name=SANDBOX_REGION)
+        deadline = time.monotonic() + 120
+        while len(self.instances()) < vms:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the core did not launch its instances")
+            time.sleep(0.2)
+
+    def instances(self) -> list[str]:
+        pages = self.ec2.get_paginator("describe_instances").paginate()
+        return [i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]]
+
+    def launch_settings(self, instance_id: str) -> dict[str, Any]:
+        raw = self.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        return read_agent_settings(base64.b64decode(raw["UserData"]["Value"]).decode())
+
+    async def register(self, http: httpx.AsyncClient, instance_id: str) -> str:
+        settings = self.launch_settings(instance_id)
+        body = {
+            "instance_id": instance_id,
+            "launch_id": settings["launch_id"],
+            "launch_secret": settings["launch_secret"],
+        }
+        for _ in range(100):
+            reply = await http.post("/agent/v1/register", json=body)
+            if reply.status_code == 200:
+                return reply.json()["token"]
+            time.sleep(0.1)  # the launch result is not recorded yet
+        raise RuntimeError(f"cannot register {instance_id}: {reply.text}")
+
+    def admin(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=self.socket), base_url="http://core", timeout=60
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.cloud.stop()
+        self.tmp.cleanup()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
