@@ -3,6 +3,7 @@ cloud, and agents that register with the launch secret their instance's user dat
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -117,7 +118,7 @@ class CoreProcess:
             reply = await http.post("/agent/v1/register", json=body)
             if reply.status_code == 200:
                 return reply.json()["token"]
-            time.sleep(0.1)  # the launch result is not recorded yet
+            await asyncio.sleep(0.1)  # the launch result is not recorded yet
         raise RuntimeError(f"cannot register {instance_id}: {reply.text}")
 
     def admin(self) -> httpx.AsyncClient:

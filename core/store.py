@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -163,9 +164,10 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._in_tx = False
-        self._kinds: set[str] = set()
-        # Called after each commit with the event kinds it made durable (long polls wake on it).
-        self.listeners: list[Callable[[set[str]], None]] = []
+        self._kinds: Counter[str] = Counter()
+        # Called after each commit with the event kinds it made durable and how many of each
+        # (long polls wake on it).
+        self.listeners: list[Callable[[Counter[str]], None]] = []
 
     def close(self) -> None:
         self._db.close()
@@ -185,13 +187,13 @@ class Store:
             raise
         else:
             self._db.execute("COMMIT")
-            kinds, self._kinds = self._kinds, set()
+            kinds, self._kinds = self._kinds, Counter()
             if kinds:
                 for listener in self.listeners:
                     listener(kinds)
         finally:
             self._in_tx = False
-            self._kinds = set()
+            self._kinds = Counter()
 
     def _event(
         self,
@@ -207,7 +209,7 @@ class Store:
             "INSERT INTO events(ts, kind, message, vm_id, job_id, cloud) VALUES (?,?,?,?,?,?)",
             (now, kind, message, vm_id, job_id, cloud),
         )
-        self._kinds.add(kind)
+        self._kinds[kind] += 1
         fields = [f"event={kind}"]
         if vm_id:
             fields.append(f"vm={vm_id}")

@@ -1,0 +1,167 @@
+"""Agent API under load: the most agents the real service serves with p99 < 50 ms.
+
+    .venv/bin/python benchmarks/load.py [--steps 100 200 400 800 1200] [--seconds 10]
+
+N simulated agents (asyncio + httpx, one process) heartbeat every 5 s, long-poll for jobs and
+report each job at once; jobs arrive so each agent gets one every ~10 s. The core runs in its
+own process (uvicorn, one event loop), so the two share this machine's cores as they would a
+VM's. For each N we report the p99 of heartbeat and report requests and the requests per second
+served; afterwards every job must be done exactly once (none lost, none assigned twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import CoreProcess, percentile
+
+HEARTBEAT_S = 5.0
+JOB_EVERY_S = 10.0  # per agent
+
+
+class Agent:
+    def __init__(self, http: httpx.AsyncClient, token: str, rng: random.Random) -> None:
+        self.http = http
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.rng = rng
+        self.latencies: list[float] = []
+        self.requests = 0
+        self.done = 0
+
+    async def _timed(self, path: str, body: dict[str, object]) -> httpx.Response:
+        started = time.perf_counter()
+        reply = await self.http.post(path, json=body, headers=self.headers)
+        self.latencies.append(time.perf_counter() - started)
+        self.requests += 1
+        reply.raise_for_status()
+        return reply
+
+    async def heartbeats(self) -> None:
+        await asyncio.sleep(self.rng.uniform(0, HEARTBEAT_S))
+        while True:
+            await self._timed("/agent/v1/heartbeat", {})
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def work(self) -> None:
+        while True:
+            reply = await self.http.post(
+                "/agent/v1/jobs/next", params={"wait": 20}, headers=self.headers
+            )
+            self.requests += 1
+            job = reply.json()["job"]
+            if job:
+                body = {"attempt": job["attempt"], "status": "finished", "exit_code": 0}
+                await self._timed(f"/agent/v1/jobs/{job['id']}/report", body)
+                self.done += 1
+
+
+async def submit_jobs(core: CoreProcess, agents: int, stop: asyncio.Event) -> int:
+    """Jobs at agents / JOB_EVERY_S per second, in half-second batches."""
+    submitted = 0
+    async with core.admin() as admin:
+        per_batch = max(round(agents / JOB_EVERY_S / 2), 1)
+        while not stop.is_set():
+            jobs = [{"command": ["true"]} for _ in range(per_batch)]
+            (await admin.post("/admin/v1/jobs/batch", json={"jobs": jobs})).raise_for_status()
+            submitted += per_batch
+            await asyncio.sleep(0.5)
+    return submitted
+
+
+async def step(core: CoreProcess, agents: list[Agent], seconds: float) -> dict[str, float]:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.heartbeats()) for a in agents]
+    tasks += [asyncio.create_task(a.work()) for a in agents]
+    feeder = asyncio.create_task(submit_jobs(core, len(agents), stop))
+    await asyncio.sleep(2)  # warm up: connections open, long polls parked
+    for agent in agents:
+        agent.latencies.clear()
+        agent.requests = 0
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    elapsed = time.perf_counter() - started
+    latencies = [x for a in agents for x in a.latencies]
+    requests = sum(a.requests for a in agents)
+    stop.set()
+    submitted = await feeder
+    async with core.admin() as admin:  # let the last jobs finish before the agents stop
+        for _ in range(200):
+            jobs = (await admin.get("/admin/v1/status")).json()["queue"]["jobs"]
+            if jobs["queued"] + jobs["assigned"] + jobs["running"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "agents": len(agents),
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "rps": requests / elapsed,
+        "submitted": submitted,
+    }
+
+
+async def measure(steps: list[int], seconds: float) -> None:
+    core = CoreProcess(vms=max(steps))
+    rows = []
+    try:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=core.agent_url, timeout=60, limits=limits) as http:
+            rng = random.Random(1)
+            tokens = [await core.register(http, vm) for vm in core.instances()]
+            for count in steps:
+                agents = [Agent(http, token, rng) for token in tokens[:count]]
+                rows.append(await step(core, agents, seconds))
+                row = rows[-1]
+                print(
+                    f"{row['agents']:>6} agents: p50 {row['p50_ms']:6.1f} ms  p99 "
+                    f"{row['p99_ms']:6.1f} ms  {row['rps']:7.0f} req/s",
+                    flush=True,
+                )
+                if row["p99_ms"] >= 50:
+                    break
+        state = Path(core.tmp.name) / "state.db"
+        core.proc.terminate()
+        core.proc.wait(timeout=30)
+        with sqlite3.connect(state) as db:
+            total = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            not_done = db.execute("SELECT COUNT(*) FROM jobs WHERE state != 'done'").fetchone()[0]
+            twice = db.execute(
+                "SELECT COUNT(*) FROM (SELECT job_id FROM assignments GROUP BY job_id "
+                "HAVING COUNT(*) > 1)"
+            ).fetchone()[0]
+    finally:
+        core.stop()
+    passing = [r for r in rows if r["p99_ms"] < 50]
+    best = max(passing, key=lambda r: r["agents"]) if passing else None
+    print(f"jobs: {total} submitted, {not_done} not done (lost), {twice} assigned twice")
+    if best:
+        print(
+            f"largest N with p99 < 50 ms: {best['agents']} agents, {best['rps']:.0f} req/s "
+            f"(p99 {best['p99_ms']:.1f} ms)"
+        )
+    else:
+        print("no step kept p99 under 50 ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400, 800, 1200, 1600])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    asyncio.run(measure(sorted(args.steps), args.seconds))
+
+
+if __name__ == "__main__":
+    main()
