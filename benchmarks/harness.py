@@ -90,7 +90,11 @@ class CoreProcess:
             ],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            # ALIENEC2_BENCH_CORE_LOG=FILE keeps the core's log (with PYTHONASYNCIODEBUG=1,
+            # every callback that blocks the event loop for more than 100 ms is named there).
+            stderr=open(os.environ["ALIENEC2_BENCH_CORE_LOG"], "w")  # noqa: SIM115
+            if os.environ.get("ALIENEC2_BENCH_CORE_LOG")
+            else subprocess.DEVNULL,
         )
         self.ec2 = boto3.client("ec2", endpoint_url=self.cloud.url, region_name=SANDBOX_REGION)
         deadline = time.monotonic() + 120

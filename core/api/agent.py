@@ -14,8 +14,10 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core.api.access import client_address, is_allowed, networks
+from core.api.access import Network, client_address, is_allowed, networks
 from core.api.errors import ApiError, error_body, forbidden, install_error_handlers, unauthorized
 from core.api.longpoll import Changes
 from core.engine import Engine
@@ -78,8 +80,9 @@ def job_body(job: Job) -> dict[str, Any]:
     }
 
 
-def current_vm(request: Request) -> VM:
-    """The VM whose token the caller presents; 401 for anything else."""
+async def current_vm(request: Request) -> VM:
+    """The VM whose token the caller presents; 401 for anything else. Async on purpose: a
+    plain function would run in a worker thread, off the thread that owns the store."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise unauthorized()
@@ -92,6 +95,26 @@ def current_vm(request: Request) -> VM:
 CurrentVM = Annotated[VM, Depends(current_vm)]
 
 
+class NetworkGuard:
+    """403 for callers outside ``web.allowed_networks``, before anything else runs (a plain
+    ASGI middleware: no task per request)."""
+
+    def __init__(self, app: ASGIApp, allowed: list[Network], trusted: list[Network]) -> None:
+        self.app = app
+        self.allowed = allowed
+        self.trusted = trusted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            peer = scope["client"][0] if scope.get("client") else None
+            forwarded = Headers(scope=scope).get("x-forwarded-for")
+            if not is_allowed(client_address(peer, forwarded, self.trusted), self.allowed):
+                response = JSONResponse(error_body("forbidden", "forbidden"), 403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_agent_app(engine: Engine, changes: Changes) -> FastAPI:
     store = engine.store
     web = engine.config.web
@@ -101,13 +124,7 @@ def create_agent_app(engine: Engine, changes: Changes) -> FastAPI:
     app.state.engine = engine
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _only_allowed_networks(request: Request, call_next: Any) -> Any:
-        peer = request.client.host if request.client else None
-        address = client_address(peer, request.headers.get("x-forwarded-for"), trusted)
-        if not is_allowed(address, allowed):
-            return JSONResponse(error_body("forbidden", "forbidden"), 403)
-        return await call_next(request)
+    app.add_middleware(NetworkGuard, allowed=allowed, trusted=trusted)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
