@@ -24,7 +24,6 @@ from core.clouds.sandbox import (
     SANDBOX_CREDENTIALS,
     SANDBOX_IMAGE,
     SANDBOX_REGION,
-    MotoEC2Server,
 )
 from core.userdata import read_agent_settings
 
@@ -37,13 +36,49 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class MotoProcess:
+    """moto's server in its own process, so its CPU time is not charged to the engine."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+
+    def reset(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=30
+        ).close()
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
 class CoreProcess:
     """`alienec2 core` in its own process (its own GIL), with ``vms`` instances launched."""
 
     def __init__(self, vms: int, heartbeat_s: float = 30.0) -> None:
         os.environ.update(SANDBOX_CREDENTIALS)
         self.tmp = tempfile.TemporaryDirectory()
-        self.cloud = MotoEC2Server().start()
+        # moto in its own process: its large object graph must not pause the load generator.
+        self.cloud = MotoProcess()
         self.port = free_port()
         self.agent_url = f"http://127.0.0.1:{self.port}"
         self.socket = str(Path(self.tmp.name) / "admin.sock")

@@ -14,15 +14,16 @@ import argparse
 import asyncio
 import os
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import MotoProcess
 
 from core.clouds.sandbox import (
     SANDBOX_CREDENTIALS,
@@ -42,41 +43,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class MotoProcess:
-    """moto's server in its own process, so its CPU time is not charged to the engine."""
-
-    def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-
-    def reset(self) -> None:
-        import urllib.request
-
-        urllib.request.urlopen(
-            urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=30
-        ).close()
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        self._proc.wait(timeout=10)
 
 
 async def measure(size: int, moto: MotoProcess, workdir: Path) -> dict[str, float]:
