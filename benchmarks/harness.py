@@ -79,6 +79,14 @@ class CoreProcess:
         self.tmp = tempfile.TemporaryDirectory()
         # moto in its own process: its large object graph must not pause the load generator.
         self.cloud = MotoProcess()
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            self._start(vms, heartbeat_s)
+        except BaseException:
+            self.stop()  # nothing may outlive a failed start: not moto, not the core
+            raise
+
+    def _start(self, vms: int, heartbeat_s: float) -> None:
         self.port = free_port()
         self.agent_url = f"http://127.0.0.1:{self.port}"
         self.socket = str(Path(self.tmp.name) / "admin.sock")
@@ -166,8 +174,9 @@ class CoreProcess:
         )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
         self.cloud.stop()
         self.tmp.cleanup()
 
