@@ -57,9 +57,8 @@ def as_dict(record: Any) -> dict[str, Any]:
 
 def job_view(job: Job) -> dict[str, Any]:
     view = as_dict(job)
-    view["wait_s"] = (job.started_at or job.assigned_at or 0) - job.submitted_at
-    if not (job.started_at or job.assigned_at):
-        view["wait_s"] = None
+    began = job.started_at or job.assigned_at
+    view["wait_s"] = began - job.submitted_at if began is not None else None
     return view
 
 
