@@ -31,16 +31,18 @@ def launch_settings(moto_url: str, vm_id: str) -> dict[str, Any]:
     return read_agent_settings(base64.b64decode(raw["UserData"]["Value"]).decode())
 
 
-async def register(http: httpx.AsyncClient, moto_url: str, vm_id: str) -> str:
+def registration(moto_url: str, vm_id: str) -> dict[str, Any]:
+    """The body an agent on that instance sends to register."""
     settings = launch_settings(moto_url, vm_id)
-    reply = await http.post(
-        "/agent/v1/register",
-        json={
-            "instance_id": vm_id,
-            "launch_id": settings["launch_id"],
-            "launch_secret": settings["launch_secret"],
-        },
-    )
+    return {
+        "instance_id": vm_id,
+        "launch_id": settings["launch_id"],
+        "launch_secret": settings["launch_secret"],
+    }
+
+
+async def register(http: httpx.AsyncClient, moto_url: str, vm_id: str) -> str:
+    reply = await http.post("/agent/v1/register", json=registration(moto_url, vm_id))
     assert reply.status_code == 200, reply.text
     return reply.json()["token"]
 
@@ -75,15 +77,7 @@ async def test_instance_registers_once_and_a_second_registration_is_refused(
     assert len(token) >= 32
     assert core.store.vm(vm_id).state == VMState.IDLE
 
-    settings = launch_settings(moto.url, vm_id)
-    again = await http.post(
-        "/agent/v1/register",
-        json={
-            "instance_id": vm_id,
-            "launch_id": settings["launch_id"],
-            "launch_secret": settings["launch_secret"],
-        },
-    )
+    again = await http.post("/agent/v1/register", json=registration(moto.url, vm_id))
     assert again.status_code == 409
     assert again.json()["code"] == "already_registered"
 
