@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -68,6 +68,34 @@ def run_all_jobs(store: Store, now: float) -> None:
 
 
 @pytest.fixture
+def open_store() -> Iterator[Callable[[Config], Store]]:
+    """Open a config's store; every store opened is closed afterwards, also on failure."""
+    stores: list[Store] = []
+
+    def open_(config: Config) -> Store:
+        stores.append(Store(config.state.path))
+        return stores[-1]
+
+    yield open_
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def start_engine(
+    clock: ManualClock, open_store: Callable[[Config], Store]
+) -> Callable[[Config], Awaitable[Engine]]:
+    """Start an engine (store, providers, start-up reconcile) on the test's clock."""
+
+    async def start(config: Config) -> Engine:
+        engine = build_engine(config, open_store(config), clock)
+        await engine.start()
+        return engine
+
+    return start
+
+
+@pytest.fixture
 def second_endpoint(moto: MotoEC2Server) -> Iterator[FaultyEndpoint]:
     with FaultyEndpoint(moto.url) as endpoint:
         yield endpoint
@@ -79,15 +107,15 @@ async def test_queue_of_50_jobs_scales_to_max_in_one_run_instances_call_per_clou
     clock: ManualClock,
     faulty: FaultyEndpoint,
     second_endpoint: FaultyEndpoint,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     clouds = [
         cloud("first", faulty.url, priority=1, max_instances=12),
         cloud("second", second_endpoint.url, priority=2, max_instances=50),
     ]
     config = make_config(tmp_path, clouds, pool={"max_vms": 20})
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     submit(store, 50, clock())
 
     await step(engine)
@@ -105,20 +133,21 @@ async def test_queue_of_50_jobs_scales_to_max_in_one_run_instances_call_per_clou
     assert faulty.calls["RunInstances"] + second_endpoint.calls["RunInstances"] == 2
     assert {vm.state for vm in store.vms()} == {VMState.BOOTING}
     assert len(store.vms()) == 20
-    store.close()
 
 
 async def test_idle_vms_are_reaped_down_to_min_after_the_idle_timer(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     config = make_config(
         tmp_path,
         [cloud("only", moto.url)],
         pool={"min_vms": 2, "max_vms": 10, "idle_timeout_s": 600},
     )
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     submit(store, 8, clock())
     await step(engine)
     assert len(running_in_cloud(moto.url)) == 8
@@ -140,11 +169,14 @@ async def test_idle_vms_are_reaped_down_to_min_after_the_idle_timer(
     live = store.vms([VMState.IDLE])
     assert {vm.id for vm in live} == running_in_cloud(moto.url)
     assert len(store.vms([VMState.TERMINATED])) == 6
-    store.close()
 
 
 async def test_second_cloud_is_used_when_the_first_has_no_capacity(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, faulty: FaultyEndpoint
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    faulty: FaultyEndpoint,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     faulty.capacity_error = True
     clouds = [
@@ -152,9 +184,8 @@ async def test_second_cloud_is_used_when_the_first_has_no_capacity(
         cloud("spare", moto.url, priority=2),
     ]
     config = make_config(tmp_path, clouds)
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     submit(store, 3, clock())
 
     await step(engine)
@@ -176,7 +207,6 @@ async def test_second_cloud_is_used_when_the_first_has_no_capacity(
     await step(engine)
     assert sorted(vm.cloud for vm in store.vms()) == ["scarce", "scarce", "spare", "spare", "spare"]
     assert store.cloud_status("scarce").backoff_level == 0
-    store.close()
 
 
 def write_config(tmp_path: Path, config: Config) -> Path:
@@ -196,7 +226,10 @@ def start_core(config_path: Path) -> subprocess.Popen[str]:
 
 
 async def test_core_killed_mid_launch_restarts_without_duplicates_and_adopts_every_instance(
-    tmp_path: Path, moto: MotoEC2Server, faulty: FaultyEndpoint
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    faulty: FaultyEndpoint,
+    open_store: Callable[[Config], Store],
 ) -> None:
     faulty.hold_run_instances = True
     config = make_config(tmp_path, [cloud("c", faulty.url)], pool={"min_vms": 3, "max_vms": 5})
@@ -214,7 +247,7 @@ async def test_core_killed_mid_launch_restarts_without_duplicates_and_adopts_eve
     launched = running_in_cloud(moto.url)
     assert len(launched) == 3
 
-    store = Store(config.state.path)
+    store = open_store(config)
     [pending] = store.pending_launches()
     assert pending.count == 3
     engine = build_engine(config, store, ManualClock(time.time()))
@@ -228,14 +261,17 @@ async def test_core_killed_mid_launch_restarts_without_duplicates_and_adopts_eve
     await step(engine)  # min_vms is met by the adopted instances
     assert faulty.calls["RunInstances"] == 1
     assert running_in_cloud(moto.url) == launched
-    store.close()
 
 
 async def test_intent_written_before_a_crash_is_launched_exactly_once_with_its_token(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, faulty: FaultyEndpoint
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    faulty: FaultyEndpoint,
+    open_store: Callable[[Config], Store],
 ) -> None:
     config = make_config(tmp_path, [cloud("c", faulty.url)])
-    store = Store(config.state.path)
+    store = open_store(config)
     store.add_launch("deadbeef00000001", "c", 2, "alienec2-deadbeef00000001", clock())
 
     engine = build_engine(config, store, clock)
@@ -250,16 +286,17 @@ async def test_intent_written_before_a_crash_is_launched_exactly_once_with_its_t
     ]
     assert {t["Value"] for t in tags} == {"deadbeef00000001"}
     assert store.launch("deadbeef00000001").state == LaunchState.DONE
-    store.close()
 
 
 async def test_reconcile_adopts_tagged_strays_and_retires_vanished_vms_requeueing_jobs(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     config = make_config(tmp_path, [cloud("c", moto.url)], pool={"max_vms": 5})
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     [job] = submit(store, 1, clock())
     await step(engine)
     [vm] = store.vms()
@@ -291,18 +328,19 @@ async def test_reconcile_adopts_tagged_strays_and_retires_vanished_vms_requeuein
     adopted = store.vm(stray)
     assert (adopted.state, adopted.launch_id) == (VMState.BOOTING, "from-an-older-store")
     assert len(store.vms()) == 2
-    store.close()
 
 
 async def test_vm_that_never_registers_is_failed_terminated_and_replaced(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     config = make_config(
         tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1, "boot_timeout_s": 300}
     )
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     await step(engine)
     [first] = store.vms()
 
@@ -315,35 +353,37 @@ async def test_vm_that_never_registers_is_failed_terminated_and_replaced(
     replacement = running_in_cloud(moto.url)
     assert len(replacement) == 1 and first.id not in replacement
     assert store.cloud_status("c").boot_failures == 1
-    store.close()
 
 
 async def test_repeated_boot_failures_put_the_cloud_in_backoff(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     config = make_config(
         tmp_path,
         [cloud("c", moto.url, boot_failures_before_backoff=2, backoff_initial_s=500)],
         pool={"min_vms": 2, "boot_timeout_s": 100},
     )
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     await step(engine)
     clock.advance(101)
     await step(engine)
     assert store.cloud_status("c").backoff_until == clock() + 500
     assert len(running_in_cloud(moto.url)) == 0, "no replacement while the cloud is backed off"
-    store.close()
 
 
 async def test_silent_vm_is_lost_its_job_requeued_and_the_vm_terminated(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     config = make_config(tmp_path, [cloud("c", moto.url)], pool={"heartbeat_timeout_s": 120})
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     [job] = submit(store, 1, clock())
     await step(engine)
     [vm] = register_all(store, clock())
@@ -363,16 +403,17 @@ async def test_silent_vm_is_lost_its_job_requeued_and_the_vm_terminated(
     assert store.vm(vm).state == VMState.TERMINATED
     assert instances_in_cloud(moto.url)[vm] in ("shutting-down", "terminated")
     assert store.job(job).attempt == 2
-    store.close()
 
 
 async def test_kill_terminates_now_and_requeues_while_drain_waits_for_the_job(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     config = make_config(tmp_path, [cloud("c", moto.url)])
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     jobs = submit(store, 2, clock())
     await step(engine)
     killed, drained = register_all(store, clock())
@@ -394,30 +435,30 @@ async def test_kill_terminates_now_and_requeues_while_drain_waits_for_the_job(
     assert store.vm(drained).state == VMState.TERMINATED
     assert running_in_cloud(moto.url) == set()
     assert store.job(jobs[1]).state == JobState.DONE
-    store.close()
 
 
 async def test_unreadable_demand_records_an_event_and_changes_no_scaling(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
 ) -> None:
     queue = {"kind": "command", "command": ["sh", "-c", "echo not-a-number"]}
     config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 2}, queue=queue)
-    store = Store(config.state.path)
-    engine = build_engine(config, store, clock)
-    await engine.start()
+    engine = await start_engine(config)
+    store = engine.store
     await step(engine)
     assert store.vms() == []
     [event] = [e for e in store.events_after(0) if e.kind == "demand_error"]
     assert "printed 'not-a-number'" in event.message
     assert "no scaling change" in event.message
-    store.close()
 
 
 async def test_resize_is_validated_durable_and_applied(
-    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, open_store: Callable[[Config], Store]
 ) -> None:
     config = make_config(tmp_path, [cloud("c", moto.url)])
-    store = Store(config.state.path)
+    store = open_store(config)
     engine = build_engine(config, store, clock)
     with pytest.raises(ValueError, match="max must be >= min"):
         engine.resize(min_vms=4, max_vms=3)
@@ -427,7 +468,6 @@ async def test_resize_is_validated_durable_and_applied(
     await restarted.start()
     await step(restarted)
     assert len(running_in_cloud(moto.url)) == 3
-    store.close()
 
 
 def test_sigterm_stops_the_core_promptly_with_exit_0_and_leaves_instances_running(
@@ -453,7 +493,9 @@ def test_sigterm_stops_the_core_promptly_with_exit_0_and_leaves_instances_runnin
     assert "event=engine_stopped" in output
 
 
-def test_credentials_never_reach_user_data_or_logs(tmp_path: Path, moto: MotoEC2Server) -> None:
+def test_credentials_never_reach_user_data_or_logs(
+    tmp_path: Path, moto: MotoEC2Server, open_store: Callable[[Config], Store]
+) -> None:
     secret = "s3cr3t-ACCESS-KEY-do-not-leak"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": secret, "AWS_SECRET_ACCESS_KEY": secret}
     config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1})
@@ -483,6 +525,5 @@ def test_credentials_never_reach_user_data_or_logs(tmp_path: Path, moto: MotoEC2
     assert decoded.startswith("#cloud-config")
     assert secret not in decoded
     assert secret not in (core.stdout.read() if core.stdout else "")
-    store = Store(config.state.path)
+    store = open_store(config)
     assert all(secret not in e.message for e in store.events_after(0))
-    store.close()
