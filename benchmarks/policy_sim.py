@@ -273,10 +273,17 @@ class Decider:
 class CorePolicy(Decider):
     """The real core/policy.py decide(), fed the snapshot the engine would build."""
 
-    def __init__(self, name: str, settings: policy.Settings, window_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: policy.Settings,
+        window_s: float = 600.0,
+        history_s: float = 86400.0,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.window_s = window_s
+        self.history_s = history_s
         self._next_timer = 0.0
         self._last_decided = -math.inf
 
@@ -298,17 +305,26 @@ class CorePolicy(Decider):
         if not sim.changed and now < self._next_timer:
             return
         sim.changed = False
-        first = bisect.bisect_left(sim.arrivals, now - self.window_s)
-        recent = len(sim.arrivals) - first
-        last_minute = len(sim.arrivals) - bisect.bisect_left(
-            sim.arrivals, now - policy.BURST_WINDOW_S
-        )
-        boot = statistics.median(sim.boot_times) if sim.boot_times else sim.pool.boot_median_s
-        snapshot = policy.Snapshot(
+        arrivals = sim.arrivals
+        first = {
+            window: bisect.bisect_left(arrivals, now - window)
+            for window in (self.window_s, policy.BURST_WINDOW_S, self.history_s)
+            if window > 0
+        }
+        recent = len(arrivals) - first[self.window_s]
+        last_minute = len(arrivals) - first[policy.BURST_WINDOW_S]
+        history = len(arrivals) - first[self.history_s] if self.history_s else 0
+        snapshot = policy.Snapshot(  # as the engine builds it, from the same helpers
             vms=tuple(self._view(vm) for vm in sim.vms.values()),
             clouds=(policy.CloudView("sim", 1, 10**9),),
-            arrival_rate=policy.arrival_rate(recent, self.window_s, last_minute),
-            boot_time_s=boot,
+            arrival_rate=policy.arrival_rate(
+                recent,
+                self.window_s,
+                last_minute,
+                now - arrivals[-last_minute] if last_minute else 0.0,
+            ),
+            baseline_rate=history / self.history_s if self.history_s else 0.0,
+            boot_time_s=policy.boot_time(list(sim.boot_times), sim.pool.boot_median_s),
         )
         launch, terminate = 0, []
         for action in policy.decide(snapshot, len(sim.waiting), now, self.settings):
@@ -323,10 +339,10 @@ class CorePolicy(Decider):
             for vm in sim.vms.values()
             if vm.idle_since is not None
         ]
-        if recent:
-            timers.append(sim.arrivals[first] + self.window_s)
-        if last_minute:
-            timers.append(sim.arrivals[-last_minute] + policy.BURST_WINDOW_S)
+        # The rate changes when an arrival leaves the window of the estimate that sets it.
+        window = max(first, key=lambda w: (len(arrivals) - first[w]) / w)
+        if first[window] < len(arrivals):
+            timers.append(arrivals[first[window]] + window)
         self._next_timer = min(timers, default=math.inf)
         self._last_decided = now
 
@@ -398,6 +414,7 @@ def compare(name: str, jobs: list[Job], pool: Pool, seed: int) -> list[dict[str,
         boot_timeout_s=10**9,
         heartbeat_timeout_s=10**12,  # simulated agents never go silent
         max_launch_per_cycle=10**6,
+        cycle_interval_s=pool.cycle_s,
     )
     deciders: list[Decider] = [
         CorePolicy("alienec2 (adaptive warm)", replace(base, adaptive_warm=True)),

@@ -100,6 +100,8 @@ class PoolConfig(_Section):
     adaptive_warm: bool = True
     arrival_window_s: Annotated[float, Field(gt=0)] = 600.0
     boot_time_guess_s: Annotated[float, Field(ge=0)] = 120.0
+    warm_history_s: Annotated[float, Field(ge=0)] = 86400.0
+    warm_margin: Annotated[float, Field(ge=0)] = 1.0
 
     @field_validator("max_vms")
     @classmethod

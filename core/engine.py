@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -72,6 +71,8 @@ class Engine:
             max_launch_per_cycle=pool.max_launch_per_cycle,
             adaptive_warm=pool.adaptive_warm,
             paused=self.store.setting("paused", False),
+            cycle_interval_s=pool.cycle_interval_s,
+            warm_margin=pool.warm_margin,
         )
 
     def resize(self, min_vms: int | None = None, max_vms: int | None = None) -> policy.Settings:
@@ -191,16 +192,22 @@ class Engine:
             if cloud.name in self.providers
         )
         pool = self.config.pool
-        boot_times = self.store.recent_boot_times()
+        recent, _ = self.store.submitted_since(now - pool.arrival_window_s)
+        last_minute, first = self.store.submitted_since(now - policy.BURST_WINDOW_S)
+        history = (
+            self.store.submitted_since(now - pool.warm_history_s)[0] if pool.warm_history_s else 0
+        )
         return policy.Snapshot(
             vms=vms,
             clouds=clouds,
             arrival_rate=policy.arrival_rate(
-                self.store.submitted_since(now - pool.arrival_window_s),
+                recent,
                 pool.arrival_window_s,
-                self.store.submitted_since(now - policy.BURST_WINDOW_S),
+                last_minute,
+                now - first if first is not None else 0.0,
             ),
-            boot_time_s=statistics.median(boot_times) if boot_times else pool.boot_time_guess_s,
+            baseline_rate=history / pool.warm_history_s if pool.warm_history_s else 0.0,
+            boot_time_s=policy.boot_time(self.store.recent_boot_times(), pool.boot_time_guess_s),
         )
 
     def _observe_requested(self) -> None:

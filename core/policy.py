@@ -44,14 +44,17 @@ class Settings:
     max_launch_per_cycle: int
     adaptive_warm: bool = True
     paused: bool = False
+    cycle_interval_s: float = 0.0  # a launch decided now may wait this long for its cycle
+    warm_margin: float = 1.0  # extra warm VMs, in square roots of the expected arrivals
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     vms: tuple[VMView, ...]
     clouds: tuple[CloudView, ...]
-    arrival_rate: float = 0.0  # jobs per second over the recent window
-    boot_time_s: float = 0.0  # typical submit-to-registered time of a VM
+    arrival_rate: float = 0.0  # jobs per second to prepare for (see arrival_rate())
+    baseline_rate: float = 0.0  # jobs per second averaged over a long history (a day)
+    boot_time_s: float = 0.0  # slow-case launch-to-registered time of a VM (see boot_time())
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,22 +89,47 @@ Action = Launch | Terminate | Fail | Lose
 
 
 BURST_WINDOW_S = 60.0
+MIN_BURST_SPAN_S = 15.0
+SLOW_BOOT_QUANTILE = 0.9
 
 
-def arrival_rate(recent: int, window_s: float, last_minute: int) -> float:
-    """Jobs per second: the larger of the long-window average and the last minute's, so the
-    warm target rises within a cycle of a burst's onset and decays over the long window."""
-    return max(recent / window_s, last_minute / BURST_WINDOW_S)
+def arrival_rate(
+    recent: int, window_s: float, last_minute: int, last_minute_span_s: float
+) -> float:
+    """Jobs per second the warm pool prepares for: the larger of two estimates.
+
+    - since the last minute's first arrival: a burst's onset shows within seconds (the first
+      arrival only marks the start, hence ``last_minute - 1``; spans under 15 s count as 15 s);
+    - the ``window_s`` average: the target decays over the window once a burst ends.
+    """
+    onset = (last_minute - 1) / max(last_minute_span_s, MIN_BURST_SPAN_S) if last_minute > 1 else 0
+    return max(onset, recent / window_s)
+
+
+def boot_time(recent_boots: list[float], guess_s: float) -> float:
+    """The slow-case boot time (90th percentile of recent boots): VMs launched for a burst
+    must be ready before its jobs, not on average."""
+    if not recent_boots:
+        return guess_s
+    ordered = sorted(recent_boots)
+    return ordered[math.ceil(SLOW_BOOT_QUANTILE * len(ordered)) - 1]
 
 
 def warm_target(snapshot: Snapshot, settings: Settings) -> int:
-    """Idle VMs to keep ready beyond the waiting jobs: the arrivals expected during one boot.
-
-    Bursts then meet warm VMs while quiet hours (rate → 0) cost nothing beyond ``min_vms``.
-    """
+    """Idle VMs to keep ready beyond the waiting jobs: the arrivals expected before a VM
+    launched now could take one (a slow boot plus one cycle), plus ``warm_margin`` square roots
+    of that for Poisson variation, as in square-root staffing. Never below what the long-run
+    baseline rate expects in that time: bursts at unknown times then meet a few warm VMs,
+    while a site quiet for the whole history keeps none."""
     if not settings.adaptive_warm:
         return 0
-    return min(math.ceil(snapshot.arrival_rate * snapshot.boot_time_s), settings.max_vms)
+    lead_s = snapshot.boot_time_s + settings.cycle_interval_s
+    expected = snapshot.arrival_rate * lead_s
+    target = max(
+        math.ceil(expected + settings.warm_margin * math.sqrt(expected)),
+        math.ceil(snapshot.baseline_rate * lead_s),
+    )
+    return min(target, settings.max_vms)
 
 
 def _health(vm: VMView, now: float, settings: Settings) -> Action | None:

@@ -577,10 +577,12 @@ class Store:
             "SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)
         ).fetchone()[0]
 
-    def submitted_since(self, since: float) -> int:
-        return self._db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE submitted_at >= ?", (since,)
-        ).fetchone()[0]
+    def submitted_since(self, since: float) -> tuple[int, float | None]:
+        """How many jobs were submitted at or after ``since``, and when the first of them was."""
+        count, first = self._db.execute(
+            "SELECT COUNT(*), MIN(submitted_at) FROM jobs WHERE submitted_at >= ?", (since,)
+        ).fetchone()
+        return count, first
 
     def recent_boot_times(self, limit: int = 50) -> list[float]:
         rows = self._db.execute(

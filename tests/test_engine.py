@@ -171,6 +171,41 @@ async def test_idle_vms_are_reaped_down_to_min_after_the_idle_timer(
     assert len(store.vms([VMState.TERMINATED])) == 6
 
 
+async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_a_boot(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    pool = {
+        "max_vms": 100,
+        "max_launch_per_cycle": 100,
+        "adaptive_warm": True,
+        "warm_margin": 0,
+        "boot_time_guess_s": 100,
+        "cycle_interval_s": 20,
+        "warm_history_s": 3600,
+    }
+    config = make_config(tmp_path, [cloud("only", moto.url)], pool=pool)
+    engine = await start_engine(config)
+    store = engine.store
+    for job_id in submit(store, 36, clock()):  # an hour ago: in the history, not the window
+        store.cancel_job(job_id, clock())
+    clock.advance(3600 - 20)
+    for _ in range(11):  # a burst: 11 jobs over 20 s, one every 2 s
+        submit(store, 1, clock())
+        clock.advance(2)
+
+    snapshot = engine.snapshot(clock())
+    assert snapshot.arrival_rate == pytest.approx(10 / 22)
+    assert snapshot.baseline_rate == pytest.approx(11 / 3600)
+    assert snapshot.boot_time_s == 100
+
+    await step(engine)
+    # 11 waiting jobs + the arrivals expected in a boot and a cycle: 10/22 jobs/s x 120 s
+    assert len(running_in_cloud(moto.url)) == 11 + 55
+
+
 async def test_second_cloud_is_used_when_the_first_has_no_capacity(
     tmp_path: Path,
     moto: MotoEC2Server,

@@ -15,6 +15,7 @@ from core.policy import (
     Terminate,
     VMView,
     arrival_rate,
+    boot_time,
     decide,
     warm_target,
 )
@@ -195,23 +196,47 @@ def test_unknown_demand_changes_no_scaling() -> None:
     assert decide(snap(), None, NOW, replace(SETTINGS, min_vms=3)) == []
 
 
-def test_adaptive_warm_target_follows_arrival_rate_times_boot_time() -> None:
-    adaptive = replace(SETTINGS, adaptive_warm=True)
-    busy = snap(arrival_rate=0.05, boot_time_s=100)  # 5 jobs expected during one boot
-    assert warm_target(busy, adaptive) == 5
-    assert launches(decide(busy, 2, NOW, adaptive)) == {"a": 7}
-    assert warm_target(snap(arrival_rate=1.0, boot_time_s=100), adaptive) == 10  # max_vms
+def test_adaptive_warm_target_is_expected_arrivals_during_a_boot_plus_a_square_root_margin() -> (
+    None
+):
+    adaptive = replace(SETTINGS, adaptive_warm=True, max_vms=100)
+    busy = snap(arrival_rate=0.09, boot_time_s=100)  # 9 jobs expected during one boot
+    assert warm_target(busy, adaptive) == 12  # 9 + sqrt(9)
+    assert warm_target(busy, replace(adaptive, warm_margin=0)) == 9
+    assert warm_target(busy, replace(adaptive, warm_margin=0, cycle_interval_s=20)) == 11
+    assert launches(decide(busy, 2, NOW, adaptive)) == {"a": 14}
+    assert warm_target(snap(arrival_rate=1.0, boot_time_s=100), adaptive) == 100  # max_vms
     assert warm_target(busy, SETTINGS) == 0
 
 
-def test_arrival_rate_rises_within_a_minute_of_a_burst_and_decays_over_the_window() -> None:
-    assert arrival_rate(recent=12, window_s=600, last_minute=12) == 12 / 60  # burst onset
-    assert arrival_rate(recent=600, window_s=600, last_minute=0) == 1.0  # burst just ended
-    assert arrival_rate(recent=0, window_s=600, last_minute=0) == 0.0  # quiet hours
+def test_quiet_hours_keep_what_the_day_average_expects_during_a_boot_and_nothing_after() -> None:
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=20)
+    after_bursts = snap(arrival_rate=0.0, baseline_rate=0.025, boot_time_s=100)
+    assert warm_target(after_bursts, adaptive) == 3  # 0.025 jobs/s x 120 s, no margin
+    assert launches(decide(after_bursts, 0, NOW, adaptive)) == {"a": 3}
+    quiet_day = snap(arrival_rate=0.0, baseline_rate=0.0, boot_time_s=100)
+    assert warm_target(quiet_day, adaptive) == 0
+
+
+def test_arrival_rate_rises_within_seconds_of_a_burst_and_decays_over_the_window() -> None:
+    assert arrival_rate(12, 600, last_minute=12, last_minute_span_s=22) == 11 / 22  # onset
+    assert arrival_rate(600, 600, last_minute=0, last_minute_span_s=0) == 1.0  # burst ended
+    assert arrival_rate(0, 600, last_minute=0, last_minute_span_s=0) == 0.0  # quiet hours
+
+
+def test_arrival_rate_is_not_fooled_by_one_job_or_two_close_together() -> None:
+    assert arrival_rate(1, 600, last_minute=1, last_minute_span_s=0.5) == 1 / 600
+    assert arrival_rate(2, 600, last_minute=2, last_minute_span_s=1) == 1 / 15  # span >= 15 s
+
+
+def test_boot_time_is_the_slow_case_of_recent_boots_or_the_guess_before_any() -> None:
+    assert boot_time([], guess_s=120) == 120
+    boots = [float(t) for t in range(61, 161)]  # 61 s .. 160 s
+    assert boot_time(boots, guess_s=120) == 150  # the 90th percentile
 
 
 def test_warm_idle_vms_are_kept_while_arrivals_continue_and_reaped_when_they_stop() -> None:
-    adaptive = replace(SETTINGS, adaptive_warm=True)
+    adaptive = replace(SETTINGS, adaptive_warm=True, warm_margin=0)
     pool = tuple(vm(n, idle_since=NOW - 700) for n in range(4))
     busy = snap(*pool, arrival_rate=0.03, boot_time_s=100)
     assert terminated(decide(busy, 0, NOW, adaptive)) == ["i-0"]
