@@ -132,26 +132,29 @@ def warm_target(snapshot: Snapshot, settings: Settings) -> int:
     return min(target, settings.max_vms)
 
 
+_STARTING_STATES = frozenset({VMState.REQUESTED, VMState.BOOTING})
+
+
 def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
     """Per-VM rules that apply even when scaling is paused or demand is unknown."""
-    if vm.state not in ALIVE_STATES or vm.state == VMState.TERMINATING:
-        return None
-    if vm.kill_requested:
+    state = vm.state
+    if vm.kill_requested and state in ALIVE_STATES and state != VMState.TERMINATING:
         return Terminate(vm.id, "killed by admin")
-    if vm.state in (VMState.FAILED, VMState.LOST):
-        return Terminate(vm.id, f"{vm.state} VM still alive")
-    if vm.state in (VMState.REQUESTED, VMState.BOOTING):
-        if now - vm.launched_at > settings.boot_timeout_s:
-            return Fail(vm.id, f"not registered within boot_timeout_s={settings.boot_timeout_s:g}")
-        return None
-    if vm.state in HEARTBEATING_STATES:
+    if state in HEARTBEATING_STATES:  # the common case first: decide() runs over every VM
         seen = vm.last_heartbeat if vm.last_heartbeat is not None else vm.launched_at
         if now - seen > settings.heartbeat_timeout_s:
             return Lose(
                 vm.id, f"no heartbeat for {now - seen:.0f}s > {settings.heartbeat_timeout_s:g}s"
             )
-    if vm.state == VMState.DRAINING and not vm.has_job:
-        return Terminate(vm.id, "drained")
+        if state == VMState.DRAINING and not vm.has_job:
+            return Terminate(vm.id, "drained")
+        return None
+    if state in _STARTING_STATES:
+        if now - vm.launched_at > settings.boot_timeout_s:
+            return Fail(vm.id, f"not registered within boot_timeout_s={settings.boot_timeout_s:g}")
+        return None
+    if state == VMState.FAILED or state == VMState.LOST:
+        return Terminate(vm.id, f"{state} VM still alive")
     return None
 
 
@@ -179,24 +182,28 @@ def decide(snapshot: Snapshot, waiting: int | None, now: float, settings: Settin
     """Actions for one cycle. ``waiting`` is the queue's demand; None means it could not be
     read, and then only per-VM health rules run (no scaling change on a blind cycle)."""
     actions: list[Action] = []
-    handled: set[str] = set()
-    for vm in snapshot.vms:
+    idle: list[VMView] = []
+    serving = starting = 0
+    for vm in snapshot.vms:  # one pass: this runs over the whole fleet every cycle
         action = _health(vm, now, settings)
         if action is not None:
             actions.append(action)
-            handled.add(vm.id)
+        elif vm.state in SERVING_STATES:
+            serving += 1
+            if vm.state == VMState.IDLE:
+                idle.append(vm)
+            elif vm.state in _STARTING_STATES:
+                starting += 1
     if waiting is None or settings.paused:
         return actions
 
-    serving = [vm for vm in snapshot.vms if vm.state in SERVING_STATES and vm.id not in handled]
-    idle = sorted(
-        (vm for vm in serving if vm.state == VMState.IDLE),
-        key=lambda vm: (vm.idle_since if vm.idle_since is not None else vm.launched_at, vm.id),
+    idle.sort(
+        key=lambda vm: (vm.idle_since if vm.idle_since is not None else vm.launched_at, vm.id)
     )
     # VMs of launches in flight are not in the snapshot yet but are coming: count them.
     pending = sum(cloud.pending for cloud in snapshot.clouds)
-    starting = pending + sum(vm.state in (VMState.REQUESTED, VMState.BOOTING) for vm in serving)
-    live = len(serving) + pending
+    starting += pending
+    live = serving + pending
     warm = warm_target(snapshot, settings)
 
     wanted = max(waiting + warm - len(idle) - starting, settings.min_vms - live)
