@@ -39,13 +39,15 @@ def free_port() -> int:
 class MotoProcess:
     """moto's server in its own process, so its CPU time is not charged to the engine."""
 
-    def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+    def __init__(self, tag_index: bool = False) -> None:
+        """``tag_index``: moto with an O(1) tag lookup (see moto_tag_index.py)."""
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        server = (
+            [str(ROOT / "benchmarks" / "moto_tag_index.py")] if tag_index else ["-m", "moto.server"]
+        )
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            [sys.executable, *server, "-H", "127.0.0.1", "-p", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

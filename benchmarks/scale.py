@@ -1,17 +1,22 @@
-"""Engine cycle time and EC2 calls with large fleets in moto's EC2 server.
+"""Engine cycle time, EC2 calls and memory with large fleets in moto's EC2 server; the
+console's VM table with as many rows.
 
-    .venv/bin/python benchmarks/scale.py --sizes 1000 5000
+    .venv/bin/python benchmarks/scale.py                       # 1,000 / 5,000 / 10,000
+    .venv/bin/python benchmarks/scale.py --sizes 1000 --stock-moto
 
 For each size N: N tagged instances are launched in moto and known to the store as idle,
 heartbeating VMs. It then times (a) the start-up reconcile, split into moto's listing and our
 own work, (b) a steady cycle (nothing changing), and (c) a cycle that reaps 10% of the fleet,
-and counts the EC2 calls each makes as seen by the endpoint.
+and counts the EC2 calls each makes as seen by the endpoint. moto runs in its own process with
+its tag lookup indexed (moto_tag_index.py: same answers, O(N) instead of O(N²) listing) unless
+--stock-moto. Last, the console's VM table is filled with the largest N rows and updated.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import resource
 import statistics
@@ -23,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from console_table import measure as measure_table
 from harness import MotoProcess
 
 from core.clouds.sandbox import (
@@ -85,16 +91,36 @@ async def measure(size: int, moto: MotoProcess, workdir: Path) -> dict[str, floa
     for instance in instances:
         store.register_vm(instance.id, clock())
 
-    started = time.perf_counter()
-    listed = provider.list_pool()
-    listing_s = time.perf_counter() - started
-    assert len(listed) == size
+    listing: list[float] = []
+    list_pool = provider.list_pool
 
+    def timed_list_pool() -> list:
+        started = time.perf_counter()
+        try:
+            return list_pool()
+        finally:
+            listing.append(time.perf_counter() - started)
+
+    terminating: list[float] = []
+    terminate = provider.terminate
+
+    def timed_terminate(ids: list[str]) -> set[str]:
+        started = time.perf_counter()
+        try:
+            return terminate(ids)
+        finally:
+            terminating.append(time.perf_counter() - started)
+
+    provider.list_pool = timed_list_pool  # type: ignore[method-assign]
+    provider.terminate = timed_terminate  # type: ignore[method-assign]
     endpoint.calls.clear()
     started = time.perf_counter()
     await engine.start()
     start_s = time.perf_counter() - started
     start_calls = sum(endpoint.calls.values())
+    listing_s = sum(listing)
+    assert len(store.vms([VMState.IDLE])) == size, "the reconcile must keep every VM"
+    gc.freeze()  # as `alienec2 core` does once started
 
     steady = []
     endpoint.calls.clear()
@@ -118,6 +144,7 @@ async def measure(size: int, moto: MotoProcess, workdir: Path) -> dict[str, floa
     reap_calls = sum(endpoint.calls.values())
     reaped = len(store.vms([VMState.TERMINATED]))
     store.close()
+    gc.unfreeze()
     endpoint.stop()
     os.remove(config.state.path)
     return {
@@ -129,6 +156,7 @@ async def measure(size: int, moto: MotoProcess, workdir: Path) -> dict[str, floa
         "steady_ms": statistics.median(steady) * 1000,
         "steady_calls": steady_calls,
         "reap_ms": reap_s * 1000,
+        "reap_ours_ms": (reap_s - sum(terminating)) * 1000,
         "reaped": reaped,
         "reap_calls": reap_calls,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -137,20 +165,24 @@ async def measure(size: int, moto: MotoProcess, workdir: Path) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000])
+    parser.add_argument(
+        "--stock-moto", action="store_true", help="moto as shipped (listing is O(N²))"
+    )
     args = parser.parse_args()
     os.environ.update(SANDBOX_CREDENTIALS)
     rows = []
-    moto = MotoProcess()
+    moto = MotoProcess(tag_index=not args.stock_moto)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for size in args.sizes:
                 rows.append(asyncio.run(measure(size, moto, Path(tmp))))
+                print(f"  {size} VMs measured", file=sys.stderr, flush=True)
     finally:
         moto.stop()
     header = (
-        f"{'VMs':>6} {'moto list s':>11} {'start s':>8} {'start ours s':>12} {'calls':>5} "
-        f"{'steady ms':>9} {'calls':>5} {'reap ms':>8} {'reaped':>6} {'calls':>5} "
+        f"{'VMs':>6} {'list call s':>11} {'start s':>8} {'start ours s':>12} {'calls':>5} "
+        f"{'steady ms':>9} {'calls':>5} {'reap ms':>8} {'ours ms':>8} {'reaped':>6} {'calls':>5} "
         f"{'max RSS MB':>10}"
     )
     print(header)
@@ -159,7 +191,8 @@ def main() -> None:
             f"{r['size']:>6} {r['listing_s']:>11.2f} {r['start_s']:>8.2f}"
             f" {r['start_ours_s']:>12.2f}"
             f" {r['start_calls']:>5.0f} {r['steady_ms']:>9.1f} {r['steady_calls']:>5.1f}"
-            f" {r['reap_ms']:>8.1f} {r['reaped']:>6} {r['reap_calls']:>5.0f} {r['rss_mb']:>10.0f}"
+            f" {r['reap_ms']:>8.1f} {r['reap_ours_ms']:>8.1f} {r['reaped']:>6}"
+            f" {r['reap_calls']:>5.0f} {r['rss_mb']:>10.0f}"
         )
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
@@ -168,6 +201,12 @@ def main() -> None:
             f"x{last['size'] / first['size']:.0f} VMs; EC2 calls per steady cycle "
             f"{first['steady_calls']:.0f} -> {last['steady_calls']:.0f}"
         )
+    table = asyncio.run(measure_table(max(args.sizes), changed=500, rounds=5))
+    print(
+        f"console VM table, {table['rows']} rows: first fill {table['initial_ms']:.0f} ms; "
+        f"{table['changed']} VMs changed: update {table['diff_ms']:.0f} ms, rebuilding the "
+        f"table {table['rebuild_ms']:.0f} ms (x{table['rebuild_ms'] / table['diff_ms']:.1f})"
+    )
 
 
 if __name__ == "__main__":

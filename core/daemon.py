@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -136,6 +137,10 @@ async def run_core(config: Config) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, core.stop_requested.set)
     await core.start()
+    # What is loaded by now (modules, boto3's service models, the apps) lives as long as the
+    # process: keep it out of every full collection, which the engine's per-cycle snapshot of
+    # the fleet triggers (a third of a 10,000-VM cycle otherwise).
+    gc.freeze()
     try:
         await core.stop_requested.wait()
     finally:

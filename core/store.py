@@ -7,6 +7,7 @@ only after the change is durable. A core killed at any point restarts from exact
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -89,12 +90,17 @@ class Conflict(Exception):
     """The request does not fit the current state (e.g. cancelling a finished job)."""
 
 
+# Enum lookup by value runs Python code; reading thousands of VMs per cycle, a dict is faster.
+_VM_STATES = {state.value: state for state in VMState}
+_VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM))
+
+
 def _vm(row: sqlite3.Row) -> VM:
     return VM(
         id=row["id"],
         cloud=row["cloud"],
         launch_id=row["launch_id"],
-        state=VMState(row["state"]),
+        state=_VM_STATES[row["state"]],
         launched_at=row["launched_at"],
         state_since=row["state_since"],
         registered_at=row["registered_at"],
@@ -392,15 +398,18 @@ class Store:
         return _vm(row)
 
     def vms(self, states: Iterable[VMState] | None = None) -> list[VM]:
-        if states is None:
-            rows = self._db.execute("SELECT * FROM vms ORDER BY launched_at, id").fetchall()
-        else:
-            wanted = list(states)
-            marks = ",".join("?" * len(wanted))
-            rows = self._db.execute(
-                f"SELECT * FROM vms WHERE state IN ({marks}) ORDER BY launched_at, id", wanted
-            ).fetchall()
-        return [_vm(r) for r in rows]
+        """VMs (in ``states``) by launch time. The engine reads the whole fleet every cycle,
+        so rows come as plain tuples in VM's field order: a third of the time of named rows."""
+        wanted = list(VMState if states is None else states)
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        cursor.execute(
+            f"SELECT {_VM_FIELDS} FROM vms WHERE state IN ({','.join('?' * len(wanted))}) "
+            "ORDER BY launched_at, id",
+            wanted,
+        )
+        states_by_value = _VM_STATES
+        return [VM(*row[:3], states_by_value[row[3]], *row[4:11], bool(row[11])) for row in cursor]
 
     def vm_counts(self) -> dict[VMState, int]:
         counts = {state: 0 for state in VMState}
