@@ -8,15 +8,22 @@ generator) heartbeat every 5 s, long-poll for jobs and report each job at once; 
 each agent gets one every ~10 s. The core runs in its own process (uvicorn, one event loop).
 For each N: the p99 of heartbeat and report requests, and requests per second served.
 Afterwards every job must be done exactly once: none lost, none assigned twice.
+
+One more agent heartbeats from its own process (a "probe", one request every 50 ms): what a
+single VM sees while the others load the service. Where the probe's p99 stays low while the
+simulated agents' grows, the time goes to the load generator's own event loop, not the core.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import random
 import sqlite3
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +41,7 @@ JOB_EVERY_S = 10.0  # per agent
 class Agent:
     def __init__(self, http: httpx.AsyncClient, token: str, rng: random.Random) -> None:
         self.http = http
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self.headers = bearer(token)
         self.rng = rng
         self.latencies: list[float] = []
         self.requests = 0
@@ -80,7 +87,27 @@ async def submit_jobs(core: CoreProcess, agents: int, stop: asyncio.Event) -> in
     return submitted
 
 
-async def step(core: CoreProcess, agents: list[Agent], seconds: float) -> dict[str, float]:
+def probe(url: str, token: str, seconds: float) -> None:
+    """The probe's process: sequential heartbeats, latencies printed as JSON."""
+    latencies = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            reply = http.post("/agent/v1/heartbeat", json={}, headers=bearer(token))
+            latencies.append(time.perf_counter() - started)
+            reply.raise_for_status()
+            time.sleep(0.05)
+    print(json.dumps(latencies))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def step(
+    core: CoreProcess, agents: list[Agent], probe_token: str, seconds: float
+) -> dict[str, float]:
     stop = asyncio.Event()
     tasks = [asyncio.create_task(a.heartbeats()) for a in agents]
     tasks += [asyncio.create_task(a.work()) for a in agents]
@@ -89,11 +116,21 @@ async def step(core: CoreProcess, agents: list[Agent], seconds: float) -> dict[s
     for agent in agents:
         agent.latencies.clear()
         agent.requests = 0
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--probe",
+        core.agent_url,
+        probe_token,
+        str(seconds),
+        stdout=subprocess.PIPE,
+    )
     started = time.perf_counter()
     await asyncio.sleep(seconds)
     elapsed = time.perf_counter() - started
     latencies = [x for a in agents for x in a.latencies]
     requests = sum(a.requests for a in agents)
+    probed = json.loads((await prober.communicate())[0])
     stop.set()
     submitted = await feeder
     async with core.admin() as admin:  # let the last jobs finish before the agents stop
@@ -111,23 +148,27 @@ async def step(core: CoreProcess, agents: list[Agent], seconds: float) -> dict[s
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "rps": requests / elapsed,
         "submitted": submitted,
+        "probe_p50_ms": percentile(probed, 0.50) * 1000,
+        "probe_p99_ms": percentile(probed, 0.99) * 1000,
     }
 
 
 async def one_step(count: int, seconds: float) -> dict[str, float]:
     """N agents against a core whose fleet is those N VMs."""
-    core = CoreProcess(vms=count)
+    core = CoreProcess(vms=count + 1)  # one more for the probe
     tls = ssl.create_default_context()  # unused on http://, but httpx builds one per client
     clients: list[httpx.AsyncClient] = []
     try:
         async with httpx.AsyncClient(base_url=core.agent_url, timeout=60) as http:
             tokens = [await core.register(http, vm) for vm in core.instances()]
+        probe_token = tokens.pop()
         clients = [
             httpx.AsyncClient(base_url=core.agent_url, timeout=60, verify=tls) for _ in tokens
         ]
         rng = random.Random(count)
         agents = [Agent(client, token, rng) for client, token in zip(clients, tokens, strict=True)]
-        row = await step(core, agents, seconds)
+        gc.freeze()  # 400+ clients and their TLS contexts: keep them out of full collections
+        row = await step(core, agents, probe_token, seconds)
         state = Path(core.tmp.name) / "state.db"
         core.proc.terminate()
         core.proc.wait(timeout=30)
@@ -154,7 +195,8 @@ async def measure(steps: list[int], seconds: float) -> None:
         rows.append(row)
         print(
             f"{row['agents']:>6} agents: p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms"
-            f"  {row['rps']:6.0f} req/s  jobs {row['jobs']}: {row['lost']} lost, "
+            f"  {row['rps']:6.0f} req/s  probe p50 {row['probe_p50_ms']:5.1f} ms p99 "
+            f"{row['probe_p99_ms']:5.1f} ms  jobs {row['jobs']}: {row['lost']} lost, "
             f"{row['twice']} assigned twice",
             flush=True,
         )
@@ -172,6 +214,9 @@ async def measure(steps: list[int], seconds: float) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--probe"]:
+        probe(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 300, 400, 600, 800])
     parser.add_argument("--seconds", type=float, default=10.0)
