@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -29,6 +30,7 @@ Clock = Callable[[], float]
 
 GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 VANISH_GRACE_S = 120.0  # an instance younger than this may not be listed yet (eventual consistency)
+BASELINE_REFRESH_S = 60.0  # the day's average arrival rate is recounted this often
 
 
 class Engine:
@@ -57,6 +59,7 @@ class Engine:
         self._stopping = False
         self.cycles = 0
         self.wake = asyncio.Event()  # set to run the next cycle now (e.g. a job was submitted)
+        self._baseline = (-math.inf, 0.0)  # (counted at, jobs per second over warm_history_s)
 
     # ---- runtime settings (admin overrides, durable) -----------------------------------
 
@@ -194,9 +197,6 @@ class Engine:
         pool = self.config.pool
         recent, _ = self.store.submitted_since(now - pool.arrival_window_s)
         last_minute, first = self.store.submitted_since(now - policy.BURST_WINDOW_S)
-        history = (
-            self.store.submitted_since(now - pool.warm_history_s)[0] if pool.warm_history_s else 0
-        )
         return policy.Snapshot(
             vms=vms,
             clouds=clouds,
@@ -206,9 +206,21 @@ class Engine:
                 last_minute,
                 now - first if first is not None else 0.0,
             ),
-            baseline_rate=history / pool.warm_history_s if pool.warm_history_s else 0.0,
+            baseline_rate=self._baseline_rate(now),
             boot_time_s=policy.boot_time(self.store.recent_boot_times(), pool.boot_time_guess_s),
         )
+
+    def _baseline_rate(self, now: float) -> float:
+        """The ``warm_history_s`` average arrival rate. It moves slowly and counting a day of
+        submissions takes milliseconds at 100,000 jobs a day, so it is recounted once a minute."""
+        history_s = self.config.pool.warm_history_s
+        if not history_s:
+            return 0.0
+        counted_at, rate = self._baseline
+        if not 0 <= now - counted_at < BASELINE_REFRESH_S:
+            rate = self.store.submitted_since(now - history_s)[0] / history_s
+            self._baseline = (now, rate)
+        return rate
 
     def _observe_requested(self) -> None:
         """Describe only instances the cloud has not yet reported running: cost per cycle

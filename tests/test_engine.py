@@ -205,6 +205,11 @@ async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_
     # 11 waiting jobs + the arrivals expected in a boot and a cycle: 10/22 jobs/s x 120 s
     assert len(running_in_cloud(moto.url)) == 11 + 55
 
+    submit(store, 36, clock())  # the day's average is recounted once a minute, not per cycle
+    assert engine.snapshot(clock()).baseline_rate == pytest.approx(11 / 3600)
+    clock.advance(60)
+    assert engine.snapshot(clock()).baseline_rate == pytest.approx(47 / 3600)
+
 
 async def test_second_cloud_is_used_when_the_first_has_no_capacity(
     tmp_path: Path,
