@@ -1,6 +1,6 @@
 """Agent API under load: the most agents the real service serves with p99 < 50 ms.
 
-    .venv/bin/python benchmarks/load.py [--steps 100 200 400 800 1200 1600] [--seconds 10]
+    .venv/bin/python benchmarks/load.py [--steps 100 200 300 400 600 800] [--seconds 20]
 
 N simulated agents (asyncio + httpx in one process, one HTTP client each as on separate VMs:
 a shared connection pool's bookkeeping grows with N squared and would measure the load
@@ -219,7 +219,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 300, 400, 600, 800])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
     asyncio.run(measure(sorted(args.steps), args.seconds))
 
