@@ -56,9 +56,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _run_core(config: Config) -> int:
     from core.daemon import run_core
+    from core.store import StateError
 
     try:
         asyncio.run(run_core(config))
+    except StateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         for line in exc.errors:
             print(f"error: {line}", file=sys.stderr)

@@ -53,8 +53,10 @@ class CloudConfig(_Section):
     tags: dict[str, str] = {}
     exact_count: bool = False
     retry_mode: Literal["standard", "adaptive"] = "standard"
-    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5  # total attempts per call
     read_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    call_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    call_backoff_initial_s: Annotated[float, Field(gt=0)] = 15.0
     backoff_initial_s: Annotated[float, Field(gt=0)] = 60.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 1800.0
     boot_failures_before_backoff: Annotated[int, Field(ge=1)] = 3
@@ -144,6 +146,7 @@ QueueConfig = Annotated[
 class StateConfig(_Section):
     path: str = "/var/lib/alienec2/state.db"
     synchronous: Literal["full", "normal"] = "full"
+    retention_days: Annotated[float, Field(ge=0)] = 14.0  # 0 keeps history for ever
 
 
 def _networks(values: list[str]) -> list[str]:
@@ -232,6 +235,22 @@ class Config(_Section):
             if cloud.name in seen:
                 raise ValueError(f"clouds: duplicate cloud name {cloud.name!r}")
             seen.add(cloud.name)
+        return self
+
+    @model_validator(mode="after")
+    def _user_data_fits(self) -> Config:
+        """Render the user data once as a launch would, so an oversized one (EC2 allows
+        16 KiB) is reported by check-config, not by the first launch."""
+        from core import userdata
+
+        url = self.web.public_url or f"https://{'x' * 60}:{self.web.port}"
+        settings = userdata.agent_settings(url, "0" * 16, "0" * 64, self.contextualisation)
+        size = len(userdata.render_unchecked(settings, self.contextualisation).encode())
+        if size > userdata.USER_DATA_LIMIT:
+            raise ValueError(
+                f"contextualisation: the rendered user data is {size} bytes, EC2 allows "
+                f"{userdata.USER_DATA_LIMIT} (shorten extra_env or the pilot command)"
+            )
         return self
 
 

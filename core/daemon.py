@@ -18,18 +18,29 @@ from core.api.admin import create_admin_app
 from core.api.agent import create_agent_app
 from core.api.longpoll import Changes
 from core.api.server import EmbeddedServer, make_server, tcp_socket, unix_socket
+from core.clock import CoreClock
 from core.clouds import CloudProvider
 from core.clouds.ec2 import EC2Provider
 from core.config import Config, ConfigError
 from core.engine import Clock, Engine
+from core.liveness import Liveness
+from core.lock import StateLock
+from core.model import VMState
 from core.queues import demand_source
+from core.service import PoolService
 from core.store import Store
+from core.systemd import Notifier
+from core.userdata import secret_matches
 
 log = logging.getLogger("alienec2.core")
 
 
 def build_engine(
-    config: Config, store: Store, clock: Clock = time.time, core_url: str | None = None
+    config: Config,
+    store: Store,
+    clock: Clock = time.time,
+    core_url: str | None = None,
+    liveness: Liveness | None = None,
 ) -> Engine:
     providers: dict[str, CloudProvider] = {
         cloud.name: EC2Provider(cloud, config.pool.name, config.core_id) for cloud in config.clouds
@@ -41,6 +52,17 @@ def build_engine(
         demand_source(config.queue, store),
         clock=clock,
         core_url=core_url,
+        liveness=liveness,
+    )
+
+
+def pool_status(store: Store) -> str:
+    """The one line systemd shows for the core (``systemctl status``)."""
+    vms = store.vm_counts()
+    return (
+        f"{vms[VMState.IDLE]} idle, {vms[VMState.BUSY]} busy, "
+        f"{vms[VMState.REQUESTED] + vms[VMState.BOOTING]} booting; "
+        f"{store.queued_count()} jobs waiting"
     )
 
 
@@ -56,58 +78,95 @@ def _url(sock: socket.socket, tls: bool) -> str:
 class Core:
     """A running core: engine loop, agent API on TCP, admin API on a unix socket (and TCP)."""
 
-    def __init__(self, config: Config, clock: Clock = time.time) -> None:
+    def __init__(
+        self, config: Config, clock: Clock | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.config = config
-        self.clock = clock
+        self._clock = clock
+        self.notifier = notifier or Notifier()
         self.stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._servers: list[EmbeddedServer] = []
         self.agent_url = ""
         self.admin_socket = Path(config.admin.socket)
         self.admin_url: str | None = None
+        self._lock = StateLock(config.state.path)
+        self._socket_inode: int | None = None
+
+    def clock(self) -> float:
+        assert self._clock is not None, "the clock is set when the core starts"
+        return self._clock()
 
     async def start(self) -> None:
+        """Lock and open the state, bind every listener, start the engine. Raises
+        StateError or OSError with a one-line message an admin can act on."""
         config = self.config
         admin_token = config.admin.resolved_token()
         if config.admin.tcp_host and not admin_token:
             raise ConfigError(
                 [f"admin.tcp_host: needs a token (admin.token or ${config.admin.token_env})"]
             )
+        self._lock.acquire()
+        try:
+            self.store = Store(config.state.path, config.state.synchronous)
+        except BaseException:
+            self._lock.release()
+            raise
+        if self._clock is None:
+            self._clock = CoreClock(not_before=self.store.latest_time())
         tls = bool(config.web.ssl_certfile)
         agent_sock = tcp_socket(config.web.host, config.web.port)
         self.agent_url = _url(agent_sock, tls)
-        self.store = Store(config.state.path, config.state.synchronous)
         core_url = config.web.public_url or self.agent_url
         if not config.web.public_url and config.web.host in ("0.0.0.0", "::"):
             log.warning(
                 "event=public_url_unset msg=%s", f"set web.public_url; VMs are told {core_url}"
             )
-        self.engine = build_engine(config, self.store, self.clock, core_url)
+        self.liveness = Liveness(self.clock())
+        self.engine = build_engine(config, self.store, self.clock, core_url, self.liveness)
         self.changes = Changes(self.store)
+        engine = self.engine
+        self.service = PoolService(
+            config,
+            self.store,
+            self.liveness,
+            self.clock,
+            engine.wake.set,
+            lambda launch_id, secret: secret_matches(engine.launch_key, launch_id, secret),
+        )
 
+        def cycles() -> int:
+            return engine.cycles
+
+        agent_app = create_agent_app(
+            self.service, self.changes, config.web, config.contextualisation.agent_heartbeat_s
+        )
+        admin_sock = unix_socket(self.admin_socket)
+        self._socket_inode = self.admin_socket.stat().st_ino
         listeners: list[tuple[socket.socket, EmbeddedServer]] = [
             (
                 agent_sock,
                 make_server(
-                    create_agent_app(self.engine, self.changes),
+                    agent_app,
                     ssl_certfile=config.web.ssl_certfile,
                     ssl_keyfile=config.web.ssl_keyfile,
                 ),
             ),
-            (
-                unix_socket(self.admin_socket),
-                make_server(create_admin_app(self.engine, self.changes)),
-            ),
+            (admin_sock, make_server(create_admin_app(self.service, self.changes, cycles))),
         ]
         if config.admin.tcp_host:
-            admin_sock = tcp_socket(config.admin.tcp_host, config.admin.tcp_port)
-            self.admin_url = _url(admin_sock, False)
-            app = create_admin_app(self.engine, self.changes, token=admin_token)
-            listeners.append((admin_sock, make_server(app)))
+            admin_tcp = tcp_socket(config.admin.tcp_host, config.admin.tcp_port)
+            self.admin_url = _url(admin_tcp, False)
+            app = create_admin_app(self.service, self.changes, cycles, token=admin_token)
+            listeners.append((admin_tcp, make_server(app)))
         for sock, server in listeners:
             self._servers.append(server)
             self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
-        self._tasks.append(asyncio.create_task(self.engine.run(self.stop_requested)))
+        engine.on_ready = lambda: self.notifier.ready(pool_status(self.store))
+        engine.on_cycle = lambda: self.notifier.watchdog(pool_status(self.store))
+        if self.notifier.watchdog_interval_s:
+            engine.max_sleep_s = self.notifier.watchdog_interval_s
+        self._tasks.append(asyncio.create_task(engine.run(self.stop_requested)))
         log.info(
             "event=core_started core=%s pool=%s clouds=%s agent_api=%s admin_socket=%s",
             config.core_id,
@@ -119,21 +178,28 @@ class Core:
 
     async def stop(self) -> None:
         """Stop launching, finish in-flight cloud calls briefly, close listeners and the store."""
+        self.notifier.stopping()
         self.stop_requested.set()
         self.changes.close()
         for server in self._servers:
             server.should_exit = True
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.store.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.admin_socket.unlink()
+        self._remove_own_socket()
+        self._lock.release()
         log.info("event=core_stopped")
+
+    def _remove_own_socket(self) -> None:
+        """Remove the admin socket only if it is still the one this core created."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.admin_socket.stat().st_ino == self._socket_inode:
+                self.admin_socket.unlink()
 
 
 async def run_core(config: Config) -> None:
     """Run until SIGTERM/SIGINT; instances keep running for the next start."""
     loop = asyncio.get_running_loop()
-    core = Core(config)
+    core = Core(config, clock=None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, core.stop_requested.set)
     await core.start()

@@ -9,6 +9,7 @@ other clouds or the web service. Time comes from an injected clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -17,9 +18,17 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from core import policy, userdata
-from core.clouds import CapacityError, CloudError, CloudProvider, Instance, LaunchRequest
+from core.clouds import (
+    CapacityError,
+    CloudError,
+    CloudProvider,
+    Instance,
+    InstanceState,
+    LaunchRequest,
+)
 from core.config import Config
-from core.model import ALIVE_STATES, Launch, VMState
+from core.liveness import Liveness
+from core.model import ALIVE_STATES, EventKind, Launch, Reason, VMState
 from core.queues import DemandError, DemandSource
 from core.store import Store
 from core.userdata import launch_secret
@@ -28,9 +37,11 @@ log = logging.getLogger("alienec2.engine")
 
 Clock = Callable[[], float]
 
-GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 VANISH_GRACE_S = 120.0  # an instance younger than this may not be listed yet (eventual consistency)
 BASELINE_REFRESH_S = 60.0  # the day's average arrival rate is recounted this often
+HEARTBEAT_SAVE_S = 5.0  # in-memory heartbeats are written this often
+PRUNE_EVERY_S = 60.0  # history older than state.retention_days is pruned this often
+PRUNE_BATCH = 500  # rows per pruning transaction: short writes between agents' requests
 
 
 class Engine:
@@ -43,21 +54,29 @@ class Engine:
         *,
         clock: Clock = time.time,
         core_url: str | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.providers = dict(providers)
         self.demand = demand
         self.clock = clock
+        self.liveness = liveness or Liveness(clock())
         self.core_url = core_url or config.web.public_url or f"http://127.0.0.1:{config.web.port}"
         self.launch_key = userdata.launch_key(store, clock())
         self._launching: dict[str, asyncio.Task[None]] = {}
         self._terminating: dict[str, asyncio.Task[None]] = {}
         self._describing: dict[str, asyncio.Task[None]] = {}
         self._reconciling: dict[str, asyncio.Task[None]] = {}
+        # Per cloud: when describe, list and terminate calls may be made again after failures.
+        self._call_backoff: dict[str, tuple[int, float]] = {}
         self._last_reconcile = float("-inf")
+        self._last_prune = float("-inf")
         self._stopping = False
         self.cycles = 0
+        self.on_ready: Callable[[], None] = lambda: None  # after the start-up reconcile
+        self.on_cycle: Callable[[], None] = lambda: None  # after each cycle (watchdog)
+        self.max_sleep_s = math.inf  # the longest wait between cycles (watchdog)
         self.wake = asyncio.Event()  # set to run the next cycle now (e.g. a job was submitted)
         self._baseline = (-math.inf, 0.0)  # (counted at, jobs per second over warm_history_s)
 
@@ -78,28 +97,6 @@ class Engine:
             warm_margin=pool.warm_margin,
         )
 
-    def resize(self, min_vms: int | None = None, max_vms: int | None = None) -> policy.Settings:
-        """Change the pool bounds; raises ValueError with a message an admin can act on."""
-        current = self.settings()
-        low = current.min_vms if min_vms is None else min_vms
-        high = current.max_vms if max_vms is None else max_vms
-        if low < 0 or high < 0:
-            raise ValueError(f"min and max must be >= 0 (got min {low}, max {high})")
-        if high < low:
-            raise ValueError(f"max must be >= min (got max {high} < min {low})")
-        now = self.clock()
-        self.store.set_setting("min_vms", low, now, f"pool min_vms {current.min_vms} -> {low}")
-        self.store.set_setting("max_vms", high, now, f"pool max_vms {current.max_vms} -> {high}")
-        self.wake.set()
-        return self.settings()
-
-    def pause(self, paused: bool) -> None:
-        """Paused: no launches and no reaping; health rules (boot/heartbeat timeouts) still run."""
-        self.store.set_setting(
-            "paused", paused, self.clock(), "scaling paused" if paused else "scaling resumed"
-        )
-        self.wake.set()
-
     # ---- the loop -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, grace_s: float = 5.0) -> None:
@@ -107,19 +104,36 @@ class Engine:
 
         Instances keep running: the next start re-adopts them."""
         await self.start()
+        self.on_ready()
+        saver = asyncio.create_task(self._save_liveness_until(stop))
+        sleep_s = min(self.config.pool.cycle_interval_s, self.max_sleep_s)
         while not stop.is_set():
             try:
                 await self.cycle()
             except Exception:
                 log.exception("event=cycle_error")
+            self.on_cycle()
             self.wake.clear()
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-            await asyncio.wait(
-                waiters, timeout=self.config.pool.cycle_interval_s, return_when="FIRST_COMPLETED"
-            )
+            await asyncio.wait(waiters, timeout=sleep_s, return_when="FIRST_COMPLETED")
             for waiter in waiters:
                 waiter.cancel()
+        await saver
         await self.shutdown(grace_s)
+
+    async def _save_liveness_until(self, stop: asyncio.Event) -> None:
+        """Write the in-memory heartbeats every few seconds, and once more at the end."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_SAVE_S)
+            try:
+                self.save_liveness()
+            except Exception:
+                log.exception("event=heartbeat_save_failed")
+
+    def save_liveness(self) -> None:
+        seen, busy = self.liveness.take_unsaved()
+        self.store.save_heartbeats(seen, busy)
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         self._stopping = True
@@ -145,13 +159,16 @@ class Engine:
             self._last_reconcile = now
             for name in self.providers:
                 self._spawn(self._reconciling, name, self._reconcile(name))
+        self._prune(now)
         self._observe_requested()
         for launch in self._pending():
             self._spawn(self._launching, launch.cloud, self._resume_launch(launch))
         try:
             waiting: int | None = await self.demand.waiting()
         except DemandError as exc:
-            self.store.record_event(now, "demand_error", f"{exc}; no scaling change this cycle")
+            self.store.record_event(
+                now, EventKind.DEMAND_ERROR, f"{exc}; no scaling change this cycle"
+            )
             waiting = None
         actions = policy.decide(self.snapshot(now), waiting, now, self.settings())
         self._act(actions, now)
@@ -166,22 +183,27 @@ class Engine:
     # ---- observe ------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> policy.Snapshot:
+        """The pool as the policy sees it. Liveness comes from memory, and the start-up grace
+        applies: no VM's heartbeat or boot clock counts from before this process started, so
+        a core that was down (or whose wall clock stepped) loses no healthy VM."""
+        started = self.liveness.started_at
+        liveness = self.liveness
         vms = tuple(
             policy.VMView(
                 id=vm.id,
                 cloud=vm.cloud,
                 state=vm.state,
-                launched_at=vm.launched_at,
-                idle_since=vm.idle_since,
-                last_heartbeat=vm.last_heartbeat,
+                launched_at=max(vm.launched_at, started),
+                idle_since=liveness.idle_since(vm.id, vm.idle_since),
+                last_heartbeat=max(
+                    liveness.last_heartbeat(vm.id, vm.last_heartbeat) or started, started
+                ),
                 has_job=vm.job_id is not None,
                 kill_requested=vm.kill_requested,
             )
             for vm in self.store.vms(ALIVE_STATES)
         )
-        pending: dict[str, int] = {}
-        for launch in self.store.pending_launches():
-            pending[launch.cloud] = pending.get(launch.cloud, 0) + launch.count
+        pending = self.store.pending_counts()
         clouds = tuple(
             policy.CloudView(
                 name=cloud.name,
@@ -228,39 +250,43 @@ class Engine:
         by_cloud: dict[str, list[str]] = {}
         for vm in self.store.vms([VMState.REQUESTED]):
             by_cloud.setdefault(vm.cloud, []).append(vm.id)
+        now = self.clock()
         for cloud, ids in by_cloud.items():
-            if cloud in self.providers:
+            if cloud in self.providers and self._may_call(cloud, now):
                 self._spawn(self._describing, cloud, self._describe(cloud, ids))
 
     async def _describe(self, cloud: str, ids: list[str]) -> None:
         try:
-            found = await asyncio.to_thread(self.providers[cloud].describe, ids)
+            found = await self._call(self.providers[cloud].describe, ids)
         except CloudError as exc:
-            log.warning("event=describe_failed cloud=%s error=%s", cloud, exc)
+            self._call_failed(cloud, EventKind.DESCRIBE_FAILED, f"describe failed: {exc}")
             return
+        self._call_succeeded(cloud)
         now = self.clock()
         for instance in found:
             self._apply_instance_state(instance, now)
 
     def _apply_instance_state(self, instance: Instance, now: float) -> None:
         vm = self.store.vm(instance.id)
-        if instance.state in GONE_STATES and vm.state in ALIVE_STATES:
+        if instance.state == InstanceState.GONE and vm.state in ALIVE_STATES:
             self.store.transition_vm(
-                vm.id, VMState.TERMINATED, now, f"cloud reports {instance.state}"
+                vm.id, VMState.TERMINATED, now, "the cloud reports it gone", Reason.CLOUD_GONE
             )
-        elif instance.state == "running":
+            self.liveness.forget(vm.id)
+        elif instance.state == InstanceState.RUNNING:
             self.store.vm_running(vm.id, instance.address, now)
 
     async def _reconcile(self, cloud: str) -> None:
         """Full tag-filtered listing of one cloud: adopt strays, retire vanished VMs."""
         started = self.clock()
-        try:
-            listed = await asyncio.to_thread(self.providers[cloud].list_pool)
-        except CloudError as exc:
-            self.store.record_event(
-                started, "reconcile_failed", f"listing failed: {exc}", cloud=cloud
-            )
+        if not self._may_call(cloud, started):
             return
+        try:
+            listed = await self._call(self.providers[cloud].list_pool)
+        except CloudError as exc:
+            self._call_failed(cloud, EventKind.RECONCILE_FAILED, f"listing failed: {exc}")
+            return
+        self._call_succeeded(cloud)
         now = self.clock()
         known = {vm.id: vm for vm in self.store.vms() if vm.cloud == cloud}
         seen: set[str] = set()
@@ -268,7 +294,7 @@ class Engine:
             seen.add(instance.id)
             if instance.id in known:
                 self._apply_instance_state(instance, now)
-            elif instance.state not in GONE_STATES:
+            elif instance.state != InstanceState.GONE:
                 self.store.adopt_vm(
                     instance.id, cloud, instance.launch_id or "unknown", instance.address, now
                 )
@@ -278,7 +304,10 @@ class Engine:
                 and vm.state in ALIVE_STATES
                 and vm.launched_at < started - VANISH_GRACE_S
             ):
-                self.store.transition_vm(vm.id, VMState.TERMINATED, now, "vanished from the cloud")
+                self.store.transition_vm(
+                    vm.id, VMState.TERMINATED, now, "vanished from the cloud", Reason.VANISHED
+                )
+                self.liveness.forget(vm.id)
 
     # ---- act ----------------------------------------------------------------------------
 
@@ -291,14 +320,22 @@ class Engine:
                         launch = self._new_launch(cloud, count, now)
                         self._spawn(self._launching, cloud, self._run_launch(launch))
                 case policy.Fail(vm_id=vm_id, reason=reason):
-                    vm = self.store.transition_vm(vm_id, VMState.FAILED, now, reason)
+                    vm = self.store.transition_vm(
+                        vm_id, VMState.FAILED, now, reason, Reason.BOOT_TIMEOUT
+                    )
                     self._count_boot_failure(vm.cloud, now)
-                    self.store.transition_vm(vm_id, VMState.TERMINATING, now, "boot failed")
+                    self.store.transition_vm(
+                        vm_id, VMState.TERMINATING, now, "boot failed", Reason.BOOT_TIMEOUT
+                    )
                 case policy.Lose(vm_id=vm_id, reason=reason):
-                    self.store.transition_vm(vm_id, VMState.LOST, now, reason)
-                    self.store.transition_vm(vm_id, VMState.TERMINATING, now, "lost")
-                case policy.Terminate(vm_id=vm_id, reason=reason):
-                    self.store.transition_vm(vm_id, VMState.TERMINATING, now, reason)
+                    self.store.transition_vm(
+                        vm_id, VMState.LOST, now, reason, Reason.HEARTBEAT_TIMEOUT
+                    )
+                    self.store.transition_vm(
+                        vm_id, VMState.TERMINATING, now, "lost", Reason.HEARTBEAT_TIMEOUT
+                    )
+                case policy.Terminate(vm_id=vm_id, reason=reason, code=code):
+                    self.store.transition_vm(vm_id, VMState.TERMINATING, now, reason, code)
 
     def _new_launch(self, cloud: str, count: int, now: float) -> Launch:
         """Persist the intent (with its ClientToken) before any call reaches the cloud."""
@@ -320,7 +357,13 @@ class Engine:
     async def _run_launch(self, launch: Launch) -> None:
         provider = self.providers[launch.cloud]
         try:
-            instances = await asyncio.to_thread(provider.launch, self._request(launch))
+            request = self._request(launch)
+        except Exception as exc:
+            # Nothing was sent: the launch fails where an admin sees it, the cloud stays usable.
+            self.store.fail_launch(launch.id, f"cannot prepare the launch: {exc}", self.clock())
+            return
+        try:
+            instances = await asyncio.to_thread(provider.launch, request)
         except CloudError as exc:
             now = self.clock()
             if exc.code is not None:
@@ -335,7 +378,9 @@ class Engine:
         status = self.store.cloud_status(launch.cloud)
         if status.backoff_level:
             status.backoff_level, status.backoff_until, status.last_error = 0, 0.0, None
-            self.store.save_cloud_status(status, now, ("cloud_recovered", "launch succeeded"))
+            self.store.save_cloud_status(
+                status, now, (EventKind.CLOUD_RECOVERED, "launch succeeded")
+            )
 
     async def _resume_launch(self, launch: Launch) -> None:
         """Finish a launch whose result was never recorded: adopt its tagged instances if the
@@ -366,35 +411,83 @@ class Engine:
         by_cloud: dict[str, list[str]] = {}
         for vm in self.store.vms([VMState.TERMINATING]):
             by_cloud.setdefault(vm.cloud, []).append(vm.id)
+        now = self.clock()
         for cloud, ids in by_cloud.items():
-            if cloud in self.providers:
+            if cloud in self.providers and self._may_call(cloud, now):
                 self._spawn(self._terminating, cloud, self._terminate(cloud, ids))
 
     async def _terminate(self, cloud: str, ids: list[str]) -> None:
         try:
-            missing = await asyncio.to_thread(self.providers[cloud].terminate, ids)
+            missing = await self._call(self.providers[cloud].terminate, ids)
         except CloudError as exc:
-            self.store.record_event(
-                self.clock(), "terminate_failed", f"{len(ids)} VMs: {exc}", cloud=cloud
-            )
+            self._call_failed(cloud, EventKind.TERMINATE_FAILED, f"{len(ids)} VMs: {exc}")
             return
+        self._call_succeeded(cloud)
         now = self.clock()
         for vm_id in ids:
-            reason = "unknown to the cloud" if vm_id in missing else "terminate accepted"
-            self.store.transition_vm(vm_id, VMState.TERMINATED, now, reason)
+            why = "unknown to the cloud" if vm_id in missing else "terminate accepted"
+            self.store.transition_vm(vm_id, VMState.TERMINATED, now, why, Reason.TERMINATE_ACCEPTED)
+            self.liveness.forget(vm_id)
+
+    # ---- housekeeping -------------------------------------------------------------------
+
+    def _prune(self, now: float) -> None:
+        """Drop events and finished jobs older than the retention, a few small batches at a
+        time, so the state file stays bounded without one long write."""
+        retention_s = self.config.state.retention_days * 86400
+        if not retention_s or now - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = now
+        before = now - retention_s
+        for _ in range(10):
+            jobs = self.store.prune_jobs(before, PRUNE_BATCH)
+            events = self.store.prune_events(before, PRUNE_BATCH)
+            if jobs < PRUNE_BATCH and events < PRUNE_BATCH:
+                break
+
+    # ---- calls other than launches: bounded, backed off per cloud ----------------------
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A provider call in a worker thread. It gives up waiting after
+        ``clouds[].call_timeout_s`` so a hung endpoint cannot hold the cloud's slot; the
+        thread's late answer is dropped (describe, list and terminate are safe to repeat)."""
+        cloud = getattr(fn, "__self__", None)
+        name = getattr(cloud, "name", "")
+        timeout = self._cloud_config(name).call_timeout_s if name else None
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+        except TimeoutError:
+            raise CloudError(f"no answer within call_timeout_s={timeout:g}") from None
+
+    def _may_call(self, cloud: str, now: float) -> bool:
+        return self._call_backoff.get(cloud, (0, 0.0))[1] <= now
+
+    def _call_failed(self, cloud: str, kind: EventKind, message: str) -> None:
+        now = self.clock()
+        config = self._cloud_config(cloud)
+        level, _ = self._call_backoff.get(cloud, (0, 0.0))
+        delay = backoff_delay(level, config.call_backoff_initial_s, config.backoff_max_s)
+        self._call_backoff[cloud] = (level + 1, now + delay)
+        self.store.record_event(now, kind, f"{message}; retrying in {delay:g}s", cloud=cloud)
+
+    def _call_succeeded(self, cloud: str) -> None:
+        self._call_backoff.pop(cloud, None)
+
+    def _cloud_config(self, cloud: str) -> Any:
+        return next(c for c in self.config.clouds if c.name == cloud)
 
     # ---- backoff ------------------------------------------------------------------------
 
     def _back_off(self, cloud: str, error: CloudError, now: float) -> None:
-        config = next(c for c in self.config.clouds if c.name == cloud)
+        config = self._cloud_config(cloud)
         status = self.store.cloud_status(cloud)
-        delay = min(config.backoff_initial_s * 2**status.backoff_level, config.backoff_max_s)
+        delay = backoff_delay(status.backoff_level, config.backoff_initial_s, config.backoff_max_s)
         status.backoff_level += 1
         status.backoff_until = now + delay
         status.last_error = str(error)
         kind = "capacity" if isinstance(error, CapacityError) else "error"
         self.store.save_cloud_status(
-            status, now, ("cloud_backoff", f"{kind}: {error}; no launches for {delay:g}s")
+            status, now, (EventKind.CLOUD_BACKOFF, f"{kind}: {error}; no launches for {delay:g}s")
         )
 
     def _count_boot_failure(self, cloud: str, now: float) -> None:
@@ -438,3 +531,8 @@ class Engine:
             for slot in (self._launching, self._terminating, self._describing, self._reconciling)
             for task in slot.values()
         ]
+
+
+def backoff_delay(level: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: ``initial_s`` doubled per earlier failure, at most ``max_s``."""
+    return float(min(initial_s * 2 ** min(level, 62), max_s))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class IllegalTransition(Exception):
@@ -46,6 +47,10 @@ VM_TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.TERMINATED: frozenset(),
 }
 
+# VMs that no longer serve jobs: a job still on one goes back to the queue.
+STOPPED_SERVING_STATES = frozenset(
+    {VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, VMState.FAILED}
+)
 # VMs that count against the pool's max_vms: they are (or will be) serving jobs.
 SERVING_STATES = frozenset(
     {VMState.REQUESTED, VMState.BOOTING, VMState.IDLE, VMState.BUSY, VMState.DRAINING}
@@ -86,6 +91,73 @@ class LaunchState(enum.StrEnum):
     FAILED = "failed"
 
 
+class EventKind(enum.StrEnum):
+    """Every kind of event the core records; the API, the console and the demo use these
+    values, never the message text."""
+
+    SETTING_CHANGED = "setting_changed"
+    LAUNCH_REQUESTED = "launch_requested"
+    LAUNCH_DONE = "launch_done"
+    LAUNCH_FAILED = "launch_failed"
+    CLOUD_BACKOFF = "cloud_backoff"
+    CLOUD_RECOVERED = "cloud_recovered"
+    RECONCILE_FAILED = "reconcile_failed"
+    DESCRIBE_FAILED = "describe_failed"
+    TERMINATE_FAILED = "terminate_failed"
+    DEMAND_ERROR = "demand_error"
+    STATE_PRUNED = "state_pruned"
+    VM_ADOPTED = "vm_adopted"
+    VM_KILL_REQUESTED = "vm_kill_requested"
+    VM_REQUESTED = "vm_requested"
+    VM_BOOTING = "vm_booting"
+    VM_IDLE = "vm_idle"
+    VM_BUSY = "vm_busy"
+    VM_DRAINING = "vm_draining"
+    VM_TERMINATING = "vm_terminating"
+    VM_TERMINATED = "vm_terminated"
+    VM_FAILED = "vm_failed"
+    VM_LOST = "vm_lost"
+    JOB_QUEUED = "job_queued"
+    JOB_ASSIGNED = "job_assigned"
+    JOB_RUNNING = "job_running"
+    JOB_DONE = "job_done"
+    JOB_FAILED = "job_failed"
+    JOB_REQUEUED = "job_requeued"
+    JOB_CANCELLED = "job_cancelled"
+
+    @classmethod
+    def for_vm(cls, state: VMState) -> EventKind:
+        return cls(f"vm_{state}")
+
+    @classmethod
+    def for_job(cls, state: JobState) -> EventKind:
+        return cls(f"job_{state}")
+
+
+class Reason(enum.StrEnum):
+    """Why a VM or job changed state, as a code (the event's message says it in words)."""
+
+    IDLE_TIMEOUT = "idle_timeout"
+    ABOVE_MAX = "above_max"
+    KILLED = "killed"
+    DRAINED = "drained"
+    DRAIN_REQUESTED = "drain_requested"
+    BOOT_TIMEOUT = "boot_timeout"
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    CLOUD_GONE = "cloud_gone"
+    VANISHED = "vanished"
+    TERMINATE_ACCEPTED = "terminate_accepted"
+    REGISTERED = "registered"
+    RUNNING_IN_CLOUD = "running_in_cloud"
+    JOB_ASSIGNED = "job_assigned"
+    JOB_ENDED = "job_ended"
+    CANCELLED = "cancelled"
+    EXIT_CODE = "exit_code"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    VM_STOPPED_SERVING = "vm_stopped_serving"
+    SCALING = "scaling"
+
+
 def check_vm(old: VMState, new: VMState) -> None:
     if new not in VM_TRANSITIONS[old]:
         raise IllegalTransition(f"vm: {old} -> {new} is not allowed")
@@ -94,6 +166,78 @@ def check_vm(old: VMState, new: VMState) -> None:
 def check_job(old: JobState, new: JobState) -> None:
     if new not in JOB_TRANSITIONS[old]:
         raise IllegalTransition(f"job: {old} -> {new} is not allowed")
+
+
+def job_outcome(exit_code: int) -> JobState:
+    """What a reported exit code makes of a job."""
+    return JobState.DONE if exit_code == 0 else JobState.FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class JobChange:
+    """A job's next state and the columns that go with it, decided without touching SQL."""
+
+    state: JobState
+    columns: dict[str, Any]
+    kind: EventKind
+    message: str
+    reason: Reason
+
+
+def requeue(job: Job, now: float, why: str, reason: Reason) -> JobChange | None:
+    """A job whose VM stopped serving goes back to the queue with one more attempt, or fails
+    once its attempts are used up. None when the job is no longer active."""
+    if job.state not in ACTIVE_JOB_STATES:
+        return None
+    if job.attempt >= job.max_attempts:
+        return JobChange(
+            JobState.FAILED,
+            {"finished_at": now, "reason": why},
+            EventKind.JOB_FAILED,
+            f"gave up after {job.attempt} attempts: {why}",
+            Reason.ATTEMPTS_EXHAUSTED,
+        )
+    return JobChange(
+        JobState.QUEUED,
+        {
+            "attempt": job.attempt + 1,
+            "vm_id": None,
+            "assigned_at": None,
+            "started_at": None,
+            "reason": why,
+        },
+        EventKind.JOB_REQUEUED,
+        f"attempt {job.attempt + 1}: {why}",
+        reason,
+    )
+
+
+def finish(job: Job, exit_code: int, output_tail: str, now: float) -> JobChange:
+    """The end of a job's current attempt as its agent reported it."""
+    state = job_outcome(exit_code)
+    return JobChange(
+        state,
+        {
+            "finished_at": now,
+            "exit_code": exit_code,
+            "output_tail": output_tail,
+            "reason": None if exit_code == 0 else f"exit code {exit_code}",
+        },
+        EventKind.for_job(state),
+        f"exit code {exit_code} on {job.vm_id}",
+        Reason.EXIT_CODE,
+    )
+
+
+def vm_columns(new: VMState, now: float, job_id: int | None) -> dict[str, Any]:
+    """What entering ``new`` does to a VM's columns: a VM that stops serving lets go of its
+    job, and only an idle VM has an idle clock."""
+    return {
+        "state": new,
+        "state_since": now,
+        "job_id": None if new in STOPPED_SERVING_STATES else job_id,
+        "idle_since": now if new == VMState.IDLE else None,
+    }
 
 
 @dataclass(slots=True)
@@ -147,11 +291,12 @@ class Launch:
 class Event:
     seq: int
     ts: float
-    kind: str
+    kind: str  # an EventKind value
     message: str
     vm_id: str | None = None
     job_id: int | None = None
     cloud: str | None = None
+    reason: str | None = None  # a Reason value, when the event is a decision
 
 
 @dataclass(slots=True)

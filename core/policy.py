@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.model import ALIVE_STATES, HEARTBEATING_STATES, SERVING_STATES, VMState
+from core.model import ALIVE_STATES, HEARTBEATING_STATES, SERVING_STATES, Reason, VMState
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,7 @@ class Launch:
 class Terminate:
     vm_id: str
     reason: str
+    code: Reason = Reason.SCALING
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +140,7 @@ def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
     """Per-VM rules that apply even when scaling is paused or demand is unknown."""
     state = vm.state
     if vm.kill_requested and state in ALIVE_STATES and state != VMState.TERMINATING:
-        return Terminate(vm.id, "killed by admin")
+        return Terminate(vm.id, "killed by admin", Reason.KILLED)
     if state in HEARTBEATING_STATES:  # the common case first: decide() runs over every VM
         seen = vm.last_heartbeat if vm.last_heartbeat is not None else vm.launched_at
         if now - seen > settings.heartbeat_timeout_s:
@@ -147,7 +148,7 @@ def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
                 vm.id, f"no heartbeat for {now - seen:.0f}s > {settings.heartbeat_timeout_s:g}s"
             )
         if state == VMState.DRAINING and not vm.has_job:
-            return Terminate(vm.id, "drained")
+            return Terminate(vm.id, "drained", Reason.DRAINED)
         return None
     if state in _STARTING_STATES:
         if now - vm.launched_at > settings.boot_timeout_s:
@@ -220,13 +221,15 @@ def decide(snapshot: Snapshot, waiting: int | None, now: float, settings: Settin
     for vm in idle:
         idle_for = now - (vm.idle_since if vm.idle_since is not None else vm.launched_at)
         if over_max > 0:
-            actions.append(Terminate(vm.id, f"above max_vms={settings.max_vms}"))
+            actions.append(Terminate(vm.id, f"above max_vms={settings.max_vms}", Reason.ABOVE_MAX))
             over_max -= 1
             reapable -= 1
         elif reapable > 0 and idle_for > settings.idle_timeout_s:
             actions.append(
                 Terminate(
-                    vm.id, f"idle {idle_for:.0f}s > idle_timeout_s={settings.idle_timeout_s:g}"
+                    vm.id,
+                    f"idle {idle_for:.0f}s > idle_timeout_s={settings.idle_timeout_s:g}",
+                    Reason.IDLE_TIMEOUT,
                 )
             )
             reapable -= 1

@@ -39,7 +39,9 @@ def launch_secret(key: bytes, launch_id: str) -> str:
 
 
 def secret_matches(key: bytes, launch_id: str, presented: str) -> bool:
-    return hmac.compare_digest(launch_secret(key, launch_id), presented)
+    """Constant-time comparison; any text is accepted (compared as UTF-8 bytes)."""
+    expected = launch_secret(key, launch_id).encode()
+    return hmac.compare_digest(expected, presented.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,18 +97,23 @@ def _asset(name: str) -> bytes:
 
 def render(settings: AgentSettings, config: ContextualisationConfig) -> str:
     """The #cloud-config for one launch. Deterministic: same inputs, same bytes."""
+    text = render_unchecked(settings, config)
+    if len(text.encode()) > USER_DATA_LIMIT:
+        raise ValueError(f"user data is {len(text.encode())} bytes, EC2 allows {USER_DATA_LIMIT}")
+    return text
+
+
+def render_unchecked(settings: AgentSettings, config: ContextualisationConfig) -> str:
+    """The user data text, whatever its size."""
     agent = gzip.compress(_asset("agent.py"), mtime=0)
     template = Template(_asset(f"{config.template}.yaml").decode())
-    text = template.substitute(
+    return template.substitute(
         settings_b64=base64.b64encode(settings.to_json().encode()).decode(),
         agent_gz_b64=base64.b64encode(agent).decode(),
         cvmfs_repositories=",".join(config.alien.cvmfs_repositories),
         cvmfs_http_proxy=config.alien.cvmfs_http_proxy,
         cvmfs_quota_mb=config.alien.cvmfs_quota_mb,
     )
-    if len(text.encode()) > USER_DATA_LIMIT:
-        raise ValueError(f"user data is {len(text.encode())} bytes, EC2 allows {USER_DATA_LIMIT}")
-    return text
 
 
 def read_agent_settings(user_data: str) -> dict[str, object]:

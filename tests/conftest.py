@@ -116,6 +116,8 @@ def make_config(tmp_path: Path, clouds: list[dict[str, Any]], **sections: Any) -
         "clouds": clouds,
         "state": {"path": str(tmp_path / "state.db"), "synchronous": "normal"},
         "admin": {"socket": str(tmp_path / "admin.sock")},
+        # Port 0: tests never collide with a core (or another test) on the default port.
+        "web": {"host": "127.0.0.1", "port": 0},
     }
     pool = {"cycle_interval_s": 0.05, "adaptive_warm": False}
     pool.update(sections.pop("pool", {}))

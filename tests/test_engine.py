@@ -25,6 +25,7 @@ from core.config import Config
 from core.daemon import build_engine
 from core.engine import Engine
 from core.model import JobState, LaunchState, VMState
+from core.service import PoolService
 from core.store import Store
 from tests.conftest import (
     ManualClock,
@@ -56,8 +57,21 @@ def register_all(store: Store, now: float) -> list[str]:
 
 
 def heartbeat_all(store: Store, now: float) -> None:
-    for vm in store.vms([VMState.IDLE, VMState.BUSY, VMState.DRAINING]):
-        store.heartbeat(vm.id, now)
+    store.save_heartbeats(
+        {vm.id: now for vm in store.vms([VMState.IDLE, VMState.BUSY, VMState.DRAINING])}, {}
+    )
+
+
+def service_of(engine: Engine) -> PoolService:
+    """The service the web layer would use over this engine's state."""
+    return PoolService(
+        engine.config,
+        engine.store,
+        engine.liveness,
+        engine.clock,
+        engine.wake.set,
+        lambda launch_id, secret: False,
+    )
 
 
 def run_all_jobs(store: Store, now: float) -> None:
@@ -431,7 +445,7 @@ async def test_silent_vm_is_lost_its_job_requeued_and_the_vm_terminated(
     store.start_job(job, 1, vm, clock())
 
     clock.advance(60)
-    store.heartbeat(vm, clock())
+    store.save_heartbeats({vm: clock()}, {})
     clock.advance(119)
     await step(engine)
     assert store.vm(vm).state == VMState.BUSY
@@ -460,7 +474,7 @@ async def test_kill_terminates_now_and_requeues_while_drain_waits_for_the_job(
     kill_job = store.assign_next_job(killed, clock())
     drain_job = store.assign_next_job(drained, clock())
     assert kill_job and drain_job
-    engine.pause(True)  # kill and drain are honoured while scaling is paused
+    service_of(engine).pause(True)  # kill and drain are honoured while scaling is paused
 
     store.request_kill(killed, clock())
     store.drain_vm(drained, clock())
@@ -501,8 +515,8 @@ async def test_resize_is_validated_durable_and_applied(
     store = open_store(config)
     engine = build_engine(config, store, clock)
     with pytest.raises(ValueError, match="max must be >= min"):
-        engine.resize(min_vms=4, max_vms=3)
-    engine.resize(min_vms=3, max_vms=4)
+        service_of(engine).resize(min_vms=4, max_vms=3)
+    service_of(engine).resize(min_vms=3, max_vms=4)
     restarted = build_engine(config, store, clock)
     assert (restarted.settings().min_vms, restarted.settings().max_vms) == (3, 4)
     await restarted.start()

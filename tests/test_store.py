@@ -93,12 +93,20 @@ def test_job_fails_after_max_attempts_of_vm_loss(store: Store) -> None:
     assert "gave up after 2 attempts" in failed[0].message
 
 
-def test_cancel_detaches_a_running_job_and_refuses_a_finished_one(store: Store) -> None:
+def test_cancelled_running_job_keeps_its_vm_busy_until_the_agent_reports_it_stopped(
+    store: Store,
+) -> None:
     idle_vm(store)
     job = store.submit_job(["x"], T0)
     store.assign_next_job("i-1", T0)
     assert store.cancel_job(job.id, T0 + 1).state == JobState.CANCELLED
+    assert store.vm("i-1").state == VMState.BUSY
+    assert store.cancelled_on(store.vm("i-1")) == [job.id]
+    stopped = store.finish_job(job.id, 1, "i-1", -15, "killed", T0 + 2)
+    assert stopped is not None and stopped.state == JobState.CANCELLED
+    assert stopped.output_tail == "killed"
     assert store.vm("i-1").state == VMState.IDLE
+    assert store.cancelled_on(store.vm("i-1")) == []
     with pytest.raises(Conflict, match="cancelled"):
         store.cancel_job(job.id, T0 + 2)
     with pytest.raises(NotFound):
@@ -107,12 +115,65 @@ def test_cancel_detaches_a_running_job_and_refuses_a_finished_one(store: Store) 
 
 def test_illegal_vm_transition_leaves_nothing_half_written(store: Store) -> None:
     idle_vm(store)
-    store.transition_vm("i-1", VMState.TERMINATED, T0, "gone")
+    job = store.submit_job(["x"], T0)
+    store.assign_next_job("i-1", T0)
+    store.transition_vm("i-1", VMState.DRAINING, T0, "drain")
     seq = store.last_seq()
-    with pytest.raises(Exception, match="terminated -> idle"):
+    # Inside one transaction: the drained VM's job is requeued and its events written, then
+    # the illegal step raises; all of it must roll back.
+    with pytest.raises(Exception, match="lost -> idle"), store._tx():
+        store.transition_vm("i-1", VMState.LOST, T0, "lost")
+        assert store.job(job.id).state == JobState.QUEUED
         store.transition_vm("i-1", VMState.IDLE, T0, "back?")
-    assert store.vm("i-1").state == VMState.TERMINATED
+    assert store.vm("i-1").state == VMState.DRAINING
+    assert store.job(job.id).state == JobState.ASSIGNED
     assert store.last_seq() == seq
+
+
+def test_events_are_logged_only_after_their_transaction_commits(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="alienec2.events")
+    with pytest.raises(RuntimeError), store._tx():
+        store.submit_job(["x"], T0)
+        assert "job_queued" not in caplog.text
+        raise RuntimeError("crash before commit")
+    assert "job_queued" not in caplog.text
+    store.submit_job(["y"], T0)
+    assert "event=job_queued" in caplog.text
+
+
+def test_pending_launch_counts_only_instances_not_yet_known(store: Store) -> None:
+    store.add_launch("L1", "a", 3, "t", T0)
+    assert store.pending_counts() == {"a": 3}
+    store.adopt_vm("i-1", "a", "L1", None, T0)
+    store.adopt_vm("i-2", "a", "L1", None, T0)
+    assert store.pending_counts() == {"a": 1}
+    assert store.vm("i-1").launched_at == T0  # the launch's time, not the adoption's
+
+
+def test_a_terminated_vms_token_no_longer_authenticates(store: Store) -> None:
+    store.add_launch("L", "a", 1, "t", T0)
+    store.complete_launch("L", [("i-1", None)], T0)
+    store.register_vm("i-1", T0, token_hash="h1")
+    assert store.vm_by_token("h1") is not None
+    store.transition_vm("i-1", VMState.TERMINATED, T0, "gone")
+    assert store.vm_by_token("h1") is None
+
+
+def test_old_history_is_pruned_in_batches_and_live_jobs_are_kept(store: Store) -> None:
+    idle_vm(store)
+    old = [store.submit_job(["x"], T0).id for _ in range(5)]
+    for job_id in old:
+        store.cancel_job(job_id, T0)
+    live = store.submit_job(["y"], T0).id
+    assert store.prune_jobs(T0 + 1, batch=2) == 2
+    assert store.prune_jobs(T0 + 1, batch=10) == 3
+    assert store.job(live).state == JobState.QUEUED
+    events = len(store.events_after(0))
+    assert store.prune_events(T0 + 2, batch=events) == events
+    assert store.events_after(0) == []
+    assert store.first_seq() == 0
 
 
 def test_state_and_event_sequence_survive_reopening(tmp_path: Path) -> None:

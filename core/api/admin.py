@@ -1,7 +1,7 @@
 """The admin API: what the console and the CLI use to watch and steer the pool.
 
-Served on a unix socket (mode 0600: the file system is the access control) and, optionally, on
-TCP where every request needs the bearer token.
+A thin router over ``PoolService``. Served on a unix socket (mode 0600: the file system is the
+access control) and, optionally, on TCP where every request needs the bearer token.
 """
 
 from __future__ import annotations
@@ -11,28 +11,39 @@ import dataclasses
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.api import metrics
 from core.api.errors import ApiError, install_error_handlers, unauthorized
 from core.api.longpoll import Changes
-from core.engine import Engine
-from core.model import ALIVE_STATES, Job, JobState, VMState
-from core.store import Conflict, JobSpec
+from core.model import ALIVE_STATES, EventKind, Job, JobState, VMState
+from core.service import Invalid, PoolService
+from core.store import JobSpec
 
 MAX_WAIT_S = 60.0
+MAX_PAGE = 1000  # the most records one list request returns; page with ``before``/``after``
+INT64 = 2**63 - 1
+FLOW_KINDS = {
+    EventKind.JOB_QUEUED: "submitted",
+    EventKind.JOB_RUNNING: "started",
+    EventKind.JOB_DONE: "finished",
+    EventKind.JOB_FAILED: "failed",
+}
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SubmitRequest(_Body):
-    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-    env: dict[str, str] = {}
-    wall_time_s: Annotated[float, Field(gt=0)] | None = None
+    command: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=4096)]],
+        Field(min_length=1, max_length=1024),
+    ]
+    env: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=256)] = {}
+    wall_time_s: Annotated[float, Field(gt=0, le=10**9)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
 
 
@@ -41,8 +52,8 @@ class SubmitBatchRequest(_Body):
 
 
 class ResizeRequest(_Body):
-    min_vms: Annotated[int, Field(ge=0)] | None = None
-    max_vms: Annotated[int, Field(ge=0)] | None = None
+    min_vms: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    max_vms: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
 
     @model_validator(mode="after")
     def _something(self) -> ResizeRequest:
@@ -62,57 +73,22 @@ def job_view(job: Job) -> dict[str, Any]:
     return view
 
 
-def status(engine: Engine, changes: Changes) -> dict[str, Any]:
-    """The pool at a glance: what the console's header and `alienec2 status` show."""
-    store, now = engine.store, engine.clock()
-    settings = engine.settings()
-    vm_counts = store.vm_counts()
-    alive: dict[str, int] = {}
-    for vm in store.vms(ALIVE_STATES):
-        alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
-    clouds = []
-    for cloud in engine.config.clouds:
-        cloud_status = store.cloud_status(cloud.name)
-        clouds.append(
-            {
-                "name": cloud.name,
-                "priority": cloud.priority,
-                "max_instances": cloud.max_instances,
-                "alive": alive.get(cloud.name, 0),
-                "backoff_s": max(cloud_status.backoff_until - now, 0.0),
-                "last_error": cloud_status.last_error,
-            }
-        )
-    return {
-        "now": now,
-        "core_id": engine.config.core_id,
-        "pool": {
-            "name": engine.config.pool.name,
-            "min_vms": settings.min_vms,
-            "max_vms": settings.max_vms,
-            "paused": settings.paused,
-            "vms": {str(state): n for state, n in vm_counts.items()},
-        },
-        "queue": {
-            "kind": engine.config.queue.kind,
-            "jobs": {str(state): n for state, n in store.job_counts().items()},
-        },
-        "clouds": clouds,
-        "agents_waiting": changes.jobs.waiting,
-        "last_seq": store.last_seq(),
-    }
-
-
-def create_admin_app(engine: Engine, changes: Changes, token: str | None = None) -> FastAPI:
-    """``token`` None: no authentication (the unix socket); else every request needs it."""
-    store = engine.store
-    max_attempts = getattr(engine.config.queue, "max_attempts", 3)
+def create_admin_app(
+    service: PoolService, changes: Changes, cycles: Any, token: str | None = None
+) -> FastAPI:
+    """``token`` None: no authentication (the unix socket); else every request needs it.
+    ``cycles()`` tells how many engine cycles ran (health)."""
+    store = service.store
+    config = service.config
+    max_attempts = getattr(config.queue, "max_attempts", 3)
 
     async def authenticated(request: Request) -> None:
         if token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.encode("utf-8", "surrogatepass"), token.encode()
+        ):
             raise unauthorized()
 
     app = FastAPI(
@@ -129,111 +105,107 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "cycles": engine.cycles}
+        return {"status": "ok", "cycles": cycles()}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(engine), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(service), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/v1/status")
     async def get_status() -> dict[str, Any]:
-        return status(engine, changes)
+        return {**service.status(), "agents_waiting": changes.jobs.waiting}
 
     @app.get("/admin/v1/vms")
     async def list_vms(
         state: VMState | None = None, include_terminated: bool = False
     ) -> dict[str, Any]:
         if state is not None:
-            vms = store.vms([state])
+            vms = service.vms([state])
         elif include_terminated:
-            vms = store.vms()
+            vms = service.vms()
         else:
-            vms = store.vms(ALIVE_STATES)
-        return {"now": engine.clock(), "vms": [as_dict(vm) for vm in vms]}
+            vms = service.vms(ALIVE_STATES)
+        return {"now": service.clock(), "vms": [as_dict(vm) for vm in vms]}
 
     @app.get("/admin/v1/vms/{vm_id}")
-    async def get_vm(vm_id: str) -> dict[str, Any]:
-        vm = store.vm(vm_id)
+    async def get_vm(vm_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+        vm = service.vm(vm_id)
         events = [as_dict(e) for e in store.events_for_vm(vm_id)]
         job = store.job(vm.job_id) if vm.job_id is not None else store.last_job_of_vm(vm_id)
         view = job_view(job) if job is not None else None
-        return {"now": engine.clock(), "vm": as_dict(vm), "job": view, "events": events}
+        return {"now": service.clock(), "vm": as_dict(vm), "job": view, "events": events}
 
     @app.post("/admin/v1/vms/{vm_id}/drain")
-    async def drain(vm_id: str) -> dict[str, Any]:
-        vm = store.drain_vm(vm_id, engine.clock())
-        engine.wake.set()
-        return as_dict(vm)
+    async def drain(vm_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+        return as_dict(service.drain(vm_id))
 
     @app.post("/admin/v1/vms/drain")
     async def drain_all() -> dict[str, Any]:
-        drained = []
-        for vm in store.vms([VMState.IDLE, VMState.BUSY]):
-            try:
-                store.drain_vm(vm.id, engine.clock(), "drain all requested")
-                drained.append(vm.id)
-            except Conflict:
-                continue  # it changed state meanwhile
-        engine.wake.set()
-        return {"drained": drained}
+        return {"drained": service.drain_all()}
 
     @app.post("/admin/v1/vms/{vm_id}/kill")
-    async def kill(vm_id: str) -> dict[str, Any]:
-        vm = store.request_kill(vm_id, engine.clock())
-        engine.wake.set()
-        return as_dict(vm)
+    async def kill(vm_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+        return as_dict(service.kill(vm_id))
 
     @app.post("/admin/v1/pool/resize")
     async def resize(body: ResizeRequest) -> dict[str, Any]:
         try:
-            settings = engine.resize(body.min_vms, body.max_vms)
-        except ValueError as exc:
+            low, high = service.resize(body.min_vms, body.max_vms)
+        except Invalid as exc:
             raise ApiError(422, str(exc), "invalid_request") from None
-        return {"min_vms": settings.min_vms, "max_vms": settings.max_vms}
+        return {"min_vms": low, "max_vms": high}
 
     @app.post("/admin/v1/pool/pause")
     async def pause() -> dict[str, Any]:
-        engine.pause(True)
+        service.pause(True)
         return {"paused": True}
 
     @app.post("/admin/v1/pool/resume")
     async def resume() -> dict[str, Any]:
-        engine.pause(False)
+        service.pause(False)
         return {"paused": False}
 
     @app.get("/admin/v1/jobs")
     async def list_jobs(
-        state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 200
+        state: JobState | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 200,
+        before: Annotated[int | None, Query(ge=0, le=INT64)] = None,
     ) -> dict[str, Any]:
-        return {"now": engine.clock(), "jobs": [job_view(j) for j in store.jobs(state, limit)]}
+        """Newest first (``before``: an id, to page back); with ``state``, oldest first
+        (``before`` then means after that id)."""
+        jobs = store.jobs(state, limit, before)
+        return {"now": service.clock(), "jobs": [job_view(j) for j in jobs]}
 
     @app.get("/admin/v1/jobs/{job_id}")
-    async def get_job(job_id: int) -> dict[str, Any]:
-        return job_view(store.job(job_id))
+    async def get_job(job_id: Annotated[int, Path(ge=1, le=INT64)]) -> dict[str, Any]:
+        detail = service.job_detail(job_id)
+        return {
+            **job_view(detail["job"]),
+            "events": [as_dict(e) for e in detail["events"]],
+        }
 
     @app.post("/admin/v1/jobs", status_code=201)
     async def submit(body: SubmitRequest) -> dict[str, Any]:
-        [job_id] = store.submit_jobs([spec(body)], engine.clock())
-        engine.wake.set()
+        [job_id] = service.submit([spec(body)])
         return job_view(store.job(job_id))
 
     @app.post("/admin/v1/jobs/batch", status_code=201)
     async def submit_batch(body: SubmitBatchRequest) -> dict[str, Any]:
-        ids = store.submit_jobs([spec(job) for job in body.jobs], engine.clock())
-        engine.wake.set()
-        return {"ids": ids}
+        return {"ids": service.submit([spec(job) for job in body.jobs])}
 
     @app.post("/admin/v1/jobs/{job_id}/cancel")
-    async def cancel(job_id: int) -> dict[str, Any]:
-        return job_view(store.cancel_job(job_id, engine.clock()))
+    async def cancel(job_id: Annotated[int, Path(ge=1, le=INT64)]) -> dict[str, Any]:
+        return job_view(service.cancel(job_id))
 
     @app.get("/admin/v1/events")
     async def events(
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=INT64)] = 0,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
     ) -> dict[str, Any]:
-        """Events with seq > ``after``; waits up to ``wait`` seconds for the first one."""
+        """Events with seq > ``after``; waits up to ``wait`` seconds for the first one.
+        ``first_seq`` is the oldest event kept: a follower whose ``after`` is below it missed
+        pruned events and should take a fresh snapshot."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -241,7 +213,29 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
             remaining = deadline - loop.time()
             if found or remaining <= 0 or changes.closing:
                 last = found[-1].seq if found else after
-                return {"events": [as_dict(e) for e in found], "last_seq": last}
+                return {
+                    "events": [as_dict(e) for e in found],
+                    "last_seq": last,
+                    "first_seq": store.first_seq(),
+                }
             await changes.events.wait(remaining)
+
+    @app.get("/admin/v1/flow")
+    async def flow(minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 60) -> dict[str, Any]:
+        """Jobs submitted, started, finished and failed per minute over the last ``minutes``,
+        oldest first: what the console's sparklines start from."""
+        now = service.clock()
+        first = int(now // 60) - minutes + 1
+        rows = {
+            minute: dict.fromkeys(FLOW_KINDS.values(), 0)
+            for minute in range(first, first + minutes)
+        }
+        for minute, kind, count in store.flow(first * 60.0, tuple(FLOW_KINDS)):
+            if minute in rows:
+                rows[minute][FLOW_KINDS[EventKind(kind)]] = count
+        return {
+            "now": now,
+            "minutes": [{"t": minute * 60, **counts} for minute, counts in rows.items()],
+        }
 
     return app

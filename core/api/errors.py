@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.model import IllegalTransition
+from core.service import AlreadyRegistered, Forbidden, Invalid, NotYetKnown, Unauthorized
 from core.store import Conflict, NotFound
 
 log = logging.getLogger("alienec2.api")
@@ -48,9 +49,34 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(error_body(exc.message, exc.code), exc.status, headers=headers)
 
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            error_body("unauthorized", "unauthorized"), 401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse(error_body("forbidden", "forbidden"), 403)
+
+    @app.exception_handler(NotYetKnown)
+    async def _not_yet(request: Request, exc: NotYetKnown) -> JSONResponse:
+        return JSONResponse(
+            error_body("the launch result is not recorded yet; retry shortly", "not_yet_known"),
+            409,
+        )
+
+    @app.exception_handler(Invalid)
+    async def _invalid_values(request: Request, exc: Invalid) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_request"), 422)
+
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "not_found"), 404)
+
+    @app.exception_handler(AlreadyRegistered)
+    async def _registered(request: Request, exc: AlreadyRegistered) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "already_registered"), 409)
 
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, exc: Conflict) -> JSONResponse:

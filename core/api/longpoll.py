@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 from collections import Counter, deque
 
+from core.model import EventKind
 from core.store import Store
 
-JOB_READY_KINDS = ("job_queued", "job_requeued")
+JOB_READY_KINDS = (EventKind.JOB_QUEUED, EventKind.JOB_REQUEUED)
 
 
 class Signal:

@@ -8,15 +8,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from core.engine import Engine
+from core.service import PoolService
 
 
 class PoolCollector(Collector):
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, service: PoolService) -> None:
+        self._service = service
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        store, now = self._engine.store, self._engine.clock()
+        store, now = self._service.store, self._service.clock()
         vms = GaugeMetricFamily("alienec2_vms", "VMs by state", labels=["state"])
         for state, count in store.vm_counts().items():
             vms.add_metric([str(state)], count)
@@ -25,18 +25,18 @@ class PoolCollector(Collector):
         for state, count in store.job_counts().items():
             jobs.add_metric([str(state)], count)
         yield jobs
-        settings = self._engine.settings()
-        yield GaugeMetricFamily("alienec2_pool_min_vms", "Pool minimum", value=settings.min_vms)
-        yield GaugeMetricFamily("alienec2_pool_max_vms", "Pool maximum", value=settings.max_vms)
+        low, high = self._service.bounds()
+        yield GaugeMetricFamily("alienec2_pool_min_vms", "Pool minimum", value=low)
+        yield GaugeMetricFamily("alienec2_pool_max_vms", "Pool maximum", value=high)
         yield GaugeMetricFamily(
-            "alienec2_scaling_paused", "1 if scaling is paused", value=int(settings.paused)
+            "alienec2_scaling_paused", "1 if scaling is paused", value=int(self._service.paused())
         )
         backoff = GaugeMetricFamily(
             "alienec2_cloud_backoff_seconds",
             "Seconds until a cloud is used again",
             labels=["cloud"],
         )
-        for cloud in self._engine.config.clouds:
+        for cloud in self._service.config.clouds:
             left = max(store.cloud_status(cloud.name).backoff_until - now, 0.0)
             backoff.add_metric([cloud.name], left)
         yield backoff
@@ -45,7 +45,7 @@ class PoolCollector(Collector):
         )
 
 
-def render(engine: Engine) -> bytes:
+def render(service: PoolService) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PoolCollector(engine))
+    registry.register(PoolCollector(service))
     return generate_latest(registry)

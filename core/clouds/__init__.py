@@ -5,6 +5,7 @@ Providers are synchronous (boto3 is); the engine calls them from worker threads.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,10 +28,18 @@ class CapacityError(CloudError):
     """The cloud cannot give us instances now (capacity, quota or limit): back off."""
 
 
+class InstanceState(enum.StrEnum):
+    """What the engine needs to know of an instance, whatever the cloud calls its states."""
+
+    PENDING = "pending"  # asked for, not running yet
+    RUNNING = "running"
+    GONE = "gone"  # stopping, stopped, shutting down or terminated: it will not serve
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     id: str
-    state: str  # the EC2 state name: pending, running, shutting-down, terminated, stopping, stopped
+    state: InstanceState
     address: str | None = None
     launch_id: str | None = None
 

@@ -17,6 +17,7 @@ from core.clouds import (
     CapacityError,
     CloudError,
     Instance,
+    InstanceState,
     LaunchRequest,
 )
 from core.config import CloudConfig
@@ -53,11 +54,22 @@ def _translate(exc: Exception) -> CloudError:
     return CloudError(f"{type(exc).__name__}: {exc}")
 
 
+# EC2's instance state names, as the engine sees them.
+_STATES = {
+    "pending": InstanceState.PENDING,
+    "running": InstanceState.RUNNING,
+    "shutting-down": InstanceState.GONE,
+    "terminated": InstanceState.GONE,
+    "stopping": InstanceState.GONE,
+    "stopped": InstanceState.GONE,
+}
+
+
 def _instance(raw: dict[str, Any]) -> Instance:
     tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
     return Instance(
         id=raw["InstanceId"],
-        state=raw.get("State", {}).get("Name", "pending"),
+        state=_STATES.get(raw.get("State", {}).get("Name", "pending"), InstanceState.PENDING),
         address=raw.get("PrivateIpAddress") or raw.get("PublicIpAddress"),
         launch_id=tags.get(TAG_LAUNCH),
     )
@@ -73,16 +85,25 @@ class EC2Provider:
         self._pool = pool
         self._core_id = core_id
         session = boto3.session.Session(profile_name=cloud.profile, region_name=cloud.region)
-        self._ec2 = session.client(
-            "ec2",
-            endpoint_url=cloud.endpoint_url,
-            config=BotoConfig(
-                retries={"mode": cloud.retry_mode, "max_attempts": cloud.max_attempts},
-                connect_timeout=10,
-                read_timeout=cloud.read_timeout_s,
-                max_pool_connections=10,
-            ),
-        )
+
+        def client(attempts: int) -> Any:
+            # total_max_attempts counts the first call too (botocore's max_attempts counts
+            # retries only): 1 means the SDK never resends.
+            return session.client(
+                "ec2",
+                endpoint_url=cloud.endpoint_url,
+                config=BotoConfig(
+                    retries={"mode": cloud.retry_mode, "total_max_attempts": attempts},
+                    connect_timeout=10,
+                    read_timeout=cloud.read_timeout_s,
+                    max_pool_connections=10,
+                ),
+            )
+
+        self._ec2 = client(cloud.max_attempts)
+        # RunInstances is sent once: a lost answer is resolved by finding the launch by its
+        # tag before anything is sent again (endpoints that ignore ClientToken launch twice).
+        self._launcher = client(1)
 
     def _ours(self) -> list[dict[str, Any]]:
         return [
@@ -128,7 +149,7 @@ class EC2Provider:
         if cloud.subnet_id:
             params["SubnetId"] = cloud.subnet_id
         try:
-            reply = self._ec2.run_instances(**params)
+            reply = self._launcher.run_instances(**params)
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc) from None
         return [_instance(raw) for raw in reply.get("Instances", [])]

@@ -1,0 +1,310 @@
+"""The intents of agents and admins: one method each, one transaction each.
+
+The agent and admin APIs are thin routers over this class; nothing else changes state on a
+request's behalf. Each method that changes what the engine should do wakes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from core.config import Config
+from core.liveness import Liveness
+from core.model import ALIVE_STATES, VM, Job, JobState, LaunchState, VMState
+from core.store import Conflict, JobSpec, NotFound, Store
+
+Action = Literal["run", "drain", "stop"]
+STOP_STATES = frozenset({VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, VMState.FAILED})
+
+
+class Unauthorized(Exception):
+    """No valid credential: the caller learns nothing more."""
+
+
+class Forbidden(Exception):
+    """A valid caller asking for something it may not have."""
+
+
+class NotYetKnown(Exception):
+    """The answer depends on a launch result the core has not recorded yet: retry shortly."""
+
+
+class AlreadyRegistered(Conflict):
+    """The instance has its token already: a second registration is refused."""
+
+
+class Invalid(ValueError):
+    """A well-formed request whose values do not fit together; the message says why."""
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def action_for(vm: VM) -> Action:
+    """What the agent must do next: the heartbeat's and the fetch's answer."""
+    if vm.kill_requested or vm.state in STOP_STATES:
+        return "stop"
+    if vm.state == VMState.DRAINING:
+        return "drain"
+    return "run"
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    vm: VM
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    action: Action
+    job: Job | None
+    wait: bool  # nothing to hand out yet, but the VM may take a job: worth waiting
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    accepted: bool
+    state: JobState
+
+
+class PoolService:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        liveness: Liveness,
+        clock: Callable[[], float],
+        wake: Callable[[], None],
+        secret_matches: Callable[[str, str], bool],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.liveness = liveness
+        self.clock = clock
+        self._wake = wake
+        self._secret_matches = secret_matches
+
+    # ---- agents -------------------------------------------------------------------------
+
+    def authenticate(self, token: str) -> VM:
+        """The VM this token belongs to, while that VM has not left."""
+        vm = self.store.vm_by_token(token_hash(token)) if token else None
+        if vm is None:
+            raise Unauthorized()
+        return vm
+
+    def register(self, instance_id: str, launch_id: str, launch_secret: str) -> Registration:
+        """Trade the launch secret for a VM token, once per instance of that launch, within
+        the launch's boot window."""
+        if not self._secret_matches(launch_id, launch_secret):
+            raise Forbidden()
+        try:
+            launch = self.store.launch(launch_id)
+        except NotFound:
+            raise Forbidden() from None
+        now = self.clock()
+        if now - launch.created_at > self.config.pool.boot_timeout_s:
+            raise Forbidden()  # a secret read from old user data registers nothing new
+        try:
+            vm = self.store.vm(instance_id)
+        except NotFound:
+            if launch.state == LaunchState.PENDING:
+                raise NotYetKnown() from None
+            raise Forbidden() from None
+        if vm.launch_id != launch.id:
+            raise Forbidden()
+        if self.store.has_token(vm.id) or vm.registered_at is not None:
+            raise AlreadyRegistered(f"instance {vm.id} is already registered")
+        token = secrets.token_urlsafe(32)
+        vm = self.store.register_vm(vm.id, now, token_hash=token_hash(token))
+        self.liveness.heartbeat(vm.id, now)
+        self._wake()
+        return Registration(vm, token)
+
+    def heartbeat(self, vm: VM, busy: bool = False) -> tuple[VM, list[int]]:
+        """Liveness (in memory) and what the agent must do: the action, and the jobs it must
+        stop because an admin cancelled them."""
+        if vm.state not in STOP_STATES:
+            self.liveness.heartbeat(vm.id, self.clock(), pilot_busy=busy)
+        return vm, self.store.cancelled_on(vm)
+
+    def next_job(self, vm_id: str) -> Fetch:
+        """The VM's job: the one it already holds (the answer to an earlier fetch was lost),
+        or the oldest queued one if it is idle."""
+        vm = self.store.vm(vm_id)
+        action = action_for(vm)
+        if action != "run":
+            return Fetch(action, None, wait=False)
+        if vm.job_id is not None:
+            job = self.store.job(vm.job_id)
+            if job.state == JobState.CANCELLED:
+                return Fetch(action, None, wait=False)
+            return Fetch(action, job, wait=False)
+        if vm.state == VMState.IDLE:
+            job = self.store.assign_next_job(vm.id, self.clock())
+            if job is not None:
+                self._wake()
+                return Fetch(action, job, wait=False)
+            return Fetch(action, None, wait=True)
+        return Fetch(action, None, wait=False)
+
+    def report(
+        self,
+        vm: VM,
+        job_id: int,
+        attempt: int,
+        status: Literal["started", "finished", "cancelled"],
+        exit_code: int | None,
+        output_tail: str,
+    ) -> Report:
+        """Idempotent by (job, attempt): a retried report changes nothing and is accepted."""
+        try:
+            self.store.job(job_id)
+        except NotFound:
+            raise Forbidden() from None
+        if not self.store.was_assigned(job_id, vm.id):
+            raise Forbidden()
+        now = self.clock()
+        if status == "started":
+            job = self.store.start_job(job_id, attempt, vm.id, now)
+            if job is not None and job.state == JobState.CANCELLED:
+                return Report(False, job.state)  # the agent stops it
+        else:
+            code = exit_code if exit_code is not None else -1
+            job = self.store.finish_job(job_id, attempt, vm.id, code, output_tail, now)
+            self._wake()
+        if job is None:
+            return Report(False, self.store.job(job_id).state)
+        return Report(True, job.state)
+
+    # ---- admins -------------------------------------------------------------------------
+
+    def submit(self, specs: list[JobSpec]) -> list[int]:
+        ids = self.store.submit_jobs(specs, self.clock())
+        self._wake()
+        return ids
+
+    def cancel(self, job_id: int) -> Job:
+        job = self.store.cancel_job(job_id, self.clock())
+        self._wake()
+        return job
+
+    def drain(self, vm_id: str) -> VM:
+        vm = self.store.drain_vm(vm_id, self.clock())
+        self._wake()
+        return vm
+
+    def drain_all(self) -> list[str]:
+        drained = []
+        for vm in self.store.vms([VMState.IDLE, VMState.BUSY]):
+            try:
+                self.store.drain_vm(vm.id, self.clock(), "drain all requested")
+                drained.append(vm.id)
+            except Conflict:
+                continue  # it changed state meanwhile
+        self._wake()
+        return drained
+
+    def kill(self, vm_id: str) -> VM:
+        vm = self.store.request_kill(vm_id, self.clock())
+        self._wake()
+        return vm
+
+    def bounds(self) -> tuple[int, int]:
+        pool = self.config.pool
+        return (
+            self.store.setting("min_vms", pool.min_vms),
+            self.store.setting("max_vms", pool.max_vms),
+        )
+
+    def paused(self) -> bool:
+        return bool(self.store.setting("paused", False))
+
+    def resize(self, min_vms: int | None = None, max_vms: int | None = None) -> tuple[int, int]:
+        """Change the pool bounds, both in one transaction; Invalid says what is wrong."""
+        old_min, old_max = self.bounds()
+        low = old_min if min_vms is None else min_vms
+        high = old_max if max_vms is None else max_vms
+        if low < 0 or high < 0:
+            raise Invalid(f"min and max must be >= 0 (got min {low}, max {high})")
+        if high < low:
+            raise Invalid(f"max must be >= min (got max {high} < min {low})")
+        self.store.set_settings(
+            {"min_vms": low, "max_vms": high},
+            self.clock(),
+            f"pool min_vms {old_min} -> {low}, max_vms {old_max} -> {high}",
+        )
+        self._wake()
+        return low, high
+
+    def pause(self, paused: bool) -> None:
+        """Paused: no launches and no reaping; health rules (boot/heartbeat timeouts) still run."""
+        self.store.set_setting(
+            "paused", paused, self.clock(), "scaling paused" if paused else "scaling resumed"
+        )
+        self._wake()
+
+    # ---- reads --------------------------------------------------------------------------
+
+    def vm(self, vm_id: str) -> VM:
+        """A VM as the core knows it now, liveness included."""
+        return self._live(self.store.vm(vm_id))
+
+    def vms(self, states: frozenset[VMState] | list[VMState] | None = None) -> list[VM]:
+        return [self._live(vm) for vm in self.store.vms(states)]
+
+    def alive_vms(self) -> list[VM]:
+        return self.vms(ALIVE_STATES)
+
+    def _live(self, vm: VM) -> VM:
+        vm.last_heartbeat = self.liveness.last_heartbeat(vm.id, vm.last_heartbeat)
+        vm.idle_since = self.liveness.idle_since(vm.id, vm.idle_since)
+        return vm
+
+    def job_detail(self, job_id: int) -> dict[str, Any]:
+        job = self.store.job(job_id)
+        return {"job": job, "events": self.store.events_for_job(job_id)}
+
+    def status(self) -> dict[str, Any]:
+        """The pool at a glance: what the console's header and `alienec2 status` show."""
+        store, now = self.store, self.clock()
+        low, high = self.bounds()
+        alive: dict[str, int] = {}
+        for vm in store.vms(ALIVE_STATES):
+            alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
+        clouds = []
+        for cloud in self.config.clouds:
+            cloud_status = store.cloud_status(cloud.name)
+            clouds.append(
+                {
+                    "name": cloud.name,
+                    "priority": cloud.priority,
+                    "max_instances": cloud.max_instances,
+                    "alive": alive.get(cloud.name, 0),
+                    "backoff_s": max(cloud_status.backoff_until - now, 0.0),
+                    "last_error": cloud_status.last_error,
+                }
+            )
+        return {
+            "now": now,
+            "core_id": self.config.core_id,
+            "pool": {
+                "name": self.config.pool.name,
+                "min_vms": low,
+                "max_vms": high,
+                "paused": self.paused(),
+                "vms": {str(state): n for state, n in store.vm_counts().items()},
+            },
+            "queue": {
+                "kind": self.config.queue.kind,
+                "jobs": {str(state): n for state, n in store.job_counts().items()},
+            },
+            "clouds": clouds,
+            "last_seq": store.last_seq(),
+        }

@@ -1,0 +1,297 @@
+"""Jobs of the built-in queue: submit, assign (FIFO), report, cancel, requeue."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.model import (
+    ACTIVE_JOB_STATES,
+    VM,
+    EventKind,
+    Job,
+    JobChange,
+    JobState,
+    Reason,
+    VMState,
+    check_job,
+    finish,
+    requeue,
+)
+from core.store.errors import Conflict, NotFound
+from core.store.vms import VMs
+
+FINISHED_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    wall_time_s: float | None = None
+    max_attempts: int = 3
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        command=json.loads(row["command"]),
+        env=json.loads(row["env"]),
+        wall_time_s=row["wall_time_s"],
+        state=JobState(row["state"]),
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        vm_id=row["vm_id"],
+        submitted_at=row["submitted_at"],
+        assigned_at=row["assigned_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        exit_code=row["exit_code"],
+        output_tail=row["output_tail"],
+        reason=row["reason"],
+    )
+
+
+class Jobs(VMs):
+    def submit_job(
+        self,
+        command: list[str],
+        now: float,
+        *,
+        env: dict[str, str] | None = None,
+        wall_time_s: float | None = None,
+        max_attempts: int = 3,
+    ) -> Job:
+        [job_id] = self.submit_jobs([JobSpec(command, env or {}, wall_time_s, max_attempts)], now)
+        return self.job(job_id)
+
+    def submit_jobs(self, specs: Iterable[JobSpec], now: float) -> list[int]:
+        """Queue jobs in one transaction (a batch is all or nothing); returns their ids."""
+        ids = []
+        with self._tx():
+            for spec in specs:
+                cur = self._db.execute(
+                    "INSERT INTO jobs(command, env, wall_time_s, state, attempt, max_attempts, "
+                    "submitted_at) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        json.dumps(spec.command),
+                        json.dumps(spec.env),
+                        spec.wall_time_s,
+                        JobState.QUEUED,
+                        1,
+                        spec.max_attempts,
+                        now,
+                    ),
+                )
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
+                self._event(now, EventKind.JOB_QUEUED, "submitted", job_id=cur.lastrowid)
+        return ids
+
+    def job(self, job_id: int) -> Job:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"job {job_id} not found")
+        return _job(row)
+
+    def jobs(
+        self, state: JobState | None = None, limit: int = 1000, before: int | None = None
+    ) -> list[Job]:
+        """Newest first without a state; oldest first (queue order) with one. ``before``
+        pages backwards through the newest-first listing."""
+        if state is None:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE id < ? ORDER BY id DESC LIMIT ?",
+                (before if before is not None else 2**63 - 1, limit),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+                (state, before if before is not None else 0, limit),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def job_counts(self) -> dict[JobState, int]:
+        counts = dict.fromkeys(JobState, 0)
+        for row in self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[JobState(row["state"])] = row["n"]
+        return counts
+
+    def queued_count(self) -> int:
+        count: int = self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)
+        ).fetchone()[0]
+        return count
+
+    def submitted_since(self, since: float) -> tuple[int, float | None]:
+        """How many jobs were submitted at or after ``since``, and when the first of them was."""
+        count, first = self._db.execute(
+            "SELECT COUNT(*), MIN(submitted_at) FROM jobs WHERE submitted_at >= ?", (since,)
+        ).fetchone()
+        return count, first
+
+    def cancel_job(self, job_id: int, now: float) -> Job:
+        """Cancel a job. A job on a VM stays on it (the VM busy) until its agent reports that
+        it stopped the job, or the VM goes; the agent learns from its next heartbeat."""
+        with self._tx():
+            job = self.job(job_id)
+            if job.state not in (JobState.QUEUED, *ACTIVE_JOB_STATES):
+                raise Conflict(f"job {job_id} is {job.state}, it cannot be cancelled")
+            self._set_job(job, JobState.CANCELLED, finished_at=now, reason="cancelled by admin")
+            self._event(
+                now,
+                EventKind.JOB_CANCELLED,
+                "cancelled by admin",
+                job_id=job_id,
+                vm_id=job.vm_id,
+                reason=Reason.CANCELLED,
+            )
+        return self.job(job_id)
+
+    def cancelled_on(self, vm: VM) -> list[int]:
+        """Jobs cancelled while on this VM that its agent has not yet stopped."""
+        if vm.job_id is None:
+            return []
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (vm.job_id,)).fetchone()
+        return [vm.job_id] if row and row["state"] == JobState.CANCELLED else []
+
+    def assign_next_job(self, vm_id: str, now: float) -> Job | None:
+        """Give the oldest queued job to an idle VM (FIFO), or None if the queue is empty."""
+        with self._tx():
+            vm = self.vm(vm_id)
+            if vm.state != VMState.IDLE:
+                raise Conflict(f"vm {vm_id} is {vm.state}, it cannot take a job")
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (JobState.QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            job = _job(row)
+            self._set_job(job, JobState.ASSIGNED, vm_id=vm_id, assigned_at=now)
+            self._db.execute(
+                "INSERT INTO assignments(job_id, attempt, vm_id, assigned_at) VALUES (?,?,?,?)",
+                (job.id, job.attempt, vm_id, now),
+            )
+            self._db.execute("UPDATE vms SET job_id = ? WHERE id = ?", (job.id, vm_id))
+            self.transition_vm(
+                vm_id, VMState.BUSY, now, f"assigned job {job.id}", Reason.JOB_ASSIGNED
+            )
+            self._event(
+                now,
+                EventKind.JOB_ASSIGNED,
+                f"attempt {job.attempt} on {vm_id}",
+                vm_id=vm_id,
+                job_id=job.id,
+            )
+        return self.job(job.id)
+
+    def last_job_of_vm(self, vm_id: str) -> Job | None:
+        row = self._db.execute(
+            "SELECT job_id FROM assignments WHERE vm_id = ? ORDER BY assigned_at DESC LIMIT 1",
+            (vm_id,),
+        ).fetchone()
+        return self.job(row["job_id"]) if row else None
+
+    def was_assigned(self, job_id: int, vm_id: str) -> bool:
+        """Whether any attempt of the job was ever given to this VM (a report from a VM that
+        never had the job is forbidden; one from an earlier attempt is merely stale)."""
+        row = self._db.execute(
+            "SELECT 1 FROM assignments WHERE job_id = ? AND vm_id = ? LIMIT 1", (job_id, vm_id)
+        ).fetchone()
+        return row is not None
+
+    def _current_attempt(self, job_id: int, attempt: int, vm_id: str) -> Job | None:
+        """The job if this (attempt, VM) still owns it; None for a stale report."""
+        job = self.job(job_id)
+        if job.attempt != attempt or job.vm_id != vm_id:
+            return None
+        return job
+
+    def start_job(self, job_id: int, attempt: int, vm_id: str, now: float) -> Job | None:
+        """The agent started the job. Repeats are no-ops; a stale attempt returns None."""
+        with self._tx():
+            job = self._current_attempt(job_id, attempt, vm_id)
+            if job is None or job.state != JobState.ASSIGNED:
+                return job
+            self._set_job(job, JobState.RUNNING, started_at=now)
+            self._event(
+                now, EventKind.JOB_RUNNING, f"attempt {attempt}", vm_id=vm_id, job_id=job_id
+            )
+        return self.job(job_id)
+
+    def finish_job(
+        self,
+        job_id: int,
+        attempt: int,
+        vm_id: str,
+        exit_code: int,
+        output_tail: str,
+        now: float,
+    ) -> Job | None:
+        """Record a job's end, once per (job, attempt): a retried report changes nothing. A
+        cancelled job keeps its state; its VM is released and its output kept."""
+        with self._tx():
+            job = self._current_attempt(job_id, attempt, vm_id)
+            if job is None:
+                return None
+            if job.state == JobState.CANCELLED:
+                if job.exit_code is None:
+                    self._db.execute(
+                        "UPDATE jobs SET exit_code = ?, output_tail = ? WHERE id = ?",
+                        (exit_code, output_tail, job_id),
+                    )
+                self._release_vm(vm_id, job_id, now)
+                return self.job(job_id)
+            if job.state not in ACTIVE_JOB_STATES:
+                return job
+            self._apply(job, finish(job, exit_code, output_tail, now), now, vm_id=vm_id)
+            self._release_vm(vm_id, job_id, now)
+        return self.job(job_id)
+
+    def _release_vm(self, vm_id: str, job_id: int, now: float) -> None:
+        vm = self.vm(vm_id)
+        if vm.job_id != job_id:
+            return
+        self._db.execute("UPDATE vms SET job_id = NULL WHERE id = ?", (vm_id,))
+        if vm.state == VMState.BUSY:
+            self.transition_vm(vm_id, VMState.IDLE, now, f"job {job_id} ended", Reason.JOB_ENDED)
+
+    def _requeue_job_of(self, vm: VM, job_id: int, now: float, why: str) -> None:
+        job = self.job(job_id)
+        change = requeue(job, now, why, Reason.VM_STOPPED_SERVING)
+        if change is not None:
+            self._apply(job, change, now)
+
+    def _apply(self, job: Job, change: JobChange, now: float, vm_id: str | None = None) -> None:
+        self._set_job(job, change.state, **change.columns)
+        self._event(
+            now, change.kind, change.message, job_id=job.id, vm_id=vm_id, reason=change.reason
+        )
+
+    def _set_job(self, job: Job, new: JobState, **columns: Any) -> None:
+        check_job(job.state, new)
+        columns["state"] = new
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*columns.values(), job.id))
+
+    def prune_jobs(self, before: float, batch: int) -> int:
+        """Delete up to ``batch`` jobs that finished before ``before`` (and their assignment
+        records); returns how many went."""
+        marks = ",".join("?" * len(FINISHED_STATES))
+        with self._tx():
+            ids = [
+                row[0]
+                for row in self._db.execute(
+                    f"SELECT id FROM jobs WHERE finished_at < ? AND state IN ({marks}) "
+                    "ORDER BY finished_at LIMIT ?",
+                    (before, *FINISHED_STATES, batch),
+                )
+            ]
+            if ids:
+                id_marks = ",".join("?" * len(ids))
+                self._db.execute(f"DELETE FROM assignments WHERE job_id IN ({id_marks})", ids)
+                self._db.execute(f"DELETE FROM jobs WHERE id IN ({id_marks})", ids)
+        return len(ids)

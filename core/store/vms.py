@@ -1,0 +1,173 @@
+"""VMs: what the cloud gave us, what their agents say, and their state machine."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from core.model import (
+    VM,
+    EventKind,
+    Reason,
+    VMState,
+    check_vm,
+    vm_columns,
+)
+from core.store.db import Database
+from core.store.errors import Conflict, NotFound
+
+# VMs are read as plain tuples in VM's field order, states mapped through a dict: the engine
+# reads the whole fleet every cycle, and named rows plus Enum lookups took three times as long.
+_VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM))
+_VM_STATES = {state.value: state for state in VMState}
+# A VM in one of these states has left: its token no longer authenticates.
+_GONE_STATES = (VMState.TERMINATED, VMState.LOST, VMState.FAILED)
+
+
+def _vm(row: tuple[Any, ...]) -> VM:
+    """A VM from a row of ``SELECT {_VM_FIELDS}``."""
+    return VM(*row[:3], _VM_STATES[row[3]], *row[4:11], bool(row[11]))
+
+
+class VMs(Database):
+    def _select_vms(self, where: str, params: Iterable[Any]) -> list[VM]:
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        cursor.execute(f"SELECT {_VM_FIELDS} FROM vms {where}", tuple(params))
+        return [_vm(row) for row in cursor]
+
+    def vm(self, vm_id: str) -> VM:
+        found = self._select_vms("WHERE id = ?", (vm_id,))
+        if not found:
+            raise NotFound(f"vm {vm_id} not found")
+        return found[0]
+
+    def vms(self, states: Iterable[VMState] | None = None) -> list[VM]:
+        """VMs (in ``states``) by launch time."""
+        wanted = list(VMState if states is None else states)
+        marks = ",".join("?" * len(wanted))
+        return self._select_vms(f"WHERE state IN ({marks}) ORDER BY launched_at, id", wanted)
+
+    def vm_counts(self) -> dict[VMState, int]:
+        counts = dict.fromkeys(VMState, 0)
+        for row in self._db.execute("SELECT state, COUNT(*) AS n FROM vms GROUP BY state"):
+            counts[VMState(row["state"])] = row["n"]
+        return counts
+
+    def _requeue_job_of(self, vm: VM, job_id: int, now: float, why: str) -> None:
+        """A VM stopped serving with a job on it: the jobs side decides what becomes of it."""
+        raise NotImplementedError
+
+    def transition_vm(
+        self, vm_id: str, new: VMState, now: float, why: str, reason: Reason | None = None
+    ) -> VM:
+        """Move a VM to ``new`` (checked against the state machine); the columns that go with
+        the new state come from ``model.vm_columns``."""
+        with self._tx():
+            vm = self.vm(vm_id)
+            if vm.state == new:
+                return vm
+            check_vm(vm.state, new)
+            columns = vm_columns(new, now, vm.job_id)
+            if vm.job_id is not None and columns["job_id"] is None:
+                self._requeue_job_of(vm, vm.job_id, now, f"vm {vm_id} {new}: {why}")
+            if new in _GONE_STATES:
+                columns["token_hash"] = None
+            sets = ", ".join(f"{name} = ?" for name in columns)
+            self._db.execute(f"UPDATE vms SET {sets} WHERE id = ?", (*columns.values(), vm_id))
+            self._event(now, EventKind.for_vm(new), why, vm_id=vm_id, cloud=vm.cloud, reason=reason)
+        return self.vm(vm_id)
+
+    def vm_running(self, vm_id: str, address: str | None, now: float) -> None:
+        """The cloud reports the instance running: it is booting until its agent registers."""
+        with self._tx():
+            vm = self.vm(vm_id)
+            if address and address != vm.address:
+                self._db.execute("UPDATE vms SET address = ? WHERE id = ?", (address, vm_id))
+            if vm.state == VMState.REQUESTED:
+                self.transition_vm(
+                    vm_id, VMState.BOOTING, now, "running in the cloud", Reason.RUNNING_IN_CLOUD
+                )
+
+    def register_vm(
+        self,
+        vm_id: str,
+        now: float,
+        *,
+        token_hash: str | None = None,
+        address: str | None = None,
+    ) -> VM:
+        """The VM's agent registered: it gets its token and is idle, in one transaction."""
+        with self._tx():
+            vm = self.vm(vm_id)
+            if vm.state not in (VMState.REQUESTED, VMState.BOOTING) or self.has_token(vm_id):
+                raise Conflict(f"vm {vm_id} is {vm.state}, it cannot register")
+            self._db.execute(
+                "UPDATE vms SET registered_at = ?, last_heartbeat = ?, token_hash = ?, "
+                "address = COALESCE(?, address) WHERE id = ?",
+                (now, now, token_hash, address, vm_id),
+            )
+            self._db.execute("UPDATE clouds SET boot_failures = 0 WHERE name = ?", (vm.cloud,))
+            self.transition_vm(vm_id, VMState.IDLE, now, "agent registered", Reason.REGISTERED)
+        return self.vm(vm_id)
+
+    def vm_by_token(self, token_hash: str) -> VM | None:
+        """The VM that holds this token, while it has not left."""
+        found = self._select_vms("WHERE token_hash = ?", (token_hash,))
+        if not found or found[0].state in _GONE_STATES:
+            return None
+        return found[0]
+
+    def has_token(self, vm_id: str) -> bool:
+        row = self._db.execute("SELECT token_hash FROM vms WHERE id = ?", (vm_id,)).fetchone()
+        return bool(row and row["token_hash"])
+
+    def save_heartbeats(self, seen: Mapping[str, float], pilot_busy: Mapping[str, float]) -> None:
+        """Liveness kept in memory (``core.liveness``), written together: last heartbeats,
+        and for idle VMs whose pilot said it was busy, a restarted idle clock."""
+        if not seen and not pilot_busy:
+            return
+        with self._tx():
+            self._db.executemany(
+                "UPDATE vms SET last_heartbeat = MAX(COALESCE(last_heartbeat, 0), ?) WHERE id = ?",
+                [(at, vm_id) for vm_id, at in seen.items()],
+            )
+            self._db.executemany(
+                "UPDATE vms SET idle_since = MAX(idle_since, ?) WHERE id = ? AND state = ?",
+                [(at, vm_id, VMState.IDLE) for vm_id, at in pilot_busy.items()],
+            )
+
+    def request_kill(self, vm_id: str, now: float) -> VM:
+        """Ask the engine to terminate the VM at its next cycle; its job is requeued then."""
+        with self._tx():
+            vm = self.vm(vm_id)
+            if vm.state in (VMState.TERMINATING, VMState.TERMINATED):
+                raise Conflict(f"vm {vm_id} is already {vm.state}")
+            self._db.execute("UPDATE vms SET kill_requested = 1 WHERE id = ?", (vm_id,))
+            self._event(
+                now,
+                EventKind.VM_KILL_REQUESTED,
+                "kill requested",
+                vm_id=vm_id,
+                cloud=vm.cloud,
+                reason=Reason.KILLED,
+            )
+        return self.vm(vm_id)
+
+    def drain_vm(self, vm_id: str, now: float, why: str = "drain requested") -> VM:
+        with self._tx():
+            vm = self.vm(vm_id)
+            if vm.state == VMState.DRAINING:
+                return vm
+            if vm.state not in (VMState.IDLE, VMState.BUSY):
+                raise Conflict(f"vm {vm_id} is {vm.state}, only idle or busy VMs can be drained")
+            return self.transition_vm(vm_id, VMState.DRAINING, now, why, Reason.DRAIN_REQUESTED)
+
+    def recent_boot_times(self, limit: int = 50) -> list[float]:
+        rows = self._db.execute(
+            "SELECT registered_at - launched_at AS t FROM vms WHERE registered_at IS NOT NULL "
+            "ORDER BY registered_at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [r["t"] for r in rows]
