@@ -33,7 +33,7 @@ from core.clouds.sandbox import (
 )
 from core.config import Config, parse_config
 from core.daemon import Core
-from core.model import SERVING_STATES, JobState, VMState
+from core.model import SERVING_STATES, EventKind, JobState, Reason, VMState
 
 log = logging.getLogger("alienec2.demo")
 
@@ -261,7 +261,10 @@ class Demo:
         events = store.events_after(0, limit=1_000_000)
         terminal_events: dict[int, int] = {}
         for event in events:
-            if event.kind in ("job_done", "job_failed") and event.job_id is not None:
+            if (
+                event.kind in (EventKind.JOB_DONE, EventKind.JOB_FAILED)
+                and event.job_id is not None
+            ):
                 terminal_events[event.job_id] = terminal_events.get(event.job_id, 0) + 1
         jobs = store.jobs(limit=1_000_000)
         waits = [j.started_at - j.submitted_at for j in jobs if j.started_at is not None]
@@ -273,10 +276,12 @@ class Demo:
             jobs_finished_twice=sum(1 for n in terminal_events.values() if n > 1),
             vms_launched=len(store.vms()),
             vms_reaped=sum(
-                1 for e in events if e.kind == "vm_terminating" and e.message.startswith("idle")
+                1
+                for e in events
+                if e.kind == EventKind.VM_TERMINATING and e.reason == Reason.IDLE_TIMEOUT
             ),
-            vms_failed=sum(1 for e in events if e.kind == "vm_failed"),
-            vms_lost=sum(1 for e in events if e.kind == "vm_lost"),
+            vms_failed=sum(1 for e in events if e.kind == EventKind.VM_FAILED),
+            vms_lost=sum(1 for e in events if e.kind == EventKind.VM_LOST),
             peak_vms=peak,
             final_vms=self.serving_vms(),
             mean_wait_s=statistics.fmean(waits) if waits else 0.0,

@@ -147,10 +147,10 @@ class PoolService:
                 return Fetch(action, None, wait=False)
             return Fetch(action, job, wait=False)
         if vm.state == VMState.IDLE:
-            job = self.store.assign_next_job(vm.id, self.clock())
-            if job is not None:
+            assigned = self.store.assign_next_job(vm.id, self.clock())
+            if assigned is not None:
                 self._wake()
-                return Fetch(action, job, wait=False)
+                return Fetch(action, assigned, wait=False)
             return Fetch(action, None, wait=True)
         return Fetch(action, None, wait=False)
 

@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Label, Sparkline
 
 from alienec2_tui.widgets.format import age
 
-FLOWS = {"submitted": ("job_queued",), "started": ("job_running",)}
+FLOWS: dict[str, tuple[str, ...]] = {"submitted": ("job_queued",), "started": ("job_running",)}
 FLOWS["finished"] = ("job_done", "job_failed")
 WINDOW_S = 3600
 

@@ -41,7 +41,12 @@ class Signal:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
-        timer = loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(False))
+
+        def expire() -> None:
+            if not waiter.done():
+                waiter.set_result(False)
+
+        timer = loop.call_later(timeout, expire)
         try:
             await waiter
         except asyncio.CancelledError:

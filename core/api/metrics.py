@@ -22,8 +22,8 @@ class PoolCollector(Collector):
             vms.add_metric([str(state)], count)
         yield vms
         jobs = GaugeMetricFamily("alienec2_jobs", "Jobs by state", labels=["state"])
-        for state, count in store.job_counts().items():
-            jobs.add_metric([str(state)], count)
+        for job_state, count in store.job_counts().items():
+            jobs.add_metric([str(job_state)], count)
         yield jobs
         low, high = self._service.bounds()
         yield GaugeMetricFamily("alienec2_pool_min_vms", "Pool minimum", value=low)

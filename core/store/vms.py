@@ -27,7 +27,8 @@ _GONE_STATES = (VMState.TERMINATED, VMState.LOST, VMState.FAILED)
 
 def _vm(row: tuple[Any, ...]) -> VM:
     """A VM from a row of ``SELECT {_VM_FIELDS}``."""
-    return VM(*row[:3], _VM_STATES[row[3]], *row[4:11], bool(row[11]))
+    # mypy cannot count a sliced tuple's items; the row holds VM's fields in order.
+    return VM(*row[:3], _VM_STATES[row[3]], *row[4:11], bool(row[11]))  # type: ignore[call-arg]
 
 
 class VMs(Database):
