@@ -74,6 +74,11 @@ class MotoEC2Server:
         self.stop()
 
 
+_UNAVAILABLE = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+    "<Code>Unavailable</Code><Message>The service is unavailable.</Message>"
+    "</Error></Errors><RequestID>fault</RequestID></Response>"
+)
 _CAPACITY_ERROR = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
     "<Code>InsufficientInstanceCapacity</Code>"
@@ -89,6 +94,8 @@ class FaultyEndpoint:
         self.upstream = upstream.rstrip("/")
         self.capacity_error = False
         self.hold_run_instances = False
+        self.drop_run_instances_answer = False  # forward it, then close without answering
+        self.failing_actions: set[str] = set()  # answered with a 503 and not forwarded
         self.run_instances_forwarded = threading.Event()
         self.release = threading.Event()
         self.calls: Counter[str] = Counter()
@@ -122,7 +129,14 @@ class FaultyEndpoint:
                 if action == "RunInstances" and endpoint.capacity_error:
                     self._reply(500, _CAPACITY_ERROR.encode(), "text/xml")
                     return
+                if action in endpoint.failing_actions:
+                    self._reply(503, _UNAVAILABLE.encode(), "text/xml")
+                    return
                 status, payload, content_type = endpoint._forward(self.path, body, self.headers)
+                if action == "RunInstances" and endpoint.drop_run_instances_answer:
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # the cloud acted; its answer is lost
+                    return
                 if action == "RunInstances" and endpoint.hold_run_instances:
                     endpoint.run_instances_forwarded.set()
                     endpoint.release.wait(timeout=60)

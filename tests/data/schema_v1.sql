@@ -1,0 +1,30 @@
+CREATE TABLE vms (
+    id TEXT PRIMARY KEY, cloud TEXT NOT NULL, launch_id TEXT NOT NULL, state TEXT NOT NULL,
+    launched_at REAL NOT NULL, state_since REAL NOT NULL, registered_at REAL,
+    last_heartbeat REAL, idle_since REAL, job_id INTEGER, address TEXT,
+    kill_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX vms_state ON vms(state);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, command TEXT NOT NULL, env TEXT NOT NULL,
+    wall_time_s REAL, state TEXT NOT NULL, attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
+    vm_id TEXT, submitted_at REAL NOT NULL, assigned_at REAL, started_at REAL,
+    finished_at REAL, exit_code INTEGER, output_tail TEXT, reason TEXT
+);
+CREATE INDEX jobs_state ON jobs(state, id);
+CREATE INDEX jobs_submitted ON jobs(submitted_at);
+CREATE TABLE launches (
+    id TEXT PRIMARY KEY, cloud TEXT NOT NULL, count INTEGER NOT NULL, client_token TEXT NOT NULL,
+    state TEXT NOT NULL, created_at REAL NOT NULL,
+    instance_ids TEXT NOT NULL DEFAULT '[]', error TEXT
+);
+CREATE INDEX launches_state ON launches(state);
+CREATE TABLE clouds (
+    name TEXT PRIMARY KEY, backoff_until REAL NOT NULL, backoff_level INTEGER NOT NULL,
+    boot_failures INTEGER NOT NULL, last_error TEXT
+);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
+    message TEXT NOT NULL, vm_id TEXT, job_id INTEGER, cloud TEXT
+);
