@@ -231,7 +231,8 @@ def _descendants(pid: int) -> list[int]:
 class InstanceRunner:
     """The sandbox's hypervisor: each instance EC2 reports running boots, after a boot delay,
     as a local agent process configured by that instance's own user data. Terminated instances'
-    processes are stopped. Everything lives in ``workdir``, removed by ``close``."""
+    processes are stopped. Everything lives in ``workdir`` (each agent's pid in
+    ``<instance>/agent.pid``), removed by ``close``."""
 
     def __init__(
         self,
@@ -312,12 +313,17 @@ class InstanceRunner:
         user_data = base64.b64decode(reply["UserData"]["Value"]).decode()
         settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **self._overrides)
         with open(self._dir(instance_id) / "agent.log", "ab") as log_file:
-            self._procs[instance_id] = subprocess.Popen(
+            # Its own process group, as on a VM: a signal meant for whoever started the
+            # sandbox (a terminal's SIGHUP or SIGINT) is not the instance's business.
+            proc = subprocess.Popen(
                 agent_command(settings),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
+        self._procs[instance_id] = proc
+        (self._dir(instance_id) / "agent.pid").write_text(f"{proc.pid}\n")
         self.booted.append(instance_id)
         log.info("event=sandbox_instance_booted vm=%s", instance_id)
 
@@ -327,6 +333,8 @@ class InstanceRunner:
         for pid in [*_descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its group: whatever forked off meanwhile
         proc.wait()
 
     def close(self) -> None:
