@@ -12,8 +12,9 @@ import shlex
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
@@ -59,11 +60,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_core(config: Config) -> int:
-    from core.daemon import run_core
-
+def _run_core(main: Coroutine[Any, Any, None]) -> int:
     try:
-        asyncio.run(run_core(config))
+        asyncio.run(main)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"error: {line}", file=sys.stderr)
@@ -74,19 +73,43 @@ def _run_core(config: Config) -> int:
     return 0
 
 
+async def _sandbox_core(config: Config, ec2_url: str) -> None:
+    """The core, with the sandbox's instances booting as local agents as in the demo."""
+    from core.clouds.sandbox import local_instances
+    from core.daemon import run_core
+
+    workdir = Path(tempfile.mkdtemp(prefix="alienec2-sandbox-"))
+    print(f"sandbox instances run as local agents in {workdir}", file=sys.stderr)
+    async with local_instances(
+        ec2_url, workdir, boot_delay_s=1.0, jitter_s=0.5, agent_overrides={"max_backoff_s": 2}
+    ):
+        await run_core(config)
+
+
 def cmd_core(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     _configure_logging(args.log_level)
     if not args.sandbox:
-        return _run_core(config)
-    from core.clouds.sandbox import SANDBOX_CREDENTIALS, MotoEC2Server, sandbox_config
+        from core.daemon import run_core
 
+        return _run_core(run_core(config))
+    from core.clouds.sandbox import (
+        SANDBOX_CREDENTIALS,
+        MotoEC2Server,
+        sandbox_config,
+        sandbox_refusal,
+    )
+
+    refusal = sandbox_refusal(config)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     os.environ.update(SANDBOX_CREDENTIALS)
     with MotoEC2Server() as cloud:
         print(f"sandbox EC2 endpoint: {cloud.url}", file=sys.stderr)
-        return _run_core(sandbox_config(config, cloud.url))
+        return _run_core(_sandbox_core(sandbox_config(config, cloud.url), cloud.url))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -160,8 +161,21 @@ class FaultyEndpoint:
         self.stop()
 
 
+def sandbox_refusal(config: Config) -> str | None:
+    """Why a configuration cannot run against the sandbox, whose instances are local
+    processes running the builtin agent; None when it can."""
+    if config.contextualisation.template != "builtin":
+        return (
+            f"contextualisation.template: --sandbox boots instances as local processes with "
+            f"the builtin agent; {config.contextualisation.template!r} would run the site's "
+            f"JobAgent command on this machine (use template: builtin to try the pool)"
+        )
+    return None
+
+
 def sandbox_config(config: Config, endpoint_url: str) -> Config:
-    """The same configuration with every cloud pointed at the sandbox endpoint.
+    """The same configuration with every cloud pointed at the sandbox endpoint, and the
+    instances (local processes) told to reach the core where it listens.
 
     moto launches MinCount instances, so the sandbox asks for exact counts."""
     clouds = [
@@ -176,7 +190,8 @@ def sandbox_config(config: Config, endpoint_url: str) -> Config:
         )
         for cloud in config.clouds
     ]
-    return config.model_copy(update={"clouds": clouds})
+    web = config.web.model_copy(update={"public_url": None})
+    return config.model_copy(update={"clouds": clouds, "web": web})
 
 
 def agent_path() -> Path:
@@ -341,3 +356,20 @@ class InstanceRunner:
         for instance_id in list(self._procs):
             self._kill(instance_id)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def local_instances(
+    ec2_url: str, workdir: Path, **options: Any
+) -> AsyncIterator[InstanceRunner]:
+    """An ``InstanceRunner`` booting the instances of ``ec2_url`` while the block runs; on
+    leaving it every agent (and its jobs) is stopped and ``workdir`` removed."""
+    runner = InstanceRunner(ec2_url, workdir, **options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        runner.close()
