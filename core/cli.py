@@ -472,7 +472,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         after = await _start_of_events(client, args)
         if not args.follow:
-            reply = await client.events(after, limit=args.last if args.after is None else 1000)
+            limit = args.last if args.after is None else 1000
+            reply = (
+                await client.events(after, limit=limit)
+                if limit
+                else {"events": [], "last_seq": after}
+            )
             if args.json:
                 _print_json(reply)
             else:
@@ -632,6 +637,21 @@ VM_STATES = [str(state) for state in VMState]
 JOB_STATES = [str(state) for state in JobState]
 
 
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refused in one line otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high} (got {value})")
+        return value
+
+    return parse
+
+
 def _version() -> str:
     try:
         return metadata.version("alienec2")
@@ -744,10 +764,13 @@ def parser() -> argparse.ArgumentParser:
     vms.add_argument("--json", action="store_true", help="one JSON document: {now, vms: [...]}")
     vms.set_defaults(run=cmd_vms)
 
-    jobs = command("jobs", "list the jobs", "The newest jobs, shown oldest first.", admin)
+    jobs = command("jobs", "list the jobs", "Up to --limit of them, shown by id.", admin)
     jobs.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
     jobs.add_argument(
-        "--limit", type=int, default=200, help="at most this many jobs (1-10000, default 200)"
+        "--limit",
+        type=_count(1, 10_000),
+        default=200,
+        help="at most this many jobs (1-10000, default 200)",
     )
     jobs.add_argument("--json", action="store_true", help="one JSON document: {now, jobs: [...]}")
     jobs.set_defaults(run=cmd_jobs)
@@ -780,9 +803,17 @@ def parser() -> argparse.ArgumentParser:
         help="one JSON document {events, last_seq}; with --follow one event object per line",
     )
     events.add_argument(
-        "--last", type=int, default=50, help="how many past events to start with (default 50)"
+        "--last",
+        type=_count(0, 10_000),
+        default=50,
+        help="how many past events to start with (0-10000, default 50)",
     )
-    events.add_argument("--after", type=int, metavar="SEQ", help="start after this sequence number")
+    events.add_argument(
+        "--after",
+        type=_count(0, 2**62),
+        metavar="SEQ",
+        help="start after this sequence number",
+    )
     events.set_defaults(run=cmd_events)
 
     submit = command(

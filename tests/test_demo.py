@@ -294,8 +294,13 @@ def test_console_demo_stopped_by_a_signal_restores_the_terminal(
             time.sleep(0.1)
         assert f"demo-exit={128 + signum}" in screen
         assert pane("#{alternate_on} #{cursor_flag} #{mouse_any_flag}") == "0 1 0"
+        assert [p for p in pids if alive(p)] == []
+        left = [
+            p  # the tmux server and the pane's shell name the directory in their command lines
+            for p in processes_under(scratch)
+            if not p.startswith((f"{shell}: ", f"{pane('#{pid}')}: "))
+        ]
+        assert left == []
+        assert list(scratch.iterdir()) == []
     finally:
         tmux("kill-server")
-    assert [p for p in pids if alive(p)] == []
-    assert processes_under(scratch) == []
-    assert list(scratch.iterdir()) == []
