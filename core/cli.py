@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shlex
+import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from alienec2_tui.client import (
     DEFAULT_SOCKET,
@@ -22,6 +27,7 @@ from alienec2_tui.client import (
     default_socket,
 )
 from core.config import Config, ConfigError, load_config, summary
+from core.model import JobState, VMState
 
 EXIT_CONFIG = 2
 
@@ -54,12 +60,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_core(config: Config) -> int:
-    from core.daemon import run_core
+def _run_core(main: Coroutine[Any, Any, None]) -> int:
     from core.store import StateError
 
     try:
-        asyncio.run(run_core(config))
+        asyncio.run(main)
     except StateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -73,19 +78,43 @@ def _run_core(config: Config) -> int:
     return 0
 
 
+async def _sandbox_core(config: Config, ec2_url: str) -> None:
+    """The core, with the sandbox's instances booting as local agents as in the demo."""
+    from core.clouds.sandbox import local_instances
+    from core.daemon import run_core
+
+    workdir = Path(tempfile.mkdtemp(prefix="alienec2-sandbox-"))
+    print(f"sandbox instances run as local agents in {workdir}", file=sys.stderr)
+    async with local_instances(
+        ec2_url, workdir, boot_delay_s=1.0, jitter_s=0.5, agent_overrides={"max_backoff_s": 2}
+    ):
+        await run_core(config)
+
+
 def cmd_core(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     _configure_logging(args.log_level)
     if not args.sandbox:
-        return _run_core(config)
-    from core.clouds.sandbox import SANDBOX_CREDENTIALS, MotoEC2Server, sandbox_config
+        from core.daemon import run_core
 
+        return _run_core(run_core(config))
+    from core.clouds.sandbox import (
+        SANDBOX_CREDENTIALS,
+        MotoEC2Server,
+        sandbox_config,
+        sandbox_refusal,
+    )
+
+    refusal = sandbox_refusal(config)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     os.environ.update(SANDBOX_CREDENTIALS)
     with MotoEC2Server() as cloud:
         print(f"sandbox EC2 endpoint: {cloud.url}", file=sys.stderr)
-        return _run_core(sandbox_config(config, cloud.url))
+        return _run_core(_sandbox_core(sandbox_config(config, cloud.url), cloud.url))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -96,6 +125,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if not 0 <= args.never_boot < 1:
         print("error: --never-boot must be a fraction in [0, 1)", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.timeout <= 0:
+        print("error: --timeout must be > 0 seconds", file=sys.stderr)
         return EXIT_CONFIG
     if not 0 <= args.min <= args.max:
         print(f"error: need 0 <= --min <= --max (got {args.min} and {args.max})", file=sys.stderr)
@@ -111,39 +143,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
         capacity_error=args.capacity_error,
         timeout_s=args.timeout,
     )
-    workdir = Path(args.workdir) if args.workdir else None
+    workdir = Path(args.workdir).absolute() if args.workdir else None
     if args.headless:
         _configure_logging("warning")
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)  # the demo's log file gets the rest
         summary = asyncio.run(run_demo(opts, workdir))
         print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text())
-        return 0 if summary.all_finished else 1
-    from alienec2_tui.app import demo_console
+        if summary.timed_out:
+            print(f"error: timed out after {opts.timeout_s:g} s", file=sys.stderr)
+    else:
+        from alienec2_tui.app import demo_console
 
-    log_dir = workdir or Path(tempfile.gettempdir())
-    log_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        filename=str(log_dir / "alienec2-demo.log"),
-    )
-    summary = asyncio.run(run_demo(opts, workdir, console=demo_console))
-    print(f"demo stopped; log in {log_dir / 'alienec2-demo.log'}")
+        summary = asyncio.run(run_demo(opts, workdir, console=demo_console))
+        _restore_terminal()
+        kept = f"; state and log kept in {workdir}" if workdir else ""
+        with contextlib.suppress(OSError):
+            print(f"demo stopped{kept}")
+    if summary.stopped_by:
+        with contextlib.suppress(OSError):  # after SIGHUP there may be no terminal to tell
+            print(f"demo stopped by {summary.stopped_by}", file=sys.stderr)
+        return 128 + int(getattr(signal, summary.stopped_by))
+    if args.headless:
+        return 0 if summary.all_finished and not summary.timed_out else 1
     return 0
+
+
+def _restore_terminal() -> None:
+    """Alternate screen off, cursor on, mouse reporting off: harmless when the console
+    already did it, and what a console stopped by a signal may not have done."""
+    if not sys.stdout.isatty():
+        return
+    with contextlib.suppress(OSError):
+        sys.stdout.write("\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?1049l\x1b[?25h")
+        sys.stdout.flush()
 
 
 # ---- admin commands: talk to a running core through the admin API ------------------------
 
 
-def _client(args: argparse.Namespace) -> AdminClient:
-    if args.url:
-        return AdminClient(url=args.url, token=os.environ.get(args.token_env))
-    socket_path = args.socket
-    if socket_path is None and args.config:
+def _socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    if args.config:
         config = _load(args.config)
         if config is None:
             raise SystemExit(EXIT_CONFIG)
-        socket_path = config.admin.socket
-    return AdminClient(socket_path=socket_path or default_socket())
+        return config.admin.socket
+    return default_socket()
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    if args.url:
+        return AdminClient(url=args.url, token=os.environ.get(args.token_env))
+    return AdminClient(socket_path=_socket_path(args))
+
+
+def _listening(path: str) -> bool:
+    """Whether anything accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _unreachable(args: argparse.Namespace, exc: CoreUnreachable) -> str:
+    """The line to print: for a socket nobody listens on, say so and how to start a core."""
+    if args.url:
+        return str(exc)
+    path = _socket_path(args)
+    if _listening(path):
+        return str(exc)
+    config = args.config or "FILE"
+    return f"no core listening at {path}; start one with: alienec2 core --config {config}"
 
 
 def _admin(args: argparse.Namespace, work: Callable[[AdminClient], Awaitable[int]]) -> int:
@@ -154,7 +229,7 @@ def _admin(args: argparse.Namespace, work: Callable[[AdminClient], Awaitable[int
     try:
         return asyncio.run(run())
     except CoreUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_unreachable(args, exc)}", file=sys.stderr)
         return 1
     except AdminError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -194,6 +269,239 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
     return _admin(args, work)
+
+
+def _age(now: float, since: float | None) -> str:
+    """A duration as an admin reads it at a glance: 42s, 7m03s, 2h05m."""
+    if since is None:
+        return "-"
+    seconds = max(int(now - since), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Aligned columns; the last one is not padded (a command line or a message)."""
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _run_time(job: dict[str, Any], now: float) -> str:
+    if job["started_at"] is None:
+        return "-"
+    return _age(job["finished_at"] or now, job["started_at"])
+
+
+def cmd_vms(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        reply = await client.vms(args.state)
+        if args.json:
+            _print_json(reply)
+            return 0
+        now, vms = reply["now"], reply["vms"]
+        if not vms:
+            print("no VMs" + (f" in state {args.state}" if args.state else ""))
+            return 0
+        rows = [
+            (
+                vm["id"],
+                vm["cloud"],
+                vm["state"] + (" (kill)" if vm["kill_requested"] else ""),
+                _age(now, vm["state_since"]),
+                _dash(vm["job_id"]),
+                _age(now, vm["idle_since"]) if vm["state"] == "idle" else "-",
+                _age(now, vm["last_heartbeat"]),
+                vm["address"] or "-",
+            )
+            for vm in vms
+        ]
+        _table(("ID", "CLOUD", "STATE", "FOR", "JOB", "IDLE", "HEARTBEAT", "ADDRESS"), rows)
+        return 0
+
+    return _admin(args, work)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        reply = await client.jobs(args.state, args.limit)
+        if args.json:
+            _print_json(reply)
+            return 0
+        now = reply["now"]
+        jobs = sorted(reply["jobs"], key=lambda job: job["id"])
+        if not jobs:
+            print("no jobs" + (f" in state {args.state}" if args.state else ""))
+            return 0
+        rows = [
+            (
+                str(job["id"]),
+                job["state"],
+                _dash(job["vm_id"]),
+                f"{job['attempt']}/{job['max_attempts']}",
+                _seconds(job["wait_s"]),
+                _run_time(job, now),
+                _dash(job["exit_code"]),
+                shlex.join(job["command"]),
+            )
+            for job in jobs
+        ]
+        _table(("ID", "STATE", "VM", "ATTEMPT", "WAIT", "RUN", "EXIT", "COMMAND"), rows)
+        return 0
+
+    return _admin(args, work)
+
+
+def _print_fields(fields: Sequence[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name + ':':<{width + 1}}  {value}")
+
+
+def _print_events(events: Sequence[dict[str, Any]]) -> None:
+    for event in events:
+        print(_event_line(event))
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    """Fixed widths, so lines printed batch after batch (``--follow``) stay aligned."""
+    return (
+        f"{event['seq']:>7}  {_clock(event['ts'])}  {event['kind']:<18}  "
+        f"{_dash(event['vm_id']):<20}  {_dash(event['job_id']):>6}  {event['message']}"
+    )
+
+
+EVENT_HEADER = f"{'SEQ':>7}  {'TIME':<19}  {'KIND':<18}  {'VM':<20}  {'JOB':>6}  MESSAGE"
+
+
+def _job_fields(job: dict[str, Any], now: float) -> list[tuple[str, str]]:
+    return [
+        ("job", str(job["id"])),
+        ("state", job["state"] + (f" ({job['reason']})" if job["reason"] else "")),
+        ("command", shlex.join(job["command"])),
+        ("environment", ", ".join(sorted(job["env"])) or "-"),
+        ("attempt", f"{job['attempt']} of {job['max_attempts']}"),
+        ("vm", _dash(job["vm_id"])),
+        ("submitted", _clock(job["submitted_at"])),
+        ("waited", _seconds(job["wait_s"])),
+        ("run time", _run_time(job, now)),
+        ("wall time", _seconds(job["wall_time_s"])),
+        ("exit code", _dash(job["exit_code"])),
+    ]
+
+
+def _print_output(job: dict[str, Any]) -> None:
+    tail = job["output_tail"]
+    if tail:
+        print("output (tail):")
+        for line in tail.rstrip("\n").splitlines():
+            print(f"  {line}")
+    else:
+        print("output: none yet" if job["finished_at"] is None else "output: none")
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        reply = await client.vm(args.vm)
+        if args.json:
+            _print_json(reply)
+            return 0
+        now, vm, job = reply["now"], reply["vm"], reply["job"]
+        _print_fields(
+            [
+                ("vm", vm["id"]),
+                ("cloud", vm["cloud"]),
+                ("state", f"{vm['state']} for {_age(now, vm['state_since'])}"),
+                ("launched", _clock(vm["launched_at"])),
+                ("registered", _clock(vm["registered_at"]) if vm["registered_at"] else "-"),
+                ("heartbeat", f"{_age(now, vm['last_heartbeat'])} ago"),
+                ("address", vm["address"] or "-"),
+                ("kill requested", "yes" if vm["kill_requested"] else "no"),
+            ]
+        )
+        if job is not None:
+            current = job["id"] == vm["job_id"]
+            print(f"\n{'current' if current else 'last'} job:")
+            _print_fields(_job_fields(job, now))
+            _print_output(job)
+        if reply["events"]:
+            print("\nevents:")
+            _print_events(reply["events"])
+        return 0
+
+    return _admin(args, work)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        job = await client.job(args.job)
+        if args.json:
+            _print_json(job)
+            return 0
+        _print_fields(_job_fields(job, time.time()))
+        _print_output(job)
+        return 0
+
+    return _admin(args, work)
+
+
+async def _start_of_events(client: AdminClient, args: argparse.Namespace) -> int:
+    """The sequence number to list after: ``--after``, else enough for the last ``--last``."""
+    if args.after is not None:
+        return int(args.after)
+    last_seq = int((await client.status())["last_seq"])
+    return max(last_seq - args.last, 0)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        after = await _start_of_events(client, args)
+        if not args.follow:
+            limit = args.last if args.after is None else 1000
+            reply = (
+                await client.events(after, limit=limit)
+                if limit
+                else {"events": [], "last_seq": after}
+            )
+            if args.json:
+                _print_json(reply)
+            else:
+                print(EVENT_HEADER)
+                _print_events(reply["events"])
+            return 0
+        if not args.json:
+            print(EVENT_HEADER, flush=True)
+        while True:
+            reply = await client.events(after, wait=FOLLOW_WAIT_S)
+            for event in reply["events"]:
+                print(json.dumps(event, sort_keys=True) if args.json else _event_line(event))
+            sys.stdout.flush()
+            after = reply["last_seq"]
+
+    return _admin(args, work)
+
+
+FOLLOW_WAIT_S = 30.0
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -323,36 +631,98 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return _admin(args, work)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+VM_STATES = [str(state) for state in VMState]
+JOB_STATES = [str(state) for state in JobState]
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refused in one line otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high} (got {value})")
+        return value
+
+    return parse
+
+
+def _version() -> str:
+    try:
+        return metadata.version("alienec2")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="alienec2", description="Elastic EC2 worker pools for grid job queues."
-    )
+    top = _Parser(prog="alienec2", description="Elastic EC2 worker pools for grid job queues.")
+    top.add_argument("--version", action="version", version=f"alienec2 {_version()}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    def command(
+        name: str, text: str, description: str = "", parents: Sequence[Any] = ()
+    ) -> argparse.ArgumentParser:
+        """A subcommand whose --help starts with a description (the list's line, and more)."""
+        return sub.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}."
+            + (f" {description}" if description else ""),
+            parents=list(parents),
+        )
+
+    check = command(
+        "check-config",
+        "validate a configuration file and exit",
+        "Exit 0 with a one-line summary, or 2 with one 'error: key.path: problem' line each.",
+    )
     check.add_argument("file", help="YAML configuration file")
     check.set_defaults(run=cmd_check_config)
 
-    core = sub.add_parser("core", help="run the headless core (the daemon systemd starts)")
+    core = command(
+        "core",
+        "run the headless core (the daemon systemd starts)",
+        "Runs until SIGTERM or SIGINT; VMs keep running for the next start.",
+    )
     core.add_argument("--config", required=True, help="YAML configuration file")
     core.add_argument(
         "--sandbox",
         action="store_true",
-        help="start an embedded EC2 sandbox (moto) and point every cloud at it",
+        help="point every cloud at an embedded EC2 sandbox (moto) whose instances boot as "
+        "local agent processes, as in the demo",
     )
-    core.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    core.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning"],
+        help="log detail on stderr (default info)",
+    )
     core.set_defaults(run=cmd_core)
 
-    demo = sub.add_parser(
+    demo = command(
         "demo",
-        help="the whole system on this machine: sandbox cloud, core, agents and the console",
+        "the whole system on this machine: sandbox cloud, core, agents and the console",
+        "SIGTERM, SIGHUP and SIGINT stop everything it started; its temporary directory is "
+        "removed unless --workdir is given.",
     )
     demo.add_argument("--headless", action="store_true", help="no console: run jobs, summarise")
     demo.add_argument("--jobs", type=int, help="jobs to run (headless default 40; else endless)")
     demo.add_argument("--json", action="store_true", help="headless summary as JSON")
     demo.add_argument("--min", type=int, default=1, help="pool min_vms (default 1)")
     demo.add_argument("--max", type=int, default=8, help="pool max_vms (default 8)")
-    demo.add_argument("--idle-timeout", type=float, default=15.0, help="seconds (default 15)")
+    demo.add_argument(
+        "--idle-timeout", type=float, default=15.0, help="seconds before an idle VM is reaped"
+    )
     demo.add_argument("--boot-delay", type=float, default=3.0, help="VM boot seconds (default 3)")
     demo.add_argument(
         "--never-boot", type=float, default=0.0, help="fraction of VMs that never boot"
@@ -363,8 +733,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the preferred cloud answers InsufficientInstanceCapacity",
     )
-    demo.add_argument("--timeout", type=float, default=300.0, help="headless time limit (s)")
-    demo.add_argument("--workdir", help="keep state, sockets and instances here (not removed)")
+    demo.add_argument(
+        "--timeout", type=float, default=300.0, help="headless time limit in seconds (default 300)"
+    )
+    demo.add_argument(
+        "--workdir", help="keep state, log, sockets and instances here (kept afterwards)"
+    )
     demo.set_defaults(run=cmd_demo)
 
     connection = argparse.ArgumentParser(add_help=False)
@@ -379,46 +753,120 @@ def parser() -> argparse.ArgumentParser:
         default="ALIENEC2_ADMIN_TOKEN",
         help="environment variable holding the TCP bearer token (default ALIENEC2_ADMIN_TOKEN)",
     )
+    admin = [connection]
 
-    status = sub.add_parser("status", parents=[connection], help="the pool at a glance")
+    status = command("status", "the pool at a glance", parents=admin)
     status.add_argument("--json", action="store_true", help="the full status as JSON")
     status.set_defaults(run=cmd_status)
 
-    submit = sub.add_parser(
+    vms = command(
+        "vms",
+        "list the VMs",
+        "Live VMs by default; --state terminated lists the ended ones.",
+        admin,
+    )
+    vms.add_argument("--state", choices=VM_STATES, help="only VMs in this state")
+    vms.add_argument("--json", action="store_true", help="one JSON document: {now, vms: [...]}")
+    vms.set_defaults(run=cmd_vms)
+
+    jobs = command("jobs", "list the jobs", "Up to --limit of them, shown by id.", admin)
+    jobs.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
+    jobs.add_argument(
+        "--limit",
+        type=_count(1, 10_000),
+        default=200,
+        help="at most this many jobs (1-10000, default 200)",
+    )
+    jobs.add_argument("--json", action="store_true", help="one JSON document: {now, jobs: [...]}")
+    jobs.set_defaults(run=cmd_jobs)
+
+    vm = command(
+        "vm", "show one VM", "Its state, its current or last job with output, its events.", admin
+    )
+    vm.add_argument("vm", metavar="VM", help="the VM's instance id (see alienec2 vms)")
+    vm.add_argument("--json", action="store_true", help="one JSON document: {now, vm, job, events}")
+    vm.set_defaults(run=cmd_vm)
+
+    job = command("job", "show one job", "Its command, attempts, exit code and output.", admin)
+    job.add_argument("job", metavar="JOB", type=int, help="the job's number (see alienec2 jobs)")
+    job.add_argument("--json", action="store_true", help="the job as one JSON document")
+    job.set_defaults(run=cmd_job)
+
+    events = command(
+        "events",
+        "list the core's events",
+        "The last --last events; --follow keeps printing new ones as they happen "
+        "(like kubectl get events -w) until interrupted.",
+        admin,
+    )
+    events.add_argument(
+        "--follow", "-f", action="store_true", help="wait for new events and print them"
+    )
+    events.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document {events, last_seq}; with --follow one event object per line",
+    )
+    events.add_argument(
+        "--last",
+        type=_count(0, 10_000),
+        default=50,
+        help="how many past events to start with (0-10000, default 50)",
+    )
+    events.add_argument(
+        "--after",
+        type=_count(0, 2**62),
+        metavar="SEQ",
+        help="start after this sequence number",
+    )
+    events.set_defaults(run=cmd_events)
+
+    submit = command(
         "submit",
-        parents=[connection],
-        help="queue a job: alienec2 submit -- CMD ARGS..., or --file FILE (one per line)",
+        "queue a job: alienec2 submit -- CMD ARGS..., or --file FILE (one per line)",
+        parents=admin,
     )
     submit.add_argument("--file", help="a file with one command line per job")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the job (repeatable)",
+    )
     submit.add_argument("--wall-time", type=float, metavar="SECONDS", help="kill after this long")
     submit.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     submit.set_defaults(run=cmd_submit)
 
-    cancel = sub.add_parser("cancel", parents=[connection], help="cancel a job")
-    cancel.add_argument("job", type=int)
+    cancel = command("cancel", "cancel a job", parents=admin)
+    cancel.add_argument("job", metavar="JOB", type=int, help="the job's number")
     cancel.set_defaults(run=cmd_cancel)
 
-    drain = sub.add_parser("drain", parents=[connection], help="drain a VM, or --all")
-    drain.add_argument("vm", nargs="?")
-    drain.add_argument("--all", action="store_true")
+    drain = command(
+        "drain",
+        "drain a VM, or --all",
+        "A draining VM gets no new job and is terminated once idle.",
+        admin,
+    )
+    drain.add_argument("vm", metavar="VM", nargs="?", help="the VM's instance id")
+    drain.add_argument("--all", action="store_true", help="drain every idle and busy VM")
     drain.set_defaults(run=cmd_drain)
 
-    kill = sub.add_parser("kill", parents=[connection], help="terminate a VM now (job requeued)")
-    kill.add_argument("vm")
+    kill = command("kill", "terminate a VM now (its job goes back to the queue)", parents=admin)
+    kill.add_argument("vm", metavar="VM", help="the VM's instance id")
     kill.set_defaults(run=cmd_kill)
 
-    resize = sub.add_parser("resize", parents=[connection], help="change the pool bounds")
-    resize.add_argument("--min", type=int)
-    resize.add_argument("--max", type=int)
+    resize = command("resize", "change the pool bounds", "Kept across restarts.", admin)
+    resize.add_argument("--min", type=int, help="new min_vms")
+    resize.add_argument("--max", type=int, help="new max_vms")
     resize.set_defaults(run=cmd_resize)
 
-    tui = sub.add_parser("tui", parents=[connection], help="the console: watch and steer the pool")
+    tui = command("tui", "the console: watch and steer the pool", parents=admin)
     tui.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes")
     tui.set_defaults(run=cmd_tui)
 
     for name, text in (("pause", "pause scaling"), ("resume", "resume scaling")):
-        pause = sub.add_parser(name, parents=[connection], help=text)
+        pause = command(name, text, "Dead VMs are still handled while paused.", admin)
         pause.set_defaults(run=cmd_pause)
     return top
 
@@ -426,9 +874,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (| head): nothing more to say, and no traceback at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

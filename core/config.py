@@ -333,7 +333,34 @@ def load_config(path: str | Path) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}: invalid YAML at {where}{problem}"]) from None
-    return parse_config(data)
+    return resolve_paths(parse_config(data), path.absolute().parent)
+
+
+def _against(base: Path, value: str | None) -> str | None:
+    if value is None or value == ":memory:":
+        return value
+    return os.path.normpath(base / Path(value).expanduser())
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    """Relative paths of files on this machine, made absolute against ``base`` (the config
+    file's directory), so a command given ``--config FILE`` works from any directory.
+
+    ``contextualisation.ca_file`` is left as written: it names a file on the VM."""
+    return config.model_copy(
+        update={
+            "state": config.state.model_copy(update={"path": _against(base, config.state.path)}),
+            "admin": config.admin.model_copy(
+                update={"socket": _against(base, config.admin.socket)}
+            ),
+            "web": config.web.model_copy(
+                update={
+                    "ssl_certfile": _against(base, config.web.ssl_certfile),
+                    "ssl_keyfile": _against(base, config.web.ssl_keyfile),
+                }
+            ),
+        }
+    )
 
 
 def summary(config: Config) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -33,7 +34,7 @@ from core.clouds.sandbox import (
 )
 from core.config import Config, parse_config
 from core.daemon import Core
-from core.model import SERVING_STATES, EventKind, JobState, Reason, VMState
+from core.model import SERVING_STATES, VM, Event, EventKind, JobState, Reason, VMState
 
 log = logging.getLogger("alienec2.demo")
 
@@ -58,9 +59,12 @@ class DemoOptions:
 
 @dataclass(slots=True)
 class DemoSummary:
+    """What a headless run did, counted from the core's own store and event log."""
+
     jobs_submitted: int
     jobs_done: int
     jobs_failed: int
+    jobs_failed_on_purpose: int  # demo jobs written to exit 3
     jobs_finished_twice: int
     vms_launched: int
     vms_reaped: int
@@ -71,19 +75,55 @@ class DemoSummary:
     mean_wait_s: float
     runtime_s: float
     all_finished: bool
+    timeout_s: float = 0.0
+    timed_out: bool = False
+    stopped_by: str | None = None  # the signal that stopped the demo early
 
     def text(self) -> str:
-        return (
+        unplanned = self.jobs_failed - self.jobs_failed_on_purpose
+        lines = [
             f"jobs: {self.jobs_submitted} submitted, {self.jobs_done} done, "
-            f"{self.jobs_failed} failed ({self.jobs_finished_twice} finished twice)\n"
-            f"vms: {self.vms_launched} launched, {self.vms_reaped} reaped when idle, "
-            f"{self.vms_failed} failed to boot, {self.vms_lost} lost; "
-            f"peak {self.peak_vms}, now {self.final_vms}\n"
-            f"mean job wait {self.mean_wait_s:.2f}s, run time {self.runtime_s:.1f}s"
-        )
+            f"{self.jobs_failed_on_purpose} failed on purpose (demo jobs that exit 3), "
+            f"{unplanned} failed otherwise, {self.jobs_finished_twice} finished twice",
+            f"vms: {self.vms_launched} launched, at most {self.peak_vms} at once, "
+            f"{self.vms_reaped} reaped when idle, {self.vms_failed} failed to boot, "
+            f"{self.vms_lost} lost; {self.final_vms} left",
+            f"jobs waited {self.mean_wait_s:.2f} s for a VM on average; "
+            f"the demo ran {self.runtime_s:.1f} s",
+        ]
+        if self.timed_out:
+            lines.append(
+                f"timed out after {self.timeout_s:g} s: "
+                f"{self.jobs_submitted - self.jobs_done - self.jobs_failed} jobs unfinished, "
+                f"{self.final_vms} VMs (min is the goal)"
+            )
+        if self.stopped_by:
+            lines.append(f"stopped by {self.stopped_by} before the jobs finished")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def peak_serving(vms: list[VM], events: list[Event]) -> int:
+    """The most VMs serving at once, from the core's record: each VM counts from its launch
+    intent (when the policy counted it) until its first event leaving the serving states."""
+    left: dict[str, float] = {}
+    for event in events:
+        if event.kind in LEAVING_EVENTS and event.vm_id is not None:
+            left.setdefault(event.vm_id, event.ts)
+    changes = [(vm.launched_at, 1) for vm in vms]
+    changes += [(ts, -1) for vm_id, ts in left.items()]
+    peak = serving = 0
+    for _, step in sorted(changes):  # at equal times a VM leaves (-1) before one arrives
+        serving += step
+        peak = max(peak, serving)
+    return peak
+
+
+LEAVING_EVENTS = frozenset(
+    EventKind.for_vm(state) for state in VMState if state not in SERVING_STATES
+)
 
 
 def demo_config(workdir: Path, first_cloud: str, second_cloud: str, opts: DemoOptions) -> Config:
@@ -139,11 +179,16 @@ def demo_config(workdir: Path, first_cloud: str, second_cloud: str, opts: DemoOp
 def demo_job(rng: random.Random, number: int, failure_rate: float) -> dict[str, Any]:
     """A short shell job of varied length; some fail on purpose."""
     seconds = round(rng.uniform(0.2, 2.5), 1)
+    env = {"DEMO_JOB": str(number)}
     if rng.random() < failure_rate:
         script = f"sleep {seconds}; echo 'demo job {number}: simulated failure' >&2; exit 3"
+        env[FAILS_ON_PURPOSE] = "1"
     else:
         script = f"sleep {seconds}; echo 'demo job {number} done after {seconds}s'"
-    return {"command": ["sh", "-c", script], "env": {"DEMO_JOB": str(number)}}
+    return {"command": ["sh", "-c", script], "env": env}
+
+
+FAILS_ON_PURPOSE = "DEMO_FAILS_ON_PURPOSE"  # in the environment of the jobs written to fail
 
 
 async def job_stream(client: AdminClient, opts: DemoOptions, stop: asyncio.Event) -> int:
@@ -183,17 +228,42 @@ class Demo:
 
     def __init__(self, opts: DemoOptions, workdir: Path | None = None) -> None:
         self.opts = opts
-        self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="alienec2-demo-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.stop_requested = asyncio.Event()
+        self.stopped_by: signal.Signals | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._cleanup: list[Callable[[], Any]] = []  # undo what start() did, newest first
+        if workdir is None:
+            self._cleanup.append(lambda: shutil.rmtree(self.workdir, ignore_errors=True))
+        self.log_path = self.workdir / "demo.log"
+        self._log_to(self.log_path)
+
+    def _log_to(self, path: Path) -> None:
+        """Every user's demo logs into its own working directory (never a shared file)."""
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+
+        def close() -> None:
+            root.removeHandler(handler)
+            handler.close()
+
+        self._cleanup.append(close)
+
+    def interrupt(self, signum: signal.Signals) -> None:
+        """A signal asked the demo to stop: everything winds down through ``stop``."""
+        if self.stopped_by is None:
+            self.stopped_by = signum
+            log.warning("event=demo_signal signal=%s", signum.name)
+        self.stop_requested.set()
 
     async def start(self) -> None:
         os.environ.update(SANDBOX_CREDENTIALS)
-        if self._own_workdir:
-            self._cleanup.append(lambda: shutil.rmtree(self.workdir, ignore_errors=True))
         self.cloud = MotoEC2Server().start()
         self._cleanup.append(self.cloud.stop)
         self.scarce = FaultyEndpoint(self.cloud.url).start()
@@ -237,26 +307,31 @@ class Demo:
         """Wait for every job to finish and the pool to shrink back to min, then summarise."""
         started = time.monotonic()
         deadline = started + self.opts.timeout_s
-        peak = 0
         store = self.core.store
 
         def finished() -> bool:
-            if not self.jobs_task.done():
+            if not self.jobs_task.done() or self.jobs_task.cancelled():
                 return False
             counts = store.job_counts()
             return sum(counts[state] for state in TERMINAL) >= self.jobs_task.result()
 
-        while time.monotonic() < deadline:
-            peak = max(peak, self.serving_vms())
-            settled = self.serving_vms() == self.opts.min_vms and not store.vms(
+        def settled() -> bool:
+            return self.serving_vms() == self.opts.min_vms and not store.vms(
                 [VMState.REQUESTED, VMState.BOOTING]
             )
-            if finished() and settled:
-                break
-            await asyncio.sleep(0.1)
-        return self.summary(peak, time.monotonic() - started, finished())
 
-    def summary(self, peak: int, runtime_s: float, all_finished: bool) -> DemoSummary:
+        timed_out = False
+        while not (finished() and settled()):
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), 0.1)
+            if self.stop_requested.is_set():
+                break
+        return self.summary(time.monotonic() - started, finished(), timed_out)
+
+    def summary(self, runtime_s: float, all_finished: bool, timed_out: bool = False) -> DemoSummary:
         store = self.core.store
         events = store.events_after(0, limit=1_000_000)
         terminal_events: dict[int, int] = {}
@@ -269,12 +344,16 @@ class Demo:
         jobs = store.jobs(limit=1_000_000)
         waits = [j.started_at - j.submitted_at for j in jobs if j.started_at is not None]
         counts = store.job_counts()
+        vms = store.vms()
         return DemoSummary(
             jobs_submitted=len(jobs),
             jobs_done=counts[JobState.DONE],
             jobs_failed=counts[JobState.FAILED],
+            jobs_failed_on_purpose=sum(
+                1 for j in jobs if j.state == JobState.FAILED and FAILS_ON_PURPOSE in j.env
+            ),
             jobs_finished_twice=sum(1 for n in terminal_events.values() if n > 1),
-            vms_launched=len(store.vms()),
+            vms_launched=len(vms),
             vms_reaped=sum(
                 1
                 for e in events
@@ -282,12 +361,19 @@ class Demo:
             ),
             vms_failed=sum(1 for e in events if e.kind == EventKind.VM_FAILED),
             vms_lost=sum(1 for e in events if e.kind == EventKind.VM_LOST),
-            peak_vms=peak,
+            peak_vms=peak_serving(vms, events),
             final_vms=self.serving_vms(),
             mean_wait_s=statistics.fmean(waits) if waits else 0.0,
             runtime_s=runtime_s,
             all_finished=all_finished,
+            timeout_s=self.opts.timeout_s,
+            timed_out=timed_out,
+            stopped_by=self.stopped_by.name if self.stopped_by else None,
         )
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+CONSOLE_EXIT_S = 5.0  # how long a console gets to restore the terminal after a signal
 
 
 async def run_demo(
@@ -295,13 +381,39 @@ async def run_demo(
     workdir: Path | None = None,
     console: Callable[[Demo], Awaitable[None]] | None = None,
 ) -> DemoSummary:
-    """Headless without ``console``; else run until the console returns. Always cleans up."""
+    """Headless without ``console``; else run until the console returns. Always cleans up,
+    also on SIGTERM, SIGHUP (a dropped SSH session) and SIGINT."""
     demo = Demo(opts, workdir)
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, demo.interrupt, signum)
     try:
         await demo.start()
+        if demo.stop_requested.is_set():
+            return demo.summary(0.0, False)
         if console is None:
             return await demo.run_headless()
-        await console(demo)
-        return demo.summary(demo.serving_vms(), 0.0, True)
+        await _run_console(demo, console)
+        return demo.summary(0.0, True)
     finally:
-        await demo.stop()
+        try:
+            await demo.stop()
+        finally:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
+
+
+async def _run_console(demo: Demo, console: Callable[[Demo], Awaitable[None]]) -> None:
+    """The console until it quits or a signal stops the demo; then it is cancelled, which
+    lets Textual leave the alternate screen and give the terminal back."""
+    shown = asyncio.ensure_future(console(demo))
+    stopped = asyncio.ensure_future(demo.stop_requested.wait())
+    try:
+        await asyncio.wait({shown, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not shown.done():
+            shown.cancel()
+            await asyncio.wait({shown}, timeout=CONSOLE_EXIT_S)
+    if shown.done() and not shown.cancelled():
+        shown.result()  # the console's own error, if it had one

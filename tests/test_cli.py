@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from core.cli import parser
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
 from core.model import JobState, VMState
-from tests.conftest import core_config, eventually, running_core, wait_for_vms
+from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +66,7 @@ async def test_status_submit_cancel_resize_pause_from_the_command_line(
         assert "pool default: min 0 max 4 (scaling PAUSED)" in out
         assert "cloud c: " in out
         code, out, _ = await cli(core, "status", "--json")
+        assert code == 0
         status = json.loads(out)
         assert status["pool"]["max_vms"] == 4
         assert status["queue"]["jobs"]["cancelled"] == 1
@@ -73,6 +78,7 @@ async def test_drain_and_kill_from_the_command_line(tmp_path: Path, moto: MotoEC
         for vm_id in (first, second):
             core.store.register_vm(vm_id, core.clock())
         code, out, _ = await cli(core, "pause")
+        assert (code, out.strip()) == (0, "scaling paused")
         code, out, _ = await cli(core, "kill", first)
         assert (code, out.strip()) == (0, f"vm {first} will be terminated")
         code, out, _ = await cli(core, "drain", "--all")
@@ -85,9 +91,11 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
     tmp_path: Path, moto: MotoEC2Server
 ) -> None:
     code, _, err = await cli(None, "status")
-    assert code == 1
-    assert err.startswith("error: cannot reach the core at unix:/nonexistent.sock")
-    assert "Traceback" not in err
+    assert (code, err.strip()) == (
+        1,
+        "error: no core listening at /nonexistent.sock; start one with: "
+        "alienec2 core --config FILE",
+    )
 
     async with running_core(core_config(tmp_path, moto.url)) as core:
         code, _, err = await cli(core, "resize", "--min", "5", "--max", "2")
@@ -98,4 +106,133 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
         assert (code, err.strip()) == (2, "error: give either a command after -- or --file FILE")
         code, _, err = await cli(core, "drain")
         assert (code, err.strip()) == (2, "error: give a VM id or --all")
+        code, _, err = await cli(core, "vm", "i-0123")
+        assert (code, err.strip()) == (1, "error: vm i-0123 not found")
+        code, _, err = await cli(core, "job", "999")
+        assert (code, err.strip()) == (1, "error: job 999 not found")
+        code, _, err = await cli(core, "job", "x")
+        assert code == 2
+        assert err.strip() == (
+            "alienec2 job: error: argument JOB: invalid int value: 'x' (see alienec2 job --help)"
+        )
+        code, _, err = await cli(core, "vms", "--state", "sleeping")
+        assert code == 2
+        assert err.count("\n") == 1
+        assert "invalid choice: 'sleeping'" in err
         assert core.store.job_counts()[JobState.QUEUED] == 0
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    [choices] = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(choices.choices)
+
+
+def test_every_subcommand_and_argument_has_a_help_text() -> None:
+    commands = _subcommands()
+    assert {"vms", "jobs", "vm", "job", "events", "status", "core", "demo"} <= set(commands)
+    for name, command in commands.items():
+        assert command.description, f"{name} --help has no description"
+        for action in command._actions:
+            assert action.help, f"{name}: {action.dest} has no help text"
+
+
+async def test_version_prints_the_package_version() -> None:
+    code, out, err = await cli(None, "--version")
+    assert code == 0, err
+    assert out.strip().startswith("alienec2 0.")
+
+
+async def test_vms_jobs_vm_and_job_show_the_pool_and_a_finished_jobs_output(
+    tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
+) -> None:
+    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 1})) as core:
+        [vm_id] = await wait_for_vms(core, 1)
+        agents(vm_id)
+        code, out, _ = await cli(core, "submit", "--env", "SECRET=x", "--", "echo", "hi there")
+        assert (code, out.strip()) == (0, "submitted job 1")
+        await eventually(lambda: core.store.job(1).state == JobState.DONE, timeout=30)
+        await cli(core, "submit", "--", "sleep", "30")  # job 2 still runs while we look
+
+        code, out, _ = await cli(core, "vms")
+        assert code == 0
+        header, *rows = out.splitlines()
+        assert header.split() == [
+            "ID", "CLOUD", "STATE", "FOR", "JOB", "IDLE", "HEARTBEAT", "ADDRESS",
+        ]  # fmt: skip
+        assert [row.split()[:2] for row in rows] == [[vm_id, "c"]]
+        assert rows[0].index("c ") == header.index("CLOUD")  # aligned under its header
+
+        code, out, _ = await cli(core, "vms", "--json")
+        assert code == 0
+        reply = json.loads(out)
+        assert [vm["id"] for vm in reply["vms"]] == [vm_id]
+        assert set(reply) == {"now", "vms"}
+        code, out, _ = await cli(core, "vms", "--state", "terminated", "--json")
+        assert (code, json.loads(out)["vms"]) == (0, [])
+
+        code, out, _ = await cli(core, "jobs", "--state", "done")
+        assert code == 0
+        header, *rows = out.splitlines()
+        assert header.split()[:3] == ["ID", "STATE", "VM"]
+        assert len(rows) == 1
+        assert rows[0].split()[:3] == ["1", "done", vm_id]
+        assert rows[0].endswith("echo 'hi there'")
+        code, out, _ = await cli(core, "jobs", "--json")
+        assert sorted(job["id"] for job in json.loads(out)["jobs"]) == [1, 2]
+
+        code, out, _ = await cli(core, "job", "1")
+        assert code == 0
+        assert "command:      echo 'hi there'" in out
+        assert "environment:  SECRET" in out
+        assert "exit code:    0" in out
+        assert "output (tail):\n  hi there" in out
+        assert "x" not in out.split("environment:")[1].splitlines()[0]  # names, not values
+        code, out, _ = await cli(core, "job", "1", "--json")
+        assert json.loads(out)["output_tail"].strip() == "hi there"
+
+        code, out, _ = await cli(core, "vm", vm_id)
+        assert code == 0
+        assert out.startswith(f"vm:              {vm_id}\n")
+        assert "current job:\njob:          2\n" in out
+        assert "command:      sleep 30" in out
+        assert "output: none yet" in out
+        assert "events:" in out and "vm_idle" in out
+        code, out, _ = await cli(core, "vm", vm_id, "--json")
+        assert set(json.loads(out)) == {"now", "vm", "job", "events"}
+
+
+async def test_events_lists_the_last_ones_and_follow_streams_json_lines(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    async with running_core(core_config(tmp_path, moto.url, pool={"max_vms": 0})) as core:
+        await cli(core, "submit", "--", "true")
+        code, out, _ = await cli(core, "events", "--last", "1")
+        assert code == 0
+        header, *rows = out.splitlines()
+        assert header.split() == ["SEQ", "TIME", "KIND", "VM", "JOB", "MESSAGE"]
+        assert len(rows) == 1
+        assert rows[0].split()[3:5] == ["job_queued", "-"]
+        code, out, _ = await cli(core, "events", "--json")
+        document = json.loads(out)
+        assert document["last_seq"] == core.store.last_seq()
+        assert "job_queued" in [event["kind"] for event in document["events"]]
+
+        follower = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "core.cli", "events", "--follow", "--json", "--last", "0"),
+            *("--socket", str(core.admin_socket)),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert follower.stdout is not None
+            code, out, _ = await cli(core, "submit", "--", "echo", "followed")
+            assert (code, out.strip()) == (0, "submitted job 2")
+            line = await asyncio.wait_for(follower.stdout.readline(), 30)
+            event = json.loads(line)
+            assert (event["kind"], event["job_id"]) == ("job_queued", 2)
+        finally:
+            follower.send_signal(signal.SIGINT)
+            _, err = await asyncio.wait_for(follower.communicate(), 30)
+        assert follower.returncode == 130
+        assert b"Traceback" not in err

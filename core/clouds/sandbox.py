@@ -25,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -174,8 +175,21 @@ class FaultyEndpoint:
         self.stop()
 
 
+def sandbox_refusal(config: Config) -> str | None:
+    """Why a configuration cannot run against the sandbox, whose instances are local
+    processes running the builtin agent; None when it can."""
+    if config.contextualisation.template != "builtin":
+        return (
+            f"contextualisation.template: --sandbox boots instances as local processes with "
+            f"the builtin agent; {config.contextualisation.template!r} would run the site's "
+            f"JobAgent command on this machine (use template: builtin to try the pool)"
+        )
+    return None
+
+
 def sandbox_config(config: Config, endpoint_url: str) -> Config:
-    """The same configuration with every cloud pointed at the sandbox endpoint.
+    """The same configuration with every cloud pointed at the sandbox endpoint, and the
+    instances (local processes) told to reach the core where it listens.
 
     moto launches MinCount instances, so the sandbox asks for exact counts."""
     clouds = [
@@ -190,7 +204,8 @@ def sandbox_config(config: Config, endpoint_url: str) -> Config:
         )
         for cloud in config.clouds
     ]
-    return config.model_copy(update={"clouds": clouds})
+    web = config.web.model_copy(update={"public_url": None})
+    return config.model_copy(update={"clouds": clouds, "web": web})
 
 
 def agent_path() -> Path:
@@ -245,7 +260,8 @@ def _descendants(pid: int) -> list[int]:
 class InstanceRunner:
     """The sandbox's hypervisor: each instance EC2 reports running boots, after a boot delay,
     as a local agent process configured by that instance's own user data. Terminated instances'
-    processes are stopped. Everything lives in ``workdir``, removed by ``close``."""
+    processes are stopped. Everything lives in ``workdir`` (each agent's pid in
+    ``<instance>/agent.pid``), removed by ``close``."""
 
     def __init__(
         self,
@@ -326,12 +342,17 @@ class InstanceRunner:
         user_data = base64.b64decode(reply["UserData"]["Value"]).decode()
         settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **self._overrides)
         with open(self._dir(instance_id) / "agent.log", "ab") as log_file:
-            self._procs[instance_id] = subprocess.Popen(
+            # Its own process group, as on a VM: a signal meant for whoever started the
+            # sandbox (a terminal's SIGHUP or SIGINT) is not the instance's business.
+            proc = subprocess.Popen(
                 agent_command(settings),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
+        self._procs[instance_id] = proc
+        (self._dir(instance_id) / "agent.pid").write_text(f"{proc.pid}\n")
         self.booted.append(instance_id)
         log.info("event=sandbox_instance_booted vm=%s", instance_id)
 
@@ -341,9 +362,28 @@ class InstanceRunner:
         for pid in [*_descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its group: whatever forked off meanwhile
         proc.wait()
 
     def close(self) -> None:
         for instance_id in list(self._procs):
             self._kill(instance_id)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def local_instances(
+    ec2_url: str, workdir: Path, **options: Any
+) -> AsyncIterator[InstanceRunner]:
+    """An ``InstanceRunner`` booting the instances of ``ec2_url`` while the block runs; on
+    leaving it every agent (and its jobs) is stopped and ``workdir`` removed."""
+    runner = InstanceRunner(ec2_url, workdir, **options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        runner.close()
