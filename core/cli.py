@@ -478,7 +478,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         after = await _start_of_events(client, args)
         if not args.follow:
             limit = args.last if args.after is None else 1000
-            reply = (
+            reply: dict[str, Any] = (
                 await client.events(after, limit=limit)
                 if limit
                 else {"events": [], "last_seq": after}
