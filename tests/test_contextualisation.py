@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import gzip
 import os
@@ -17,6 +18,7 @@ from core.userdata import (
     USER_DATA_LIMIT,
     AgentSettings,
     agent_settings,
+    installed_agent,
     launch_secret,
     read_agent_settings,
     render,
@@ -67,7 +69,10 @@ def test_builtin_user_data_installs_the_agent_and_its_settings() -> None:
     assert len(text.encode()) < USER_DATA_LIMIT
     files = write_files(text)
     agent = gzip.decompress(base64.b64decode(files["/opt/alienec2/agent.py"]["content"]))
-    assert agent == (ROOT / "contextualisation" / "agent.py").read_bytes()
+    shipped = (ROOT / "contextualisation" / "agent.py").read_bytes()
+    assert agent.startswith(b"#!/usr/bin/env python3\n")
+    assert ast.dump(ast.parse(agent)) == ast.dump(ast.parse(installed_agent(shipped)))
+    assert len(agent) < len(shipped) and b"def flush_spool" in agent
     assert files["/etc/alienec2/agent.json"]["permissions"] == "0600"
     settings = read_agent_settings(text)
     assert settings["core_url"] == "https://core.example.org:8470"
