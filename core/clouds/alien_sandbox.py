@@ -16,6 +16,7 @@ one integer on stdout and exit 0, or a message on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
@@ -245,10 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demand(args.queue)
     queue = CentralQueue(args.host, args.port)
     print(queue.url, flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         queue._server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
