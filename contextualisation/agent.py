@@ -246,8 +246,14 @@ class Agent:
         self.state_dir.chmod(0o700)  # the token lives here: root only, whatever made the dir
         self.spool = self.state_dir / "spool"
         self.spool.mkdir(exist_ok=True, mode=0o700)
-        # Outside the state dir: job users may enter their own work dirs, never the state.
-        self.jobs_dir = Path(settings["jobs_dir"] or self.state_dir.parent / "alienec2-jobs")
+        # A job user's work dirs lie outside the state dir, which it must never enter; without
+        # a job user (sandboxes) they stay where they always were, under the state dir.
+        default_jobs = (
+            self.state_dir.parent / "alienec2-jobs"
+            if settings["job_user"]
+            else self.state_dir / "jobs"
+        )
+        self.jobs_dir = Path(settings["jobs_dir"] or default_jobs)
         self.action = "run"
         self.stopping = threading.Event()  # set on "stop", a signal or a Spot notice
         self.no_new_jobs = threading.Event()  # set on a Spot notice: take no new job
