@@ -415,7 +415,12 @@ class Agent:
         good (a final 4xx). 5xx, 429 and timeouts are retried with backoff."""
         with self._spool_lock:
             for file in sorted(self.spool.glob("*.json")):
-                record = json.loads(file.read_text())
+                try:
+                    record = json.loads(file.read_text())
+                except (OSError, ValueError) as exc:
+                    log.error("event=report_unreadable file=%s error=%s", file.name, exc)
+                    file.replace(file.with_suffix(".bad"))  # kept for a human, never resent
+                    continue
                 path = record.get("path") or f"/agent/v1/jobs/{record['job_id']}/report"
                 attempt = 0
                 while True:
