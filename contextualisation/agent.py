@@ -2,13 +2,20 @@
 """alienec2 job agent: runs on each VM, started by the cloud-init user data.
 
 Python standard library only (stock VM images). It registers with the core using the launch
-secret from its settings file, heartbeats in the background, and loops fetch -> run -> report.
-A finished job's report is spooled to disk before it is sent and deleted only once the core has
-answered, so a core restart or a network cut never loses it. On ``drain`` it finishes the
-running job and exits; on ``stop`` it kills the job and exits.
+secret from its settings file, heartbeats in the background, and runs one fetch -> run -> report
+loop per slot. Jobs run as ``job_user`` in their own session, with a clean environment: they
+cannot read the VM token or the settings (root only) and so cannot act as their VM. A finished
+job's report is spooled to disk before it is sent and kept until the core accepted it or
+refused it for good, so a core restart, a 503 or a network cut never loses it. On ``drain`` it
+finishes the running jobs and exits; on ``stop`` it kills them and exits; a heartbeat's
+``cancel`` list kills those jobs' process groups.
 
-With ``pilot_command`` in its settings (the AliEn variant) it runs that pilot instead of fetching
-jobs from the core, and reports itself busy while the pilot works.
+With ``pilot_command`` in its settings (the AliEn variant) each slot runs that pilot again and
+again instead of fetching jobs; a run shorter than ``idle_run_s`` (or ending with a "no job" exit
+code) leaves the VM idle, and every run is reported to the core as a record.
+
+With ``spot_poll_s`` > 0 it watches the instance metadata for a Spot termination notice (stop
+taking jobs, tell the core, kill the jobs) or a rebalance recommendation (stop taking jobs).
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import pwd
+import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -27,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +53,23 @@ DEFAULTS: dict[str, Any] = {
     "ca_file": None,
     "instance_id": None,
     "pilot_command": None,
-    "pilot_pause_s": 60.0,
+    "pilot_pause_s": 10.0,
     "max_backoff_s": 60.0,
+    "job_user": "alienec2-job",
+    "jobs_dir": None,
+    "slots": 1,
+    "idle_run_s": 150.0,
+    "no_job_exit_codes": [],
+    "alien_job_id_regex": None,
+    "spot_poll_s": 5.0,
+    "kill_grace_s": 5.0,
+    "env": {},
 }
+# "Job 123", "job id: 123", "jobId=123", "JobID #123" as JobAgent logs name the job they ran.
+DEFAULT_JOB_ID_REGEX = r"(?i)\bjob(?:\s*id)?[ =:#]+(\d+)"
+SANE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A report refused with one of these will never be accepted: drop it. Anything else is retried.
+FINAL_REFUSALS = frozenset({400, 401, 403, 404, 409, 410, 413, 422})
 EXIT_WALL_TIME = 124
 EXIT_KILLED = 137
 EXIT_NOT_FOUND = 127
@@ -65,6 +91,9 @@ def load_settings(path: str) -> dict[str, Any]:
     missing = [key for key in ("core_url", "launch_id", "launch_secret") if not data.get(key)]
     if missing:
         raise Fatal(f"settings {path} lack {', '.join(missing)}")
+    if Path(path).stat().st_mode & 0o077:
+        # It holds the launch secret: jobs must not read it, whatever wrote it.
+        os.chmod(path, 0o600)
     return {**DEFAULTS, **data}
 
 
@@ -99,28 +128,113 @@ class Core:
             raise Unreachable(str(getattr(exc, "reason", exc))) from None
 
 
+class IMDS:
+    """The EC2 instance metadata service, IMDSv2 (a session token first, as hardened images
+    require). Network errors propagate as OSError; HTTP errors are answered as their status."""
+
+    def __init__(self, url: str, timeout: float = 2.0) -> None:
+        self.base = url.rstrip("/")
+        self.timeout = timeout
+        self._token: str | None = None
+
+    def _fetch_token(self) -> str:
+        request = urllib.request.Request(
+            f"{self.base}/latest/api/token",
+            method="PUT",
+            headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+            return reply.read().decode()
+
+    def get(self, path: str) -> tuple[int, str]:
+        for _ in range(2):
+            if self._token is None:
+                self._token = self._fetch_token()
+            request = urllib.request.Request(
+                self.base + path, headers={"X-aws-ec2-metadata-token": self._token}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    return reply.status, reply.read().decode(errors="replace")
+            except urllib.error.HTTPError as exc:
+                if exc.code != 401:
+                    return exc.code, ""
+                self._token = None  # expired session token: take a new one once
+        return 401, ""
+
+
 def instance_id_from_imds(imds_url: str) -> str:
-    """The instance id via IMDSv2 (session token first, as required on hardened images)."""
-    base = imds_url.rstrip("/")
+    """The instance id, retried while the metadata service comes up."""
+    imds = IMDS(imds_url, timeout=5)
     for attempt in range(10):
         try:
-            token_request = urllib.request.Request(
-                f"{base}/latest/api/token",
-                method="PUT",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"},
-            )
-            with urllib.request.urlopen(token_request, timeout=5) as reply:
-                token = reply.read().decode()
-            id_request = urllib.request.Request(
-                f"{base}/latest/meta-data/instance-id",
-                headers={"X-aws-ec2-metadata-token": token},
-            )
-            with urllib.request.urlopen(id_request, timeout=5) as reply:
-                return reply.read().decode().strip()
-        except (urllib.error.URLError, OSError) as exc:
+            status, text = imds.get("/latest/meta-data/instance-id")
+            if status == 200:
+                return text.strip()
+            log.warning("event=imds_retry attempt=%d status=%s", attempt + 1, status)
+        except OSError as exc:
             log.warning("event=imds_retry attempt=%d error=%s", attempt + 1, exc)
-            time.sleep(min(2**attempt, 10))
+        time.sleep(min(2**attempt, 10))
     raise Fatal("instance metadata service did not answer")
+
+
+def parse_alien_job_id(text: str, pattern: str | None) -> str | None:
+    """The last job id a pilot's output names (its first group, or the whole match)."""
+    matches = list(re.finditer(pattern or DEFAULT_JOB_ID_REGEX, text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return last.group(1) if last.re.groups else last.group(0)
+
+
+def run_is_idle(duration_s: float, exit_code: int | None, settings: dict[str, Any]) -> bool:
+    """A pilot run that found nothing to do: short, or ended with a site's "no job" code."""
+    return duration_s < float(settings["idle_run_s"]) or exit_code in set(
+        settings["no_job_exit_codes"] or []
+    )
+
+
+class JobUserError(Exception):
+    """Jobs cannot be run as the configured user on this machine."""
+
+
+def job_identity(job_user: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Popen arguments that run a job as ``job_user``, and the base environment for it.
+
+    "" means run as the agent's own user (tests, sandboxes): no switch, still a clean env."""
+    if not job_user:
+        home = os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir
+        return {}, {"PATH": SANE_PATH, "HOME": home}
+    try:
+        entry = pwd.getpwnam(job_user)
+    except KeyError:
+        raise JobUserError(
+            f"job user {job_user!r} does not exist (contextualisation.job_user)"
+        ) from None
+    env = {"PATH": SANE_PATH, "HOME": entry.pw_dir, "USER": job_user, "LOGNAME": job_user}
+    if os.geteuid() == entry.pw_uid:
+        return {}, env
+    if os.geteuid() != 0:
+        raise JobUserError(f"cannot run jobs as {job_user!r}: the agent is not root")
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}, env
+
+
+@dataclasses.dataclass
+class Outcome:
+    exit_code: int | None  # None: cancelled before it started
+    tail: str
+    cancelled: bool = False
+
+
+class Slot:
+    """One fetch -> run -> report loop: what heartbeats list as running and what a cancel hits."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.job_id: int | None = None
+        self.run_started: float | None = None  # monotonic start of the current pilot run
+        self.cancel = threading.Event()
+        self.runs = 0
 
 
 class Agent:
@@ -128,22 +242,58 @@ class Agent:
         self.settings = settings
         self.core = Core(settings["core_url"], settings["ca_file"])
         self.state_dir = Path(settings["state_dir"])
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state_dir.chmod(0o700)  # the token lives here: root only, whatever made the dir
         self.spool = self.state_dir / "spool"
-        self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool.mkdir(exist_ok=True, mode=0o700)
+        # A job user's work dirs lie outside the state dir, which it must never enter; without
+        # a job user (sandboxes) they stay where they always were, under the state dir.
+        default_jobs = (
+            self.state_dir.parent / "alienec2-jobs"
+            if settings["job_user"]
+            else self.state_dir / "jobs"
+        )
+        self.jobs_dir = Path(settings["jobs_dir"] or default_jobs)
         self.action = "run"
-        self.busy = False
-        self.stopping = threading.Event()  # set on "stop" or a signal: kill the job, exit
-        self._child: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()  # set on "stop", a signal or a Spot notice
+        self.no_new_jobs = threading.Event()  # set on a Spot notice: take no new job
+        self.wake = threading.Event()  # heartbeat now, not at the next period
+        self.slots: list[Slot] = []
+        self._spool_lock = threading.Lock()
+        self._old_core = False
+
+    def _stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
 
     # ---- registration ------------------------------------------------------------------
 
     def _backoff(self, attempt: int) -> float:
         return min(float(2**attempt), self.settings["max_backoff_s"])
 
+    def _write_private(self, name: str, text: str) -> None:
+        """A file only root can read, replaced atomically."""
+        partial = self.state_dir / f".{name}.tmp"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        partial.replace(self.state_dir / name)
+
+    def _apply_registration(self, reply: dict[str, Any]) -> None:
+        self.settings["heartbeat_s"] = reply.get("heartbeat_s") or self.settings["heartbeat_s"]
+        with contextlib.suppress(TypeError, ValueError):
+            self.settings["slots"] = max(1, int(reply.get("slots") or self.settings["slots"]))
+
     def register(self) -> None:
         token_file = self.state_dir / "token"
         if token_file.exists():
+            token_file.chmod(0o600)
             self.core.token = token_file.read_text().strip()
+            with contextlib.suppress(OSError, ValueError):
+                self._apply_registration(json.loads((self.state_dir / "registration").read_text()))
             log.info("event=token_reused")
             return
         instance_id = (
@@ -164,12 +314,10 @@ class Agent:
                 status, reply = 0, {"error": str(exc)}
             if status == 200:
                 self.core.token = reply["token"]
-                token_file.touch(mode=0o600)
-                token_file.write_text(reply["token"])
-                self.settings["heartbeat_s"] = reply.get(
-                    "heartbeat_s", self.settings["heartbeat_s"]
-                )
-                log.info("event=registered vm=%s", instance_id)
+                self._write_private("token", reply["token"])
+                self._write_private("registration", json.dumps({**reply, "token": None}))
+                self._apply_registration(reply)
+                log.info("event=registered vm=%s slots=%s", instance_id, self.settings["slots"])
                 return
             if status in (401, 403) or reply.get("code") == "already_registered":
                 raise Fatal(f"registration refused ({status}): {reply.get('error')}")
@@ -179,93 +327,174 @@ class Agent:
 
     # ---- heartbeat ---------------------------------------------------------------------
 
+    def pilot_mode(self) -> bool:
+        return bool(self.settings["pilot_command"])
+
+    def is_busy(self) -> bool:
+        """Busy: a job runs, or (pilot mode) a pilot run has outlasted ``idle_run_s``."""
+        if not self.pilot_mode():
+            return any(slot.job_id is not None for slot in self.slots)
+        now, idle_run_s = time.monotonic(), float(self.settings["idle_run_s"])
+        return any(
+            slot.run_started is not None and now - slot.run_started > idle_run_s
+            for slot in self.slots
+        )
+
+    def running_jobs(self) -> list[int]:
+        return [slot.job_id for slot in self.slots if slot.job_id is not None]
+
     def heartbeat_once(self) -> None:
+        body: dict[str, Any] = {"busy": self.is_busy()}
+        if not self._old_core:
+            body["running"] = self.running_jobs()
         try:
-            status, reply = self.core.call("/agent/v1/heartbeat", {"busy": self.busy}, timeout=10)
+            status, reply = self.core.call("/agent/v1/heartbeat", body, timeout=10)
+            if status == 422 and not self._old_core:
+                self._old_core = True  # a core from before ``running``: send what it knows
+                log.warning("event=heartbeat_downgraded")
+                status, reply = self.core.call("/agent/v1/heartbeat", {"busy": body["busy"]})
         except Unreachable as exc:
             log.warning("event=heartbeat_failed error=%s", exc)
             return
+        if status not in (200, 401):
+            log.warning("event=heartbeat_refused status=%s error=%s", status, reply.get("error"))
         if status == 401:
             self._set_action("stop")  # the core no longer knows this VM
         elif status == 200:
-            self._set_action(reply["action"])
+            self._set_action(reply.get("action", self.action))
+            self.cancel_jobs(reply.get("cancel") or [])
+
+    def cancel_jobs(self, job_ids: list[Any]) -> None:
+        for slot in self.slots:
+            if slot.job_id is not None and slot.job_id in job_ids and not slot.cancel.is_set():
+                log.info("event=job_cancel job=%s", slot.job_id)
+                slot.cancel.set()
 
     def _set_action(self, action: str) -> None:
         if action != self.action:
             log.info("event=action action=%s", action)
         self.action = action
         if action == "stop":
-            self.stopping.set()
+            self._stop()
 
     def heartbeat_loop(self) -> None:
-        while not self.stopping.wait(self.settings["heartbeat_s"]):
+        while True:
+            self.wake.wait(self.settings["heartbeat_s"])
+            self.wake.clear()
+            if self.stopping.is_set():
+                return
             self.heartbeat_once()
 
     # ---- reports -----------------------------------------------------------------------
 
-    def spool_report(self, job: dict[str, Any], exit_code: int, tail: str) -> Path:
-        """Write the report durably before sending it: a crash or a dead core loses nothing."""
-        path = self.spool / f"{job['id']:012d}-{job['attempt']}.json"
-        body = {"attempt": job["attempt"], "status": "finished", "exit_code": exit_code}
-        record = {"job_id": job["id"], "body": {**body, "output_tail": tail}}
-        partial = path.with_suffix(".tmp")
+    def _spool(self, name: str, path: str, body: dict[str, Any]) -> Path:
+        """Write a report durably before sending it: a crash or a dead core loses nothing."""
+        target = self.spool / f"{name}.json"
+        partial = target.with_suffix(".tmp")
         with open(partial, "w") as out:
-            json.dump(record, out)
+            json.dump({"path": path, "body": body}, out)
             out.flush()
             os.fsync(out.fileno())
-        partial.replace(path)
-        return path
+        partial.replace(target)
+        return target
+
+    def spool_report(
+        self, job: dict[str, Any], status: str, exit_code: int | None, tail: str
+    ) -> Path:
+        body = {
+            "attempt": job["attempt"],
+            "status": status,
+            "exit_code": exit_code,
+            "output_tail": tail,
+        }
+        name = f"{job['id']:012d}-{job['attempt']}"
+        return self._spool(name, f"/agent/v1/jobs/{job['id']}/report", body)
 
     def flush_spool(self) -> None:
-        """Send every spooled report, retrying with backoff until the core has answered."""
-        for path in sorted(self.spool.glob("*.json")):
-            record = json.loads(path.read_text())
-            attempt = 0
-            while True:
+        """Send every spooled report; keep each until the core accepted it or refused it for
+        good (a final 4xx). 5xx, 429 and timeouts are retried with backoff."""
+        with self._spool_lock:
+            for file in sorted(self.spool.glob("*.json")):
                 try:
-                    status, reply = self.core.call(
-                        f"/agent/v1/jobs/{record['job_id']}/report", record["body"]
-                    )
-                except Unreachable as exc:
+                    record = json.loads(file.read_text())
+                except (OSError, ValueError) as exc:
+                    log.error("event=report_unreadable file=%s error=%s", file.name, exc)
+                    file.replace(file.with_suffix(".bad"))  # kept for a human, never resent
+                    continue
+                path = record.get("path") or f"/agent/v1/jobs/{record['job_id']}/report"
+                attempt = 0
+                while True:
+                    try:
+                        status, reply = self.core.call(path, record["body"])
+                    except Unreachable as exc:
+                        status, reply = 0, {"error": str(exc)}
+                    if status == 200:
+                        log.info(
+                            "event=report_sent path=%s accepted=%s", path, reply.get("accepted")
+                        )
+                        break
+                    if status in FINAL_REFUSALS:
+                        log.error(
+                            "event=report_refused path=%s status=%s error=%s",
+                            path,
+                            status,
+                            reply.get("error"),
+                        )
+                        break
                     if self.stopping.is_set():
-                        return  # the VM is going away; the core has requeued the job
-                    log.warning("event=report_retry job=%s error=%s", record["job_id"], exc)
+                        return  # the VM is going away; the report stays on disk
+                    log.warning(
+                        "event=report_retry path=%s status=%s error=%s",
+                        path,
+                        status,
+                        reply.get("error"),
+                    )
                     self.stopping.wait(self._backoff(attempt))
                     attempt += 1
-                    continue
-                if status != 200:
-                    log.error("event=report_refused job=%s status=%s", record["job_id"], status)
-                else:
-                    log.info(
-                        "event=report_sent job=%s accepted=%s",
-                        record["job_id"],
-                        reply.get("accepted"),
-                    )
-                path.unlink()
-                break
+                file.unlink()
 
     # ---- running -----------------------------------------------------------------------
 
+    def _workdir(self, name: str, identity: dict[str, Any]) -> Path:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir.chmod(0o711)  # job users reach their own dir, and list none
+        workdir = self.jobs_dir / name
+        workdir.mkdir(exist_ok=True, mode=0o700)
+        if identity:
+            os.chown(workdir, identity["user"], identity["group"])
+        return workdir
+
     def execute(
-        self, command: list[str], env: dict[str, str], wall_time_s: float | None, workdir: Path
-    ) -> tuple[int, str]:
-        """Run a command in its own session; returns its exit code and output tail."""
-        workdir.mkdir(parents=True, exist_ok=True)
+        self,
+        command: list[str],
+        env: dict[str, str],
+        wall_time_s: float | None,
+        workdir_name: str,
+        slot: Slot | None = None,
+    ) -> Outcome:
+        """Run a command as the job user, in its own session, with a clean environment."""
+        try:
+            identity, base_env = job_identity(self.settings["job_user"])
+            workdir = self._workdir(workdir_name, identity)
+        except (JobUserError, OSError) as exc:
+            log.error("event=job_user_error error=%s", exc)
+            return Outcome(EXIT_NOT_FOUND, f"[alienec2-agent: {exc}]")
         tail: collections.deque[bytes] = collections.deque()
         limit = int(self.settings["output_tail_bytes"])
         try:
             child = subprocess.Popen(
                 command,
                 cwd=workdir,
-                env={**os.environ, **self.settings.get("env", {}), **env},
+                env={**base_env, **(self.settings["env"] or {}), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=0o077,
+                **identity,
             )
         except OSError as exc:
-            return EXIT_NOT_FOUND, f"cannot start {command[0]!r}: {exc.strerror or exc}"
-        self._child = child
+            return Outcome(EXIT_NOT_FOUND, f"cannot start {command[0]!r}: {exc.strerror or exc}")
 
         def read() -> None:
             size = 0
@@ -278,62 +507,107 @@ class Agent:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        deadline = time.monotonic() + wall_time_s if wall_time_s else None
-        note = ""
+        started = time.monotonic()
+        deadline = started + wall_time_s if wall_time_s else None
+        long_at = started + float(self.settings["idle_run_s"]) if self.pilot_mode() else None
+        grace = float(self.settings["kill_grace_s"])
+        note, ending = "", ""
         while child.poll() is None:
             if self.stopping.is_set():
-                note = "\n[alienec2-agent: killed, the VM is stopping]"
-                self._kill(child)
+                note, ending = "\n[alienec2-agent: killed, the VM is stopping]", "stop"
+                self._kill(child, grace)
+            elif slot is not None and slot.cancel.is_set():
+                note, ending = "\n[alienec2-agent: cancelled]", "cancel"
+                self._kill(child, grace)
             elif deadline is not None and time.monotonic() > deadline:
                 note = f"\n[alienec2-agent: killed after wall time {wall_time_s:g}s]"
-                self._kill(child)
+                ending = "wall"
+                self._kill(child, grace)
             else:
+                if long_at is not None and time.monotonic() > long_at:
+                    long_at = None
+                    self.wake.set()  # a long pilot run: the VM is busy from now on
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=0.2)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)  # what the job left behind dies with it
         reader.join(timeout=5)
-        self._child = None
         code = child.returncode
-        if note:
-            code = EXIT_WALL_TIME if "wall time" in note else EXIT_KILLED
-        elif code < 0:
+        if code < 0:
             code = 128 - code  # killed by a signal, as a shell reports it
+        if ending == "stop":
+            code = EXIT_KILLED
+        elif ending == "wall":
+            code = EXIT_WALL_TIME
         text = b"".join(tail)[-limit:].decode(errors="replace") + note
-        return code, text
+        return Outcome(code, text, cancelled=ending == "cancel")
 
     @staticmethod
-    def _kill(child: subprocess.Popen[bytes]) -> None:
+    def _kill(child: subprocess.Popen[bytes], grace: float) -> None:
+        """SIGTERM to the job's whole process group, SIGKILL after the grace."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=grace)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
 
-    def run_job(self, job: dict[str, Any]) -> None:
-        log.info("event=job_started job=%s attempt=%s", job["id"], job["attempt"])
-        with contextlib.suppress(Unreachable):  # only the finish report matters; it is spooled
-            self.core.call(
-                f"/agent/v1/jobs/{job['id']}/report",
-                {"attempt": job["attempt"], "status": "started"},
-                timeout=10,
-            )
-        workdir = self.state_dir / "jobs" / f"{job['id']}-{job['attempt']}"
-        code, tail = self.execute(
-            job["command"], job.get("env") or {}, job.get("wall_time_s"), workdir
+    def run_job(self, job: dict[str, Any], slot: Slot) -> None:
+        if self.stopping.is_set():
+            return  # the core requeues what a stopping VM held
+        log.info(
+            "event=job_started job=%s attempt=%s slot=%d", job["id"], job["attempt"], slot.index
         )
-        self.spool_report(job, code, tail)
-        log.info("event=job_finished job=%s exit_code=%s", job["id"], code)
+        slot.cancel.clear()
+        slot.job_id = job["id"]
+        try:
+            with contextlib.suppress(Unreachable):  # only the last report matters; it is spooled
+                status, reply = self.core.call(
+                    f"/agent/v1/jobs/{job['id']}/report",
+                    {"attempt": job["attempt"], "status": "started"},
+                    timeout=10,
+                )
+                if status == 200 and reply.get("state") == "cancelled":
+                    slot.cancel.set()
+            if slot.cancel.is_set():
+                outcome = Outcome(None, "[alienec2-agent: cancelled before it started]", True)
+            else:
+                outcome = self.execute(
+                    job["command"],
+                    job.get("env") or {},
+                    job.get("wall_time_s"),
+                    f"{job['id']}-{job['attempt']}",
+                    slot,
+                )
+            status_word = "cancelled" if outcome.cancelled else "finished"
+            self.spool_report(job, status_word, outcome.exit_code, outcome.tail)
+            log.info("event=job_%s job=%s exit_code=%s", status_word, job["id"], outcome.exit_code)
+        finally:
+            slot.job_id = None
+            slot.cancel.clear()
 
-    def fetch_loop(self) -> None:
+    def _may_take_work(self) -> bool:
+        """False once the loop must end; waits while a Spot notice holds new work back."""
+        while not self.stopping.is_set() and self.action == "run":
+            if not self.no_new_jobs.is_set():
+                return True
+            self.stopping.wait(min(float(self.settings["heartbeat_s"]), 5.0))
+        return False
+
+    def fetch_loop(self, slot: Slot) -> None:
         attempt = 0
         while True:
             self.flush_spool()
-            if self.stopping.is_set() or self.action in ("stop", "drain"):
+            if not self._may_take_work():
                 return
             wait = self.settings["fetch_wait_s"]
             try:
                 status, reply = self.core.call(
-                    f"/agent/v1/jobs/next?wait={wait:g}", timeout=wait + 15
+                    f"/agent/v1/jobs/next?wait={wait:g}&slot={slot.index}", timeout=wait + 15
                 )
             except Unreachable as exc:
-                log.warning("event=fetch_failed error=%s", exc)
+                log.warning("event=fetch_failed slot=%d error=%s", slot.index, exc)
                 self.stopping.wait(self._backoff(attempt))
                 attempt += 1
                 continue
@@ -345,45 +619,146 @@ class Agent:
                 log.error("event=fetch_refused status=%s error=%s", status, reply.get("error"))
                 self.stopping.wait(self._backoff(3))
                 continue
-            self._set_action(reply["action"])
+            self._set_action(reply.get("action", self.action))
             if reply.get("job"):
-                self.busy = True
-                try:
-                    self.run_job(reply["job"])
-                finally:
-                    self.busy = False
+                self.run_job(reply["job"], slot)
 
-    def pilot_loop(self) -> None:
+    def run_record(self, run_id: str, slot: Slot, **fields: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "run": run_id,
+            "slot": slot.index,
+            "status": "started",
+            "exit_code": None,
+            "output_tail": "",
+            "alien_job_id": None,
+            "idle": None,
+            "duration_s": None,
+        }
+        body.update(fields)
+        return body
+
+    def pilot_loop(self, slot: Slot) -> None:
         """Run the site's pilot (e.g. the AliEn JobAgent) again and again until drained."""
         command = self.settings["pilot_command"]
-        runs = 0
-        while not self.stopping.is_set() and self.action == "run":
-            self.busy = True
-            self.heartbeat_once()
-            runs += 1
-            code, tail = self.execute(command, {}, None, self.state_dir / "pilot" / str(runs))
-            self.busy = False
-            log.info("event=pilot_exited code=%s tail=%s", code, json.dumps(tail[-200:]))
-            self.heartbeat_once()
+        while self._may_take_work():
+            run_id = str(uuid.uuid4())
+            slot.runs += 1
+            with contextlib.suppress(Unreachable):  # best effort: the finish is spooled
+                self.core.call("/agent/v1/runs", self.run_record(run_id, slot), timeout=10)
+            slot.run_started = time.monotonic()
+            workdir = f"pilot-{slot.index}-{slot.runs}"
+            try:
+                outcome = self.execute(command, {}, None, workdir, slot)
+            finally:
+                duration = time.monotonic() - slot.run_started
+                slot.run_started = None
+            shutil.rmtree(self.jobs_dir / workdir, ignore_errors=True)
+            idle = run_is_idle(duration, outcome.exit_code, self.settings)
+            alien_job_id = parse_alien_job_id(outcome.tail, self.settings["alien_job_id_regex"])
+            self._spool(
+                f"run-{time.time_ns()}-{slot.index}",
+                "/agent/v1/runs",
+                self.run_record(
+                    run_id,
+                    slot,
+                    status="finished",
+                    exit_code=outcome.exit_code,
+                    output_tail=outcome.tail,
+                    alien_job_id=alien_job_id,
+                    idle=idle,
+                    duration_s=round(duration, 3),
+                ),
+            )
+            log.info(
+                "event=pilot_exited slot=%d code=%s idle=%s alien_job=%s duration_s=%.1f",
+                slot.index,
+                outcome.exit_code,
+                idle,
+                alien_job_id,
+                duration,
+            )
+            self.wake.set()  # tell the core now whether the VM is idle again
+            self.flush_spool()
             self.stopping.wait(self.settings["pilot_pause_s"])
+
+    # ---- Spot interruptions ------------------------------------------------------------
+
+    def spot_loop(self) -> None:
+        """Watch IMDS for a Spot termination notice or a rebalance recommendation."""
+        imds = IMDS(self.settings["imds_url"])
+        failing = False
+        while not self.stopping.wait(float(self.settings["spot_poll_s"])):
+            try:
+                status, text = imds.get("/latest/meta-data/spot/instance-action")
+                if status == 200:
+                    self.interrupted("termination", text)
+                    return
+                if not self.no_new_jobs.is_set():
+                    path = "/latest/meta-data/events/recommendations/rebalance"
+                    status, text = imds.get(path)
+                    if status == 200:
+                        self.interrupted("rebalance", text)
+                failing = False
+            except OSError as exc:
+                if not failing:
+                    log.warning("event=imds_unreachable error=%s", exc)
+                failing = True
+
+    def interrupted(self, notice: str, detail: str) -> None:
+        """Take no new job, tell the core; on termination kill the jobs and leave."""
+        log.warning("event=spot_notice notice=%s detail=%s", notice, json.dumps(detail[:200]))
+        self.no_new_jobs.set()
+        body = {"notice": notice, "detail": detail[:1000]}
+        give_up = time.monotonic() + 30.0  # a termination notice gives two minutes in all
+        attempt = 0
+        while time.monotonic() < give_up:
+            try:
+                status, reply = self.core.call("/agent/v1/interruption", body, timeout=10)
+            except Unreachable as exc:
+                status, reply = 0, {"error": str(exc)}
+            if status == 200:
+                self._set_action(reply.get("action", self.action))
+                break
+            if status in FINAL_REFUSALS:
+                log.error("event=interruption_refused status=%s", status)
+                break
+            if self.stopping.wait(min(self._backoff(attempt), 5.0)):
+                break
+            attempt += 1
+        if notice == "termination":
+            self._stop()
+
+    # ---- main --------------------------------------------------------------------------
 
     def run(self) -> int:
         self.register()
         if self.stopping.is_set():
             return 0
+        self.slots = [Slot(index) for index in range(int(self.settings["slots"]))]
+        try:
+            job_identity(self.settings["job_user"])
+        except JobUserError as exc:
+            log.error("event=job_user_error error=%s", exc)  # every job will fail with it
         self.heartbeat_once()
         threading.Thread(target=self.heartbeat_loop, daemon=True).start()
-        if self.settings["pilot_command"]:
-            self.pilot_loop()
-        else:
-            self.fetch_loop()
+        if float(self.settings["spot_poll_s"]) > 0:
+            threading.Thread(target=self.spot_loop, daemon=True).start()
+        loop = self.pilot_loop if self.pilot_mode() else self.fetch_loop
+        threads = [
+            threading.Thread(target=loop, args=(slot,), name=f"slot-{slot.index}", daemon=True)
+            for slot in self.slots
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         log.info("event=agent_exit action=%s", self.action)
-        self.stopping.set()
+        self._stop()
         return 0
 
     def terminate(self, signum: int, frame: object) -> None:
         log.info("event=signal signum=%d", signum)
-        self.stopping.set()
+        self._stop()
 
 
 def main(argv: list[str] | None = None) -> int:

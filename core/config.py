@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -195,7 +196,22 @@ class AlienConfig(_Section):
     cvmfs_repositories: list[str] = ["alice.cern.ch", "alice-ocdb.cern.ch", "grid.cern.ch"]
     cvmfs_http_proxy: str = "DIRECT"
     cvmfs_quota_mb: Annotated[int, Field(ge=1000)] = 20000
-    pilot_pause_s: Annotated[float, Field(ge=0)] = 60.0
+    # A short pause between runs; idleness comes from idle_run_s, not from the pause.
+    pilot_pause_s: Annotated[float, Field(ge=0)] = 10.0
+    # A run shorter than this, or ending with one of no_job_exit_codes, found no job (idle).
+    idle_run_s: Annotated[float, Field(ge=0)] = 150.0
+    no_job_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = []
+    # The AliEn job id in a run's output: group 1 (or the whole match) is reported.
+    job_id_regex: str = r"(?i)\bjob(?:\s*id)?[ =:#]+(\d+)"
+
+    @field_validator("job_id_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
 
 
 class ContextualisationConfig(_Section):
@@ -206,6 +222,11 @@ class ContextualisationConfig(_Section):
     fetch_wait_s: Annotated[float, Field(gt=0, le=60)] = 20.0
     ca_file: str | None = None
     extra_env: dict[str, str] = {}
+    # Jobs (and JobAgents) run as this unprivileged user, created by the templates;
+    # "" runs them as the agent's own user (sandboxes and tests only: they could act as the VM).
+    job_user: Annotated[str, Field(pattern=r"^([a-z_][a-z0-9_-]{0,31})?$")] = "alienec2-job"
+    # How often the agent polls IMDS for Spot notices; 0 turns the watch off.
+    spot_poll_s: Annotated[float, Field(ge=0)] = 5.0
     alien: Annotated[AlienConfig, Field(validate_default=True)] = AlienConfig()
 
     @field_validator("alien")

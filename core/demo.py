@@ -279,7 +279,8 @@ class Demo:
             boot_delay_s=self.opts.boot_delay_s,
             jitter_s=self.opts.jitter_s,
             faults=Faults(self.opts.never_boot_fraction, self.opts.die_mid_job, self.opts.seed),
-            agent_overrides={"max_backoff_s": 2},
+            # Sandbox agents run jobs as the demo's own user: no alienec2-job account here.
+            agent_overrides={"max_backoff_s": 2, "job_user": ""},
         )
         self._cleanup.append(self.runner.close)
         self._tasks.append(asyncio.create_task(self.runner.run(self.stop_requested)))

@@ -8,7 +8,9 @@ secret and the core's URL; never cloud credentials and never the admin token.
 
 from __future__ import annotations
 
+import ast
 import base64
+import functools
 import gzip
 import hashlib
 import hmac
@@ -56,10 +58,16 @@ class AgentSettings:
     ca_file: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     pilot_command: list[str] | None = None
-    pilot_pause_s: float = 60.0
+    pilot_pause_s: float = 10.0
+    job_user: str = "alienec2-job"  # "" runs jobs as the agent's user (sandboxes only)
+    slots: int = 1  # a fallback: the register reply's ``slots`` wins
+    spot_poll_s: float = 5.0
+    idle_run_s: float = 150.0
+    no_job_exit_codes: list[int] = field(default_factory=list)
+    alien_job_id_regex: str | None = None  # None: the agent's default
 
     def to_json(self) -> str:
-        data = {
+        data: dict[str, object] = {
             "core_url": self.core_url,
             "launch_id": self.launch_id,
             "launch_secret": self.launch_secret,
@@ -67,16 +75,24 @@ class AgentSettings:
             "fetch_wait_s": self.fetch_wait_s,
             "ca_file": self.ca_file,
             "env": self.env,
+            "job_user": self.job_user,
+            "slots": self.slots,
+            "spot_poll_s": self.spot_poll_s,
         }
         if self.pilot_command:
             data["pilot_command"] = self.pilot_command
             data["pilot_pause_s"] = self.pilot_pause_s
+            data["idle_run_s"] = self.idle_run_s
+            data["no_job_exit_codes"] = self.no_job_exit_codes
+            data["alien_job_id_regex"] = self.alien_job_id_regex
         return json.dumps(data, sort_keys=True)
 
 
 def agent_settings(
-    core_url: str, launch_id: str, secret: str, config: ContextualisationConfig
+    core_url: str, launch_id: str, secret: str, config: ContextualisationConfig, slots: int = 1
 ) -> AgentSettings:
+    """``slots`` is ``pool.slots_per_vm``: the register reply carries it too, this is the
+    fallback for a core that does not send it."""
     alien = config.template == "alien"
     return AgentSettings(
         core_url=core_url,
@@ -88,11 +104,33 @@ def agent_settings(
         env=dict(config.extra_env),
         pilot_command=list(config.alien.pilot_command) if alien else None,
         pilot_pause_s=config.alien.pilot_pause_s,
+        job_user=config.job_user,
+        slots=slots,
+        spot_poll_s=config.spot_poll_s,
+        idle_run_s=config.alien.idle_run_s,
+        no_job_exit_codes=list(config.alien.no_job_exit_codes),
+        alien_job_id_regex=config.alien.job_id_regex,
     )
 
 
 def _asset(name: str) -> bytes:
     return resources.files("contextualisation").joinpath(name).read_bytes()
+
+
+def installed_agent(source: bytes) -> bytes:
+    """The agent as user data installs it: the same program without docstrings and comments,
+    so it fits EC2's 16 KiB with room to spare (about a quarter smaller once gzipped)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = node.body[1:] or [ast.Pass()]
+    return b"#!/usr/bin/env python3\n" + ast.unparse(tree).encode() + b"\n"
 
 
 def render(settings: AgentSettings, config: ContextualisationConfig) -> str:
@@ -103,16 +141,23 @@ def render(settings: AgentSettings, config: ContextualisationConfig) -> str:
     return text
 
 
+@functools.cache
+def _agent_gz_b64() -> str:
+    """The installed agent, gzipped and base64-encoded once per process."""
+    agent = gzip.compress(installed_agent(_asset("agent.py")), mtime=0)
+    return base64.b64encode(agent).decode()
+
+
 def render_unchecked(settings: AgentSettings, config: ContextualisationConfig) -> str:
     """The user data text, whatever its size."""
-    agent = gzip.compress(_asset("agent.py"), mtime=0)
     template = Template(_asset(f"{config.template}.yaml").decode())
     return template.substitute(
         settings_b64=base64.b64encode(settings.to_json().encode()).decode(),
-        agent_gz_b64=base64.b64encode(agent).decode(),
+        agent_gz_b64=_agent_gz_b64(),
         cvmfs_repositories=",".join(config.alien.cvmfs_repositories),
         cvmfs_http_proxy=config.alien.cvmfs_http_proxy,
         cvmfs_quota_mb=config.alien.cvmfs_quota_mb,
+        job_user=settings.job_user,
     )
 
 

@@ -184,7 +184,15 @@ class AgentProcess:
         user_data = ec2_client(moto_url).describe_instance_attribute(
             InstanceId=vm_id, Attribute="userData"
         )["UserData"]["Value"]
-        settings = {"fetch_wait_s": 5, "max_backoff_s": 0.5, **overrides}
+        # Jobs run as the test's own user (no alienec2-job account here) and no IMDS is polled
+        # for Spot notices unless a test asks for it.
+        settings = {
+            "fetch_wait_s": 5,
+            "max_backoff_s": 0.5,
+            "job_user": "",
+            "spot_poll_s": 0,
+            **overrides,
+        }
         self.settings_path = prepare_agent(
             base64.b64decode(user_data).decode(), vm_id, workdir / vm_id, **settings
         )

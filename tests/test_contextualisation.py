@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import gzip
 import os
@@ -17,6 +18,7 @@ from core.userdata import (
     USER_DATA_LIMIT,
     AgentSettings,
     agent_settings,
+    installed_agent,
     launch_secret,
     read_agent_settings,
     render,
@@ -67,7 +69,10 @@ def test_builtin_user_data_installs_the_agent_and_its_settings() -> None:
     assert len(text.encode()) < USER_DATA_LIMIT
     files = write_files(text)
     agent = gzip.decompress(base64.b64decode(files["/opt/alienec2/agent.py"]["content"]))
-    assert agent == (ROOT / "contextualisation" / "agent.py").read_bytes()
+    shipped = (ROOT / "contextualisation" / "agent.py").read_bytes()
+    assert agent.startswith(b"#!/usr/bin/env python3\n")
+    assert ast.dump(ast.parse(agent)) == ast.dump(ast.parse(installed_agent(shipped)))
+    assert len(agent) < len(shipped) and b"def flush_spool" in agent
     assert files["/etc/alienec2/agent.json"]["permissions"] == "0600"
     settings = read_agent_settings(text)
     assert settings["core_url"] == "https://core.example.org:8470"
@@ -128,3 +133,68 @@ def test_launch_secret_is_verifiable_and_specific_to_its_launch() -> None:
     assert secret_matches(key, "launch-1", secret)
     assert not secret_matches(key, "launch-2", secret)
     assert not secret_matches(bytes([1]) * 32, "launch-1", secret)
+
+
+def test_settings_carry_the_job_user_slots_spot_watch_and_pilot_accounting() -> None:
+    builtin = read_agent_settings(render(settings_for(BUILTIN), BUILTIN))
+    assert (builtin["job_user"], builtin["slots"], builtin["spot_poll_s"]) == (
+        "alienec2-job",
+        1,
+        5.0,
+    )
+    assert "idle_run_s" not in builtin
+    config = ContextualisationConfig(
+        template="alien",
+        job_user="grid",
+        spot_poll_s=0,
+        alien={"pilot_command": ["ja"], "idle_run_s": 90, "no_job_exit_codes": [3]},
+    )
+    settings = agent_settings("https://core:8470", "launch-1", "s", config, slots=4)
+    alien = read_agent_settings(render(settings, config))
+    assert (alien["job_user"], alien["slots"], alien["spot_poll_s"]) == ("grid", 4, 0)
+    assert (alien["idle_run_s"], alien["no_job_exit_codes"]) == (90, [3])
+    assert alien["alien_job_id_regex"] == config.alien.job_id_regex
+
+
+@pytest.mark.parametrize("config", [BUILTIN, ALIEN], ids=["builtin", "alien"])
+def test_templates_create_the_job_user_and_keep_the_agent_state_root_only(
+    config: ContextualisationConfig,
+) -> None:
+    files = write_files(render(settings_for(config), config))
+    script = str(files["/opt/alienec2/job-user.sh"]["content"])
+    assert "user='alienec2-job'" in script and "useradd --system" in script
+    unit = str(files["/etc/systemd/system/alienec2-agent.service"]["content"])
+    assert "ExecStartPre=/opt/alienec2/job-user.sh" in unit
+    assert "StateDirectoryMode=0700" in unit
+
+
+def test_job_user_script_does_nothing_when_jobs_run_as_the_agent_user() -> None:
+    config = ContextualisationConfig(job_user="")
+    files = write_files(render(settings_for(config), config))
+    script = str(files["/opt/alienec2/job-user.sh"]["content"])
+    result = subprocess.run(
+        ["/bin/sh", "-c", script], env={"PATH": "/nonexistent"}, capture_output=True, timeout=30
+    )
+    assert result.returncode == 0 and result.stderr == b""
+
+
+def test_user_data_leaves_headroom_under_the_ec2_limit() -> None:
+    sizes = {c.template: len(render(settings_for(c), c).encode()) for c in (BUILTIN, ALIEN)}
+    print(f"\nuser data bytes: {sizes} of {USER_DATA_LIMIT}")
+    assert max(sizes.values()) < USER_DATA_LIMIT - 2048
+
+
+@pytest.mark.parametrize(
+    ("section", "error"),
+    [
+        ({"job_user": "Root User"}, "contextualisation.job_user"),
+        ({"alien": {"job_id_regex": "(unclosed"}}, "contextualisation.alien.job_id_regex"),
+        ({"spot_poll_s": -1}, "contextualisation.spot_poll_s"),
+    ],
+)
+def test_bad_agent_settings_are_config_errors_naming_their_key(
+    section: dict[str, object], error: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"clouds": [{"name": "a", "image_id": "x"}], "contextualisation": section})
+    assert any(message.startswith(error) for message in caught.value.errors), caught.value.errors

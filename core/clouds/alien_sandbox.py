@@ -1,0 +1,255 @@
+"""A sandbox AliEn: a stand-in central task queue, a stand-in JobAgent and the demand command.
+
+Standard library only, so the same file runs as a script wherever the agent runs its pilot:
+
+    python alien_sandbox.py serve [--port N]          the central task queue on loopback
+    python alien_sandbox.py jobagent --queue URL      one JobAgent run (the agent's pilot_command)
+    python alien_sandbox.py demand --queue URL        waiting jobs (``queue.kind: command``)
+
+The JobAgent asks the central queue for one job, runs it, reports it done and exits 0, having
+printed ``JobAgent: running job <id>`` (the agent's default ``alien.job_id_regex`` finds the id);
+with nothing to do it exits at once with ``NO_JOB_EXIT`` (list it in ``alien.no_job_exit_codes``),
+as the real JobAgent does after its idle TTL. The demand command keeps the ``command`` contract:
+one integer on stdout and exit 0, or a message on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+NO_JOB_EXIT = 3
+
+
+@dataclass
+class AlienJob:
+    id: int
+    command: list[str]
+    state: str = "waiting"  # waiting -> running -> done | failed
+    taken: int = 0  # how many times a JobAgent was given it: exactly once, or a bug
+    exit_code: int | None = None
+    agent: str | None = None
+    output: str = field(default="", repr=False)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "command": self.command,
+            "state": self.state,
+            "taken": self.taken,
+            "exit_code": self.exit_code,
+            "agent": self.agent,
+        }
+
+
+class CentralQueue:
+    """AliEn's central task queue, as far as a JobAgent sees it: FIFO, each job given once."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._jobs: dict[int, AlienJob] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+
+    def start(self) -> CentralQueue:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> CentralQueue:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- the queue itself (also called in-process by the sandbox and tests) ----------------
+
+    def add(self, command: list[str]) -> int:
+        with self._lock:
+            job = AlienJob(len(self._jobs) + 1, list(command))
+            self._jobs[job.id] = job
+            return job.id
+
+    def take(self, agent: str) -> AlienJob | None:
+        with self._lock:
+            for job in self._jobs.values():
+                if job.state == "waiting":
+                    job.state, job.agent = "running", agent
+                    job.taken += 1
+                    return job
+        return None
+
+    def done(self, job_id: int, exit_code: int) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state != "running":
+                return False
+            job.state = "done" if exit_code == 0 else "failed"
+            job.exit_code = exit_code
+            return True
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = {"waiting": 0, "running": 0, "done": 0, "failed": 0}
+            for job in self._jobs.values():
+                counts[job.state] += 1
+            return counts
+
+    def jobs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [job.public() for job in self._jobs.values()]
+
+    # ---- HTTP --------------------------------------------------------------------------------
+
+    def _route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        if method == "GET" and path == "/counts":
+            return 200, self.counts()
+        if method == "GET" and path == "/jobs":
+            return 200, self.jobs()
+        if method == "POST" and path == "/jobs":
+            command = body.get("command")
+            if not (
+                isinstance(command, list) and command and all(isinstance(a, str) for a in command)
+            ):
+                return 400, {"error": "command: a non-empty list of strings"}
+            return 200, {"id": self.add(command)}
+        if method == "POST" and path == "/jobs/take":
+            job = self.take(str(body.get("agent") or "?"))
+            return 200, {"job": {"id": job.id, "command": job.command} if job else None}
+        done = re.fullmatch(r"/jobs/(\d+)/done", path)
+        if method == "POST" and done:
+            code = body.get("exit_code")
+            if not isinstance(code, int):
+                return 400, {"error": "exit_code: an integer"}
+            return 200, {"accepted": self.done(int(done.group(1)), code)}
+        return 404, {"error": f"no route {method} {path}"}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        queue = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._serve("GET")
+
+            def do_POST(self) -> None:
+                self._serve("POST")
+
+            def _serve(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+                    if not isinstance(body, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    status, reply = 400, {"error": "body: a JSON object"}
+                else:
+                    status, reply = queue._route(method, self.path, body)
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+# ---- the scripts: what the agent's pilot_command and the demand source run ------------------
+
+
+def script_path() -> Path:
+    return Path(__file__).resolve()
+
+
+def jobagent_command(queue_url: str, python: str = sys.executable) -> list[str]:
+    """The stand-in JobAgent as an agent ``pilot_command``."""
+    return [python, str(script_path()), "jobagent", "--queue", queue_url]
+
+
+def demand_command(queue_url: str, python: str = sys.executable) -> list[str]:
+    """The waiting-jobs query as a ``queue.kind: command`` argv."""
+    return [python, str(script_path()), "demand", "--queue", queue_url]
+
+
+def _call(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url,
+        data=data,
+        headers={"Content-Type": "application/json"},
+        method="GET" if data is None else "POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        return json.loads(reply.read())
+
+
+def run_jobagent(queue_url: str, agent: str) -> int:
+    base = queue_url.rstrip("/")
+    job = _call(f"{base}/jobs/take", {"agent": agent})["job"]
+    if job is None:
+        print("JobAgent: no matching job, exiting", flush=True)
+        return NO_JOB_EXIT
+    print(f"JobAgent: running job {job['id']}", flush=True)
+    try:
+        code = subprocess.run(job["command"], stdin=subprocess.DEVNULL, check=False).returncode
+    except OSError as exc:
+        print(f"JobAgent: cannot start job {job['id']}: {exc}", flush=True)
+        code = 127
+    _call(f"{base}/jobs/{job['id']}/done", {"exit_code": code})
+    print(f"JobAgent: job {job['id']} ended with exit code {code}", flush=True)
+    return 0
+
+
+def run_demand(queue_url: str) -> int:
+    try:
+        counts = _call(queue_url.rstrip("/") + "/counts", timeout=5.0)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"central queue {queue_url} did not answer: {exc}", file=sys.stderr)
+        return 1
+    print(int(counts["waiting"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="sandbox AliEn")
+    commands = parser.add_subparsers(dest="what", required=True)
+    serve = commands.add_parser("serve", help="run the central task queue")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0)
+    for name in ("jobagent", "demand"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--queue", required=True, help="the central queue's URL")
+    args = parser.parse_args(argv)
+    if args.what == "jobagent":
+        import socket
+
+        return run_jobagent(args.queue, socket.gethostname())
+    if args.what == "demand":
+        return run_demand(args.queue)
+    queue = CentralQueue(args.host, args.port)
+    print(queue.url, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        queue._server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

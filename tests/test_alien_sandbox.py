@@ -1,0 +1,102 @@
+"""The sandbox AliEn: its central queue, JobAgent and demand command, for real, and the whole
+chain through a real core and a real agent running the JobAgent as its pilot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contextualisation.agent import parse_alien_job_id
+from core.clouds.alien_sandbox import NO_JOB_EXIT, CentralQueue, demand_command, jobagent_command
+from core.clouds.sandbox import MotoEC2Server
+from core.model import VMState
+from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
+
+
+@pytest.fixture
+def central() -> Iterator[CentralQueue]:
+    with CentralQueue() as queue:
+        yield queue
+
+
+def post(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def test_central_queue_gives_each_job_to_one_jobagent_in_order(central: CentralQueue) -> None:
+    ids = [post(f"{central.url}/jobs", {"command": ["true", str(n)]})["id"] for n in range(3)]
+    taken = [post(f"{central.url}/jobs/take", {"agent": "a"})["job"] for _ in range(4)]
+    assert [job and job["id"] for job in taken] == [*ids, None]
+    assert post(f"{central.url}/jobs/{ids[0]}/done", {"exit_code": 0}) == {"accepted": True}
+    assert post(f"{central.url}/jobs/{ids[0]}/done", {"exit_code": 0}) == {"accepted": False}
+    assert post(f"{central.url}/jobs/{ids[1]}/done", {"exit_code": 2}) == {"accepted": True}
+    assert central.counts() == {"waiting": 0, "running": 1, "done": 1, "failed": 1}
+    assert all(job["taken"] == 1 for job in central.jobs())
+
+
+def test_demand_command_prints_the_waiting_jobs_as_one_integer(central: CentralQueue) -> None:
+    for n in range(2):
+        central.add(["true", str(n)])
+    result = subprocess.run(demand_command(central.url), capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "2\n")
+    down = subprocess.run(
+        demand_command("http://127.0.0.1:9"), capture_output=True, text=True, timeout=30
+    )
+    assert down.returncode == 1 and down.stdout == ""
+    assert "did not answer" in down.stderr
+
+
+def test_jobagent_runs_one_job_names_it_and_exits_with_no_job_code_when_idle(
+    central: CentralQueue, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    job_id = central.add(["touch", str(marker)])
+    first = subprocess.run(
+        jobagent_command(central.url), capture_output=True, text=True, timeout=30
+    )
+    assert first.returncode == 0 and marker.exists()
+    assert parse_alien_job_id(first.stdout, None) == str(job_id)
+    assert central.counts()["done"] == 1
+    idle = subprocess.run(jobagent_command(central.url), capture_output=True, text=True, timeout=30)
+    assert idle.returncode == NO_JOB_EXIT
+    assert parse_alien_job_id(idle.stdout, None) is None
+
+
+async def test_jobagents_under_a_real_agent_and_core_run_every_central_job_exactly_once(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    central: CentralQueue,
+    agents: Callable[..., AgentProcess],
+) -> None:
+    out = tmp_path / "ran.txt"
+    ids = [central.add(["sh", "-c", f"echo {n} >> {out}"]) for n in range(8)]
+    alien = {
+        "pilot_command": jobagent_command(central.url),
+        "no_job_exit_codes": [NO_JOB_EXIT],
+        "pilot_pause_s": 0.05,
+    }
+    config = core_config(
+        tmp_path,
+        moto.url,
+        pool={"min_vms": 1},
+        contextualisation={"template": "alien", "alien": alien},
+    )
+    async with running_core(config) as core:
+        [vm_id] = await wait_for_vms(core, 1)
+        agent = agents(vm_id, slots=2)  # two JobAgents side by side
+        await eventually(lambda: central.counts()["done"] == len(ids), timeout=60)
+        assert sorted(int(line) for line in out.read_text().split()) == list(range(8))
+        assert all(job["taken"] == 1 for job in central.jobs())
+        await eventually(lambda: "code=3 idle=True" in agent.log())
+        assert core.store.vm(vm_id).state == VMState.IDLE  # short runs: the VM stays idle
+        assert {"slot=0", "slot=1"} <= set(agent.log().replace(" ", "\n").split("\n"))
