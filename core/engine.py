@@ -132,8 +132,7 @@ class Engine:
                 log.exception("event=heartbeat_save_failed")
 
     def save_liveness(self) -> None:
-        seen, busy = self.liveness.take_unsaved()
-        self.store.save_heartbeats(seen, busy)
+        self.store.save_heartbeats(self.liveness.take_unsaved())
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         self._stopping = True
@@ -194,7 +193,7 @@ class Engine:
                 cloud=vm.cloud,
                 state=vm.state,
                 launched_at=max(vm.launched_at, started),
-                idle_since=liveness.idle_since(vm.id, vm.idle_since),
+                idle_since=vm.idle_since,
                 last_heartbeat=max(
                     liveness.last_heartbeat(vm.id, vm.last_heartbeat) or started, started
                 ),

@@ -25,6 +25,7 @@ class VMState(enum.StrEnum):
     TERMINATED = "terminated"
     FAILED = "failed"  # never registered within boot_timeout_s
     LOST = "lost"  # stopped heartbeating
+    INTERRUPTED = "interrupted"  # the cloud reclaims it (a Spot termination notice)
 
 
 VM_TRANSITIONS: dict[VMState, frozenset[VMState]] = {
@@ -35,21 +36,38 @@ VM_TRANSITIONS: dict[VMState, frozenset[VMState]] = {
         {VMState.IDLE, VMState.FAILED, VMState.TERMINATING, VMState.TERMINATED}
     ),
     VMState.IDLE: frozenset(
-        {VMState.BUSY, VMState.DRAINING, VMState.LOST, VMState.TERMINATING, VMState.TERMINATED}
+        {
+            VMState.BUSY,
+            VMState.DRAINING,
+            VMState.LOST,
+            VMState.INTERRUPTED,
+            VMState.TERMINATING,
+            VMState.TERMINATED,
+        }
     ),
     VMState.BUSY: frozenset(
-        {VMState.IDLE, VMState.DRAINING, VMState.LOST, VMState.TERMINATING, VMState.TERMINATED}
+        {
+            VMState.IDLE,
+            VMState.DRAINING,
+            VMState.LOST,
+            VMState.INTERRUPTED,
+            VMState.TERMINATING,
+            VMState.TERMINATED,
+        }
     ),
-    VMState.DRAINING: frozenset({VMState.LOST, VMState.TERMINATING, VMState.TERMINATED}),
+    VMState.DRAINING: frozenset(
+        {VMState.LOST, VMState.INTERRUPTED, VMState.TERMINATING, VMState.TERMINATED}
+    ),
     VMState.FAILED: frozenset({VMState.TERMINATING, VMState.TERMINATED}),
     VMState.LOST: frozenset({VMState.TERMINATING, VMState.TERMINATED}),
+    VMState.INTERRUPTED: frozenset({VMState.TERMINATING, VMState.TERMINATED}),
     VMState.TERMINATING: frozenset({VMState.TERMINATED}),
     VMState.TERMINATED: frozenset(),
 }
 
 # VMs that no longer serve jobs: a job still on one goes back to the queue.
 STOPPED_SERVING_STATES = frozenset(
-    {VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, VMState.FAILED}
+    {VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, VMState.FAILED, VMState.INTERRUPTED}
 )
 # VMs that count against the pool's max_vms: they are (or will be) serving jobs.
 SERVING_STATES = frozenset(
@@ -117,6 +135,8 @@ class EventKind(enum.StrEnum):
     VM_TERMINATED = "vm_terminated"
     VM_FAILED = "vm_failed"
     VM_LOST = "vm_lost"
+    VM_INTERRUPTED = "vm_interrupted"
+    PILOT_RUN = "pilot_run"
     JOB_QUEUED = "job_queued"
     JOB_ASSIGNED = "job_assigned"
     JOB_RUNNING = "job_running"
@@ -156,6 +176,9 @@ class Reason(enum.StrEnum):
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     VM_STOPPED_SERVING = "vm_stopped_serving"
     SCALING = "scaling"
+    SPOT_TERMINATION = "spot_termination"
+    SPOT_REBALANCE = "spot_rebalance"
+    PILOT_WORKING = "pilot_working"
 
 
 def check_vm(old: VMState, new: VMState) -> None:
@@ -184,11 +207,30 @@ class JobChange:
     reason: Reason
 
 
-def requeue(job: Job, now: float, why: str, reason: Reason) -> JobChange | None:
+def requeue(
+    job: Job, now: float, why: str, reason: Reason, spend_attempt: bool = True
+) -> JobChange | None:
     """A job whose VM stopped serving goes back to the queue with one more attempt, or fails
-    once its attempts are used up. None when the job is no longer active."""
+    once its attempts are used up. None when the job is no longer active. An interruption the
+    cloud announced is nobody's fault: the job goes back without spending an attempt (its
+    attempt number still grows, so a late report of the old attempt stays stale)."""
     if job.state not in ACTIVE_JOB_STATES:
         return None
+    if not spend_attempt:
+        return JobChange(
+            JobState.QUEUED,
+            {
+                "attempt": job.attempt + 1,
+                "max_attempts": job.max_attempts + 1,
+                "vm_id": None,
+                "assigned_at": None,
+                "started_at": None,
+                "reason": why,
+            },
+            EventKind.JOB_REQUEUED,
+            f"attempt {job.attempt + 1} (not counted): {why}",
+            reason,
+        )
     if job.attempt >= job.max_attempts:
         return JobChange(
             JobState.FAILED,
@@ -273,6 +315,8 @@ class Job:
     exit_code: int | None = None
     output_tail: str | None = None
     reason: str | None = None
+    kind: str = "job"  # "job": the built-in queue's; "pilot": a pilot run a VM reported
+    alien_job_id: str | None = None  # for a pilot run, the job its output named
 
 
 @dataclass(slots=True)

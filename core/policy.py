@@ -154,7 +154,7 @@ def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
         if now - vm.launched_at > settings.boot_timeout_s:
             return Fail(vm.id, f"not registered within boot_timeout_s={settings.boot_timeout_s:g}")
         return None
-    if state == VMState.FAILED or state == VMState.LOST:
+    if state in (VMState.FAILED, VMState.LOST, VMState.INTERRUPTED):
         return Terminate(vm.id, f"{state} VM still alive")
     return None
 

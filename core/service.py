@@ -129,10 +129,55 @@ class PoolService:
 
     def heartbeat(self, vm: VM, busy: bool = False) -> tuple[VM, list[int]]:
         """Liveness (in memory) and what the agent must do: the action, and the jobs it must
-        stop because an admin cancelled them."""
+        stop because an admin cancelled them. ``busy`` is a pilot's (e.g. the AliEn
+        JobAgent's) word that it runs a real job: the VM is busy while it says so."""
         if vm.state not in STOP_STATES:
-            self.liveness.heartbeat(vm.id, self.clock(), pilot_busy=busy)
+            now = self.clock()
+            self.liveness.heartbeat(vm.id, now)
+            if busy != (vm.state == VMState.BUSY) and vm.job_id is None:
+                vm = self.store.set_pilot_busy(vm.id, busy, now)
+                self._wake()
         return vm, self.store.cancelled_on(vm)
+
+    def interruption(self, vm: VM, notice: Literal["termination", "rebalance"], detail: str) -> VM:
+        """The cloud will reclaim the VM (termination: its job is requeued now, without
+        spending an attempt, and the capacity replaced) or advises moving off it
+        (rebalance: it is drained)."""
+        now = self.clock()
+        if vm.state in STOP_STATES or vm.state == VMState.INTERRUPTED:
+            return vm
+        why = f"spot {notice} notice" + (f": {detail}" if detail else "")
+        if notice == "termination":
+            vm = self.store.interrupt_vm(vm.id, now, why)
+        elif vm.state in (VMState.IDLE, VMState.BUSY):
+            vm = self.store.drain_vm(vm.id, now, why)
+        self._wake()
+        return vm
+
+    def record_run(
+        self,
+        vm: VM,
+        run: str,
+        status: Literal["started", "finished"],
+        exit_code: int | None,
+        output_tail: str,
+        alien_job_id: str | None,
+        idle: bool | None,
+    ) -> Job:
+        """A pilot run (e.g. one AliEn JobAgent) as a job record of kind "pilot"."""
+        command = list(self.config.contextualisation.alien.pilot_command) or ["pilot"]
+        job = self.store.record_run(
+            vm,
+            f"{vm.id}/{run}",
+            command,
+            self.clock(),
+            finished=status == "finished",
+            exit_code=exit_code,
+            output_tail=output_tail,
+            alien_job_id=alien_job_id,
+            idle=idle,
+        )
+        return job
 
     def next_job(self, vm_id: str) -> Fetch:
         """The VM's job: the one it already holds (the answer to an earlier fetch was lost),
@@ -176,8 +221,7 @@ class PoolService:
             if job is not None and job.state == JobState.CANCELLED:
                 return Report(False, job.state)  # the agent stops it
         else:
-            code = exit_code if exit_code is not None else -1
-            job = self.store.finish_job(job_id, attempt, vm.id, code, output_tail, now)
+            job = self.store.finish_job(job_id, attempt, vm.id, exit_code, output_tail, now)
             self._wake()
         if job is None:
             return Report(False, self.store.job(job_id).state)
@@ -264,7 +308,6 @@ class PoolService:
 
     def _live(self, vm: VM) -> VM:
         vm.last_heartbeat = self.liveness.last_heartbeat(vm.id, vm.last_heartbeat)
-        vm.idle_since = self.liveness.idle_since(vm.id, vm.idle_since)
         return vm
 
     def job_detail(self, job_id: int) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def register_all(store: Store, now: float) -> list[str]:
 
 def heartbeat_all(store: Store, now: float) -> None:
     store.save_heartbeats(
-        {vm.id: now for vm in store.vms([VMState.IDLE, VMState.BUSY, VMState.DRAINING])}, {}
+        {vm.id: now for vm in store.vms([VMState.IDLE, VMState.BUSY, VMState.DRAINING])}
     )
 
 
@@ -445,7 +445,7 @@ async def test_silent_vm_is_lost_its_job_requeued_and_the_vm_terminated(
     store.start_job(job, 1, vm, clock())
 
     clock.advance(60)
-    store.save_heartbeats({vm: clock()}, {})
+    store.save_heartbeats({vm: clock()})
     clock.advance(119)
     await step(engine)
     assert store.vm(vm).state == VMState.BUSY

@@ -56,6 +56,22 @@ class ReportRequest(_Body):
         return self
 
 
+class InterruptionRequest(_Body):
+    notice: Literal["termination", "rebalance"]
+    detail: Annotated[str, Field(max_length=1024)] = ""
+
+
+class RunRequest(_Body):
+    run: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    slot: Annotated[int, Field(ge=0, le=1023)] = 0
+    status: Literal["started", "finished"]
+    exit_code: Annotated[int, Field(ge=-INT64, le=INT64)] | None = None
+    output_tail: Annotated[str, Field(max_length=MAX_OUTPUT_TAIL)] = ""
+    alien_job_id: Annotated[str, Field(max_length=64)] | None = None
+    idle: bool | None = None
+    duration_s: Annotated[float, Field(ge=0, le=10**9)] | None = None
+
+
 def job_body(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
@@ -128,9 +144,14 @@ def create_agent_app(
 
     @app.post("/agent/v1/jobs/next")
     async def next_job(
-        vm: CurrentVM, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0
+        vm: CurrentVM,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
+        slot: Annotated[int, Query(ge=0, le=1023)] = 0,
     ) -> dict[str, Any]:
-        """The oldest queued job, waiting up to ``wait`` seconds for one to be submitted."""
+        """The oldest queued job, waiting up to ``wait`` seconds for one to be submitted.
+        ``slot`` names the agent's fetch loop; this core runs one job per VM (slot 0)."""
+        if slot > 0:
+            return {"job": None, "action": action_for(vm)}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -141,6 +162,26 @@ def create_agent_app(
             if not fetch.wait or remaining <= 0 or changes.closing:
                 return {"job": None, "action": fetch.action}
             await changes.jobs.wait(remaining)
+
+    @app.post("/agent/v1/interruption")
+    async def interruption(body: InterruptionRequest, vm: CurrentVM) -> dict[str, Any]:
+        """A Spot notice the agent read from the instance metadata."""
+        vm = service.interruption(vm, body.notice, body.detail)
+        return {"action": action_for(vm), "state": vm.state}
+
+    @app.post("/agent/v1/runs")
+    async def run(body: RunRequest, vm: CurrentVM) -> dict[str, Any]:
+        """A pilot run (e.g. one AliEn JobAgent), started or finished; idempotent by run."""
+        job = service.record_run(
+            vm,
+            body.run,
+            body.status,
+            body.exit_code,
+            body.output_tail,
+            body.alien_job_id,
+            body.idle,
+        )
+        return {"accepted": True, "job_id": job.id, "state": job.state}
 
     @app.post("/agent/v1/jobs/{job_id}/report")
     async def report(

@@ -73,6 +73,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX events_ts ON events(ts);
     CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    # 3 -> 4: pilot runs (e.g. AliEn JobAgents) recorded beside the built-in queue's jobs.
+    """
+    ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'job';
+    ALTER TABLE jobs ADD COLUMN run_key TEXT;
+    ALTER TABLE jobs ADD COLUMN alien_job_id TEXT;
+    CREATE UNIQUE INDEX jobs_run_key ON jobs(run_key) WHERE run_key IS NOT NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

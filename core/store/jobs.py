@@ -52,6 +52,8 @@ def _job(row: sqlite3.Row) -> Job:
         exit_code=row["exit_code"],
         output_tail=row["output_tail"],
         reason=row["reason"],
+        kind=row["kind"],
+        alien_job_id=row["alien_job_id"],
     )
 
 
@@ -129,7 +131,8 @@ class Jobs(VMs):
     def submitted_since(self, since: float) -> tuple[int, float | None]:
         """How many jobs were submitted at or after ``since``, and when the first of them was."""
         count, first = self._db.execute(
-            "SELECT COUNT(*), MIN(submitted_at) FROM jobs WHERE submitted_at >= ?", (since,)
+            "SELECT COUNT(*), MIN(submitted_at) FROM jobs WHERE submitted_at >= ? AND kind = 'job'",
+            (since,),
         ).fetchone()
         return count, first
 
@@ -227,7 +230,7 @@ class Jobs(VMs):
         job_id: int,
         attempt: int,
         vm_id: str,
-        exit_code: int,
+        exit_code: int | None,
         output_tail: str,
         now: float,
     ) -> Job | None:
@@ -238,7 +241,7 @@ class Jobs(VMs):
             if job is None:
                 return None
             if job.state == JobState.CANCELLED:
-                if job.exit_code is None:
+                if job.exit_code is None and exit_code is not None:
                     self._db.execute(
                         "UPDATE jobs SET exit_code = ?, output_tail = ? WHERE id = ?",
                         (exit_code, output_tail, job_id),
@@ -247,7 +250,8 @@ class Jobs(VMs):
                 return self.job(job_id)
             if job.state not in ACTIVE_JOB_STATES:
                 return job
-            self._apply(job, finish(job, exit_code, output_tail, now), now, vm_id=vm_id)
+            code = exit_code if exit_code is not None else -1
+            self._apply(job, finish(job, code, output_tail, now), now, vm_id=vm_id)
             self._release_vm(vm_id, job_id, now)
         return self.job(job_id)
 
@@ -261,9 +265,106 @@ class Jobs(VMs):
 
     def _requeue_job_of(self, vm: VM, job_id: int, now: float, why: str) -> None:
         job = self.job(job_id)
-        change = requeue(job, now, why, Reason.VM_STOPPED_SERVING)
+        interrupted = self._interrupting == vm.id
+        reason = Reason.SPOT_TERMINATION if interrupted else Reason.VM_STOPPED_SERVING
+        change = requeue(job, now, why, reason, spend_attempt=not interrupted)
         if change is not None:
             self._apply(job, change, now)
+
+    _interrupting: str | None = None
+
+    def interrupt_vm(self, vm_id: str, now: float, why: str) -> VM:
+        """The cloud announced it reclaims the VM: its job goes back to the queue at once,
+        without spending an attempt, and the VM is replaced."""
+        with self._tx():
+            self._interrupting = vm_id
+            try:
+                return self.transition_vm(
+                    vm_id, VMState.INTERRUPTED, now, why, Reason.SPOT_TERMINATION
+                )
+            finally:
+                self._interrupting = None
+
+    def set_pilot_busy(self, vm_id: str, busy: bool, now: float) -> VM:
+        """A VM without a queue job is busy while its pilot works on a real job (a run
+        longer than ``alien.idle_run_s``), idle otherwise. Written only when it changes."""
+        vm = self.vm(vm_id)
+        if vm.job_id is not None or vm.state not in (VMState.IDLE, VMState.BUSY):
+            return vm
+        if busy and vm.state == VMState.IDLE:
+            return self.transition_vm(
+                vm_id, VMState.BUSY, now, "its pilot is running a job", Reason.PILOT_WORKING
+            )
+        if not busy and vm.state == VMState.BUSY:
+            return self.transition_vm(
+                vm_id, VMState.IDLE, now, "its pilot is idle", Reason.PILOT_WORKING
+            )
+        return vm
+
+    def record_run(
+        self,
+        vm: VM,
+        run_key: str,
+        command: list[str],
+        now: float,
+        *,
+        finished: bool,
+        exit_code: int | None,
+        output_tail: str,
+        alien_job_id: str | None,
+        idle: bool | None,
+    ) -> Job:
+        """A pilot run a VM reported, kept as a job record of kind "pilot" (started, then
+        finished); reports are idempotent by the run's key."""
+        with self._tx():
+            row = self._db.execute("SELECT * FROM jobs WHERE run_key = ?", (run_key,)).fetchone()
+            if row is None:
+                cur = self._db.execute(
+                    "INSERT INTO jobs(command, env, state, attempt, max_attempts, vm_id, "
+                    "submitted_at, assigned_at, started_at, kind, run_key) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        json.dumps(command),
+                        "{}",
+                        JobState.RUNNING,
+                        1,
+                        1,
+                        vm.id,
+                        now,
+                        now,
+                        now,
+                        "pilot",
+                        run_key,
+                    ),
+                )
+                assert cur.lastrowid is not None
+                job = self.job(cur.lastrowid)
+                self._event(
+                    now, EventKind.JOB_RUNNING, "pilot run started", vm_id=vm.id, job_id=job.id
+                )
+            else:
+                job = _job(row)
+            if finished and job.state == JobState.RUNNING:
+                code = exit_code if exit_code is not None else -1
+                state = JobState.DONE if code == 0 or idle else JobState.FAILED
+                self._set_job(
+                    job,
+                    state,
+                    finished_at=now,
+                    exit_code=exit_code,
+                    output_tail=output_tail,
+                    alien_job_id=alien_job_id,
+                    reason="no job for the pilot" if idle else None,
+                )
+                named = f", AliEn job {alien_job_id}" if alien_job_id else ""
+                self._event(
+                    now,
+                    EventKind.for_job(state),
+                    f"pilot run ended: exit code {exit_code}{named}" + (" (idle)" if idle else ""),
+                    vm_id=vm.id,
+                    job_id=job.id,
+                )
+        return self.job(job.id)
 
     def _apply(self, job: Job, change: JobChange, now: float, vm_id: str | None = None) -> None:
         self._set_job(job, change.state, **change.columns)

@@ -124,19 +124,14 @@ class VMs(Database):
         row = self._db.execute("SELECT token_hash FROM vms WHERE id = ?", (vm_id,)).fetchone()
         return bool(row and row["token_hash"])
 
-    def save_heartbeats(self, seen: Mapping[str, float], pilot_busy: Mapping[str, float]) -> None:
-        """Liveness kept in memory (``core.liveness``), written together: last heartbeats,
-        and for idle VMs whose pilot said it was busy, a restarted idle clock."""
-        if not seen and not pilot_busy:
+    def save_heartbeats(self, seen: Mapping[str, float]) -> None:
+        """Last heartbeats kept in memory (``core.liveness``), written together."""
+        if not seen:
             return
         with self._tx():
             self._db.executemany(
                 "UPDATE vms SET last_heartbeat = MAX(COALESCE(last_heartbeat, 0), ?) WHERE id = ?",
                 [(at, vm_id) for vm_id, at in seen.items()],
-            )
-            self._db.executemany(
-                "UPDATE vms SET idle_since = MAX(idle_since, ?) WHERE id = ? AND state = ?",
-                [(at, vm_id, VMState.IDLE) for vm_id, at in pilot_busy.items()],
             )
 
     def request_kill(self, vm_id: str, now: float) -> VM:
