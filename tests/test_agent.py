@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,35 +61,22 @@ async def test_failing_and_overlong_jobs_are_reported_with_their_exit_codes(
         assert core.store.job(missing["id"]).exit_code == 127
 
 
-async def test_job_submitted_while_an_agent_waits_starts_within_100ms(
+async def test_jobs_submitted_while_an_agent_waits_reach_it_through_its_parked_long_poll(
     tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
 ) -> None:
-    """Submit → the agent's 'started' report, over the real service and a real agent."""
+    """Submit → the waiting agent runs it, over the real service and a real agent. How fast
+    is benchmarks/dispatch.py's business; here: each job wakes the parked poll."""
     config = core_config(tmp_path, moto.url, pool={"min_vms": 1})
     async with running_core(config) as core:
         [vm_id] = await wait_for_vms(core, 1)
-        agents(vm_id, fetch_wait_s=30)
-        latencies = []
+        agents(vm_id, fetch_wait_s=60)
         async with AdminClient(socket_path=str(core.admin_socket)) as admin:
-            for _ in range(5):
+            for _ in range(3):
                 await eventually(lambda: core.changes.jobs.waiting == 1)
-                submitted = time.time()
                 job = await admin.submit(["true"])
-                await eventually(
-                    lambda j=job: job_state(core, j["id"]) in (JobState.RUNNING, JobState.DONE),
-                    interval=0.001,
-                )
-                started = core.store.job(job["id"]).started_at
-                assert started is not None
-                latencies.append(started - submitted)
-                await eventually(lambda j=job: job_state(core, j["id"]) == JobState.DONE)
-        median = statistics.median(latencies)
-        print(
-            f"\nsubmit-to-start on a waiting agent: median {median * 1000:.1f} ms, "
-            f"max {max(latencies) * 1000:.1f} ms"
-        )
-        assert median < 0.1, f"median submit-to-start {median * 1000:.0f} ms"
-        assert max(latencies) < 0.5, f"slowest submit-to-start {max(latencies) * 1000:.0f} ms"
+                # Well inside the 60 s wait, so the submission woke the poll.
+                await eventually(lambda j=job: job_state(core, j["id"]) == JobState.DONE, 30)
+                assert core.store.job(job["id"]).vm_id == vm_id
 
 
 async def test_agent_survives_a_core_restart_mid_job_and_its_report_arrives(
