@@ -297,16 +297,30 @@ class Engine:
                 self.store.adopt_vm(
                     instance.id, cloud, instance.launch_id or "unknown", instance.address, now
                 )
-        for vm in known.values():
-            if (
-                vm.id not in seen
-                and vm.state in ALIVE_STATES
-                and vm.launched_at < started - VANISH_GRACE_S
-            ):
-                self.store.transition_vm(
-                    vm.id, VMState.TERMINATED, now, "vanished from the cloud", Reason.VANISHED
-                )
-                self.liveness.forget(vm.id)
+        unseen = [
+            vm.id
+            for vm in known.values()
+            if vm.id not in seen
+            and vm.state in ALIVE_STATES
+            and vm.launched_at < started - VANISH_GRACE_S
+        ]
+        if not unseen:
+            return
+        # Not listed is not yet gone: an instance launched before the cloud tag existed is
+        # not in a cloud-filtered listing, and listings may lag. Ask for those by id.
+        try:
+            found = await self._call(self.providers[cloud].describe, unseen)
+        except CloudError as exc:
+            self._call_failed(cloud, EventKind.RECONCILE_FAILED, f"describe failed: {exc}")
+            return
+        now = self.clock()
+        for instance in found:
+            self._apply_instance_state(instance, now)
+        for vm_id in set(unseen) - {instance.id for instance in found}:
+            self.store.transition_vm(
+                vm_id, VMState.TERMINATED, now, "vanished from the cloud", Reason.VANISHED
+            )
+            self.liveness.forget(vm_id)
 
     # ---- act ----------------------------------------------------------------------------
 

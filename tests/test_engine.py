@@ -19,7 +19,7 @@ import boto3
 import pytest
 import yaml
 
-from core.clouds import TAG_CORE, TAG_LAUNCH, TAG_POOL
+from core.clouds import TAG_CLOUD, TAG_CORE, TAG_LAUNCH, TAG_POOL
 from core.clouds.sandbox import SANDBOX_IMAGE, SANDBOX_REGION, FaultyEndpoint, MotoEC2Server
 from core.config import Config
 from core.daemon import build_engine
@@ -359,17 +359,23 @@ async def test_reconcile_adopts_tagged_strays_and_retires_vanished_vms_requeuein
 
     ec2 = ec2_client(moto.url)
     ec2.terminate_instances(InstanceIds=[vm.id])  # behind the core's back
-    tags = [
-        {"Key": TAG_POOL, "Value": "default"},
-        {"Key": TAG_CORE, "Value": "test-core"},
-        {"Key": TAG_LAUNCH, "Value": "from-an-older-store"},
-    ]
-    stray = ec2.run_instances(
-        ImageId=SANDBOX_IMAGE,
-        MinCount=1,
-        MaxCount=1,
-        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
-    )["Instances"][0]["InstanceId"]
+
+    def tagged(cloud_name: str) -> str:
+        tags = [
+            {"Key": TAG_POOL, "Value": "default"},
+            {"Key": TAG_CORE, "Value": "test-core"},
+            {"Key": TAG_LAUNCH, "Value": "from-an-older-store"},
+            {"Key": TAG_CLOUD, "Value": cloud_name},
+        ]
+        return ec2.run_instances(
+            ImageId=SANDBOX_IMAGE,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )["Instances"][0]["InstanceId"]
+
+    stray = tagged("c")
+    tagged("another-cloud")  # the same endpoint, another configured cloud: not this one's
     ec2.run_instances(ImageId=SANDBOX_IMAGE, MinCount=1, MaxCount=1)  # not ours: ignored
 
     clock.advance(300)
@@ -382,6 +388,23 @@ async def test_reconcile_adopts_tagged_strays_and_retires_vanished_vms_requeuein
     adopted = store.vm(stray)
     assert (adopted.state, adopted.launch_id) == (VMState.BOOTING, "from-an-older-store")
     assert len(store.vms()) == 2
+
+
+async def test_an_instance_launched_before_the_cloud_tag_is_kept_by_its_launch_records_cloud(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1})
+    engine = await start_engine(config)
+    await step(engine)
+    [vm] = engine.store.vms()
+    ec2_client(moto.url).delete_tags(Resources=[vm.id], Tags=[{"Key": TAG_CLOUD}])
+    clock.advance(600)
+    await engine._reconcile("c")
+    assert engine.store.vm(vm.id).state != VMState.TERMINATED
+    assert vm.id in running_in_cloud(moto.url)
 
 
 async def test_vm_that_never_registers_is_failed_terminated_and_replaced(

@@ -14,6 +14,9 @@ from typing import Protocol
 TAG_POOL = "alienec2:pool"
 TAG_CORE = "alienec2:core"
 TAG_LAUNCH = "alienec2:launch"
+# Which configured cloud launched it: two clouds on one account and region never list (and
+# adopt) each other's instances.
+TAG_CLOUD = "alienec2:cloud"
 
 
 class CloudError(Exception):

@@ -11,6 +11,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.clouds import (
+    TAG_CLOUD,
     TAG_CORE,
     TAG_LAUNCH,
     TAG_POOL,
@@ -106,9 +107,11 @@ class EC2Provider:
         self._launcher = client(1)
 
     def _ours(self) -> list[dict[str, Any]]:
+        """This pool's, this core's instances in this configured cloud."""
         return [
             {"Name": f"tag:{TAG_POOL}", "Values": [self._pool]},
             {"Name": f"tag:{TAG_CORE}", "Values": [self._core_id]},
+            {"Name": f"tag:{TAG_CLOUD}", "Values": [self.name]},
         ]
 
     def _describe(self, filters: list[dict[str, Any]]) -> Iterator[Instance]:
@@ -127,6 +130,7 @@ class EC2Provider:
             {"Key": TAG_POOL, "Value": self._pool},
             {"Key": TAG_CORE, "Value": self._core_id},
             {"Key": TAG_LAUNCH, "Value": request.launch_id},
+            {"Key": TAG_CLOUD, "Value": self.name},
             {"Key": "Name", "Value": f"alienec2-{self._pool}"},
             *({"Key": k, "Value": v} for k, v in cloud.tags.items()),
         ]
@@ -155,8 +159,11 @@ class EC2Provider:
         return [_instance(raw) for raw in reply.get("Instances", [])]
 
     def find_launch(self, launch_id: str) -> list[Instance]:
+        # By launch tag alone (with pool and core): a launch sent before the cloud tag
+        # existed is found too; the launch record says which cloud it belongs to.
+        pool, core, _ = self._ours()
         return list(
-            self._describe([*self._ours(), {"Name": f"tag:{TAG_LAUNCH}", "Values": [launch_id]}])
+            self._describe([pool, core, {"Name": f"tag:{TAG_LAUNCH}", "Values": [launch_id]}])
         )
 
     def describe(self, instance_ids: list[str]) -> list[Instance]:
