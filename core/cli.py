@@ -875,6 +875,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "moto":
+            raise
+        # A production install has no sandbox cloud: say how to get one.
+        print(
+            "error: the sandbox cloud needs moto: pip install 'alienec2[sandbox]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
