@@ -721,3 +721,39 @@ class Store:
         columns["state"] = new
         sets = ", ".join(f"{name} = ?" for name in columns)
         self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*columns.values(), job.id))
+
+    # ---- job flow (the console's sparklines) ----------------------------------------------
+
+    FLOW_KINDS = {
+        "job_queued": "submitted",
+        "job_running": "started",
+        "job_done": "finished",
+        "job_failed": "failed",
+    }
+
+    def job_flow(self, since: float, last_seq: int) -> dict[float, dict[str, int]]:
+        """Per-minute counts of job events with ``since <= ts`` and ``seq <= last_seq``, keyed
+        by minute start. The first seq in the window is found by bisecting on seq (the primary
+        key; events are written in time order), so the query reads only the window's rows."""
+        low, high = 1, last_seq + 1
+        while low < high:
+            middle = (low + high) // 2
+            row = self._db.execute(
+                "SELECT ts FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (middle,)
+            ).fetchone()
+            if row is None or row[0] >= since:
+                high = middle
+            else:
+                low = middle + 1
+        kinds = tuple(self.FLOW_KINDS)
+        rows = self._db.execute(
+            "SELECT CAST(ts / 60 AS INTEGER) * 60 AS minute, kind, COUNT(*) FROM events"
+            f" WHERE seq >= ? AND seq <= ? AND ts >= ? AND kind IN ({','.join('?' * len(kinds))})"
+            " GROUP BY minute, kind",
+            (low, last_seq, since, *kinds),
+        )
+        counts: dict[float, dict[str, int]] = {}
+        for minute, kind, n in rows:
+            bucket = counts.setdefault(float(minute), dict.fromkeys(self.FLOW_KINDS.values(), 0))
+            bucket[self.FLOW_KINDS[kind]] += n
+        return counts

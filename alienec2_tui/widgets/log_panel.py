@@ -1,12 +1,16 @@
-"""The core's event stream, tailed."""
+"""The core's event stream, tailed. It follows new events only while scrolled to the bottom,
+so an operator reading back on a busy pool is not yanked away; End resumes following."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
+from textual.binding import BindingType
 from textual.widgets import RichLog
+
+from alienec2_tui.keys import LOG_KEYS, bindings
 
 KIND_STYLES = {
     "vm_failed": "bold red",
@@ -22,10 +26,17 @@ KIND_STYLES = {
 
 
 class LogPanel(RichLog):
+    BINDINGS: ClassVar[list[BindingType]] = bindings(LOG_KEYS)
+
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(max_lines=2000, wrap=False, markup=False, **kwargs)
+        super().__init__(max_lines=2000, wrap=False, markup=False, auto_scroll=False, **kwargs)
+
+    @property
+    def following(self) -> bool:
+        return self.scroll_y >= self.max_scroll_y
 
     def add_events(self, events: list[dict[str, Any]]) -> None:
+        follow = self.following
         for event in events:
             line = Text(time.strftime("%H:%M:%S ", time.localtime(event["ts"])), style="dim")
             line.append(f"{event['kind']:<16}", style=KIND_STYLES.get(event["kind"], "bold"))
@@ -33,4 +44,9 @@ class LogPanel(RichLog):
             subject = subject or event["cloud"] or ""
             line.append(f" {subject:<20} ")
             line.append(event["message"])
-            self.write(line)
+            self.write(line, scroll_end=follow)
+        self.border_subtitle = "" if follow else "paused: end follows"
+
+    def action_scroll_end(self) -> None:
+        super().action_scroll_end()
+        self.border_subtitle = ""

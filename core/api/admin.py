@@ -244,4 +244,20 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
                 return {"events": [as_dict(e) for e in found], "last_seq": last}
             await changes.events.wait(remaining)
 
+    @app.get("/admin/v1/flow")
+    async def flow(minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 60) -> dict[str, Any]:
+        """Job events per minute, oldest first, for the console's sparklines. ``last_seq`` is
+        the last event counted: a client tailing events from there counts nothing twice."""
+        now, last_seq = engine.clock(), store.last_seq()
+        first = (now // 60 - minutes + 1) * 60
+        counts = store.job_flow(first, last_seq)
+        empty = {"submitted": 0, "started": 0, "finished": 0, "failed": 0}
+        return {
+            "now": now,
+            "last_seq": last_seq,
+            "minutes": [
+                {"t": first + 60 * i, **counts.get(first + 60 * i, empty)} for i in range(minutes)
+            ],
+        }
+
     return app
