@@ -10,6 +10,7 @@ from typing import Any
 from rich.text import Text
 from textual import work
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
@@ -33,19 +34,26 @@ class LiveScreen(ModalScreen[None]):
 
     @work(exclusive=True, group="live")
     async def follow(self) -> None:
-        while True:
-            try:
-                self.record = await self._fetch()
-            except (AdminError, CoreUnreachable) as exc:
-                message = exc.message if isinstance(exc, AdminError) else str(exc)
-                self.query_one("#live-problem", Static).update(Text(message))
-            else:
-                self.query_one("#live-problem", Static).update("")
-                self.show(self.record)
-                self.updates += 1
-                if self.finished(self.record):
+        try:
+            while True:
+                await self._update()
+                if self.record is not None and self.finished(self.record):
                     return
-            await asyncio.sleep(self._refresh_s)
+                await asyncio.sleep(self._refresh_s)
+        except NoMatches:
+            return  # closed (or the app quit) while a fetch was on its way
+
+    async def _update(self) -> None:
+        try:
+            record = await self._fetch()
+        except (AdminError, CoreUnreachable) as exc:
+            message = exc.message if isinstance(exc, AdminError) else str(exc)
+            self.query_one("#live-problem", Static).update(Text(message))
+            return
+        self.record = record
+        self.query_one("#live-problem", Static).update("")
+        self.show(record)
+        self.updates += 1
 
     def show(self, record: dict[str, Any]) -> None:
         raise NotImplementedError
