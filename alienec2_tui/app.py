@@ -7,6 +7,7 @@ the core through ``AdminClient``. It holds no state the core does not have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,6 +17,7 @@ from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input
 
@@ -109,6 +111,10 @@ class ConsoleApp(App[None]):
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
         """Status, VMs and recent jobs every ``refresh_s``; shows and survives a dead core."""
+        with contextlib.suppress(NoMatches):  # the app quit while a call was on its way
+            await self._poll()
+
+    async def _poll(self) -> None:
         backoff = self.refresh_s
         while True:
             jobs_view = self.view == "jobs"
@@ -143,6 +149,10 @@ class ConsoleApp(App[None]):
     async def follow_events(self) -> None:
         """Tail the event stream, resuming after the last sequence seen (nothing is missed
         across a reconnect). The job-flow panel starts from the core's per-minute counts."""
+        with contextlib.suppress(NoMatches):  # the app quit while a call was on its way
+            await self._follow_events()
+
+    async def _follow_events(self) -> None:
         try:
             flow = await self.client.flow(60)
             self.query_one(JobFlow).seed(flow)
