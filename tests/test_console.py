@@ -22,6 +22,7 @@ from alienec2_tui.widgets.pool_header import PoolHeader
 from alienec2_tui.widgets.vm_table import VMTable
 from core.clouds.sandbox import MotoEC2Server
 from core.model import VMState
+from core.store import Store
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,7 +325,8 @@ async def test_resize_dialog_keeps_its_input_and_shows_the_cores_refusal(console
     assert (dialog.query_one("#min").value, dialog.query_one("#max").value) == ("5", "3")
     assert core.engine.settings().max_vms == 10
     dialog.query_one("#max").value = "7"
-    await pilot.click("#ok")
+    dialog.query_one("#max").focus()
+    await pilot.press("enter")  # from the keyboard this time
     await eventually(lambda: core.engine.settings().max_vms == 7)
     await eventually(lambda: not isinstance(app.screen, ResizeDialog))
 
@@ -473,3 +475,22 @@ async def test_flow_endpoint_counts_job_events_per_minute_and_seeds_the_sparklin
             panel = app.query_one(JobFlow)
             await eventually(lambda: panel.seeded_seq >= flow["last_seq"])
             await eventually(lambda: sum(c["submitted"] for c in panel.minutes.values()) == 3)
+
+
+def test_job_flow_counts_only_the_window_and_only_up_to_the_seq_given(store: Store) -> None:
+    start = 1_800_000_000.0
+    kinds = ["job_queued", "job_running", "job_done", "job_failed", "vm_idle"]
+    for minute in range(180):  # three hours, one of each kind a minute
+        for kind in kinds:
+            store.record_event(start + minute * 60 + 5, kind, "x")
+    last = store.last_seq()
+    since = start + 150 * 60
+    counts = store.job_flow(since, last)
+    assert sorted(counts) == [start + m * 60 for m in range(150, 180)]
+    assert all(
+        c == {"submitted": 1, "started": 1, "finished": 1, "failed": 1} for c in counts.values()
+    )
+    store.record_event(start + 179 * 60 + 30, "job_queued", "after the cut")
+    assert store.job_flow(since, last)[start + 179 * 60]["submitted"] == 1
+    assert store.job_flow(since, store.last_seq())[start + 179 * 60]["submitted"] == 2
+    assert store.job_flow(start + 10_000 * 60, store.last_seq()) == {}
