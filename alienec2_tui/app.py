@@ -7,21 +7,28 @@ the core through ``AdminClient``. It holds no state the core does not have.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+import contextlib
+import signal
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
+from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input
 
 from alienec2_tui.client import AdminClient, AdminError, CoreUnreachable
+from alienec2_tui.keys import APP_KEYS, MUTATING, ROW_ACTIONS, bindings
 from alienec2_tui.screens.dialogs import ConfirmDialog, ResizeDialog, SubmitDialog
 from alienec2_tui.screens.help import HelpScreen
+from alienec2_tui.screens.job_details import JobDetails
 from alienec2_tui.screens.vm_details import VMDetails
 from alienec2_tui.widgets.job_flow import JobFlow
+from alienec2_tui.widgets.job_table import JobTable
+from alienec2_tui.widgets.keyed_table import KeyedTable
 from alienec2_tui.widgets.log_panel import LogPanel
 from alienec2_tui.widgets.pool_header import PoolHeader
 from alienec2_tui.widgets.vm_table import VMTable
@@ -29,62 +36,70 @@ from alienec2_tui.widgets.vm_table import VMTable
 if TYPE_CHECKING:
     from core.demo import Demo
 
-ACTIONS: list[tuple[str, str, str, str]] = [
-    # key, action, short description (footer), long description (help, palette)
-    ("plus", "grow", "max+1", "Grow the pool's max by one"),
-    ("minus", "shrink", "max-1", "Shrink the pool's max by one"),
-    ("r", "resize", "resize", "Resize the pool: set min and max"),
-    ("d", "drain", "drain", "Drain the selected VM (finish its job, then terminate)"),
-    ("D", "drain_all", "drain all", "Drain every VM"),
-    ("k", "kill", "kill", "Kill the selected VM now (its job is requeued)"),
-    ("p", "pause", "pause", "Pause or resume scaling"),
-    ("s", "submit", "submit", "Submit a job"),
-    ("slash", "filter", "filter", "Filter the VM table"),
-    ("o", "sort", "sort", "Cycle the VM table's sort column"),
-    ("enter", "details", "details", "Details of the selected VM: events and job output"),
-    ("l", "logs", "logs", "Focus the event log"),
-    ("question_mark", "help", "help", "Show all keys"),
-    ("q", "quit", "quit", "Quit the console"),
-]
+RECENT_JOBS = 50  # the job-flow panel's list, fetched on every refresh
+JOBS_VIEW_LIMIT = 500  # the jobs view's, fetched instead while it is shown
+BACKLOG_EVENTS = 500  # events shown in the log on attach
+MUTATING_KEYS = frozenset(k for key in APP_KEYS if key.mutating for k in key.keys.split(","))
+SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 class ConsoleApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "alienec2"
-    BINDINGS = [
-        Binding(key, action, short, key_display=display)
-        for (key, action, short, _), display in zip(
-            ACTIONS,
-            ["+", "-", "r", "d", "D", "k", "p", "s", "/", "o", "⏎", "l", "?", "q"],
-            strict=True,
-        )
-        if action != "details"  # enter belongs to the table (RowSelected)
-    ]
+    BINDINGS: ClassVar[list[BindingType]] = bindings(APP_KEYS, priority=frozenset({"ctrl+c"}))
+    # The job-flow panel gives way first: beside the tables when wide, below them when
+    # narrow, gone when narrow and short (80x24).
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (34, "-tall")]
 
-    def __init__(self, client: AdminClient, refresh_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: AdminClient,
+        refresh_s: float = 1.0,
+        readonly: bool = False,
+        catch_signals: bool = True,
+    ) -> None:
         super().__init__()
         self.client = client
         self.refresh_s = refresh_s
+        self.readonly = readonly
+        self.catch_signals = catch_signals
         self.status: dict[str, Any] | None = None
         self.now = 0.0
         self.last_seq = 0
         self.connected = False
+        self.view = "vms"
 
     def compose(self) -> ComposeResult:
         yield PoolHeader(id="header")
         with Horizontal(id="main"):
             with Vertical(id="left"):
                 yield VMTable(id="vms")
-                yield Input(placeholder="filter VMs (enter to apply, esc to clear)", id="filter")
+                yield JobTable(id="jobs")
+                yield Input(
+                    placeholder="filter as you type · enter keeps · esc clears", id="filter"
+                )
             yield JobFlow(id="flow")
         yield LogPanel(id="log")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
+        self.query_one(JobTable).display = False
+        self.query_one(PoolHeader).readonly = self.readonly
         self.query_one(VMTable).focus()
+        if self.catch_signals:
+            loop = asyncio.get_running_loop()
+            for signum in SIGNALS:
+                loop.add_signal_handler(signum, self.exit)
         self.poll()
         self.follow_events()
+
+    def on_unmount(self) -> None:
+        if self.catch_signals:
+            loop = asyncio.get_running_loop()
+            for signum in SIGNALS:
+                loop.remove_signal_handler(signum)
 
     # ---- data from the core -----------------------------------------------------------
 
@@ -95,12 +110,17 @@ class ConsoleApp(App[None]):
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
         """Status, VMs and recent jobs every ``refresh_s``; shows and survives a dead core."""
+        with contextlib.suppress(NoMatches):  # the app quit while a call was on its way
+            await self._poll()
+
+    async def _poll(self) -> None:
         backoff = self.refresh_s
         while True:
+            jobs_view = self.view == "jobs"
             try:
                 status = await self.client.status()
                 vms = await self.client.vms()
-                jobs = await self.client.jobs(limit=50)
+                jobs = await self.client.jobs(limit=JOBS_VIEW_LIMIT if jobs_view else RECENT_JOBS)
             except CoreUnreachable:
                 self._set_connection(f"disconnected — retrying every {backoff:.0f}s")
                 await asyncio.sleep(backoff)
@@ -112,21 +132,30 @@ class ConsoleApp(App[None]):
                 continue
             backoff = self.refresh_s
             self.status, self.now = status, status["now"]
+            if status.get("access") == "readonly" and not self.readonly:
+                self.set_readonly()
             self._set_connection("connected")
             self.query_one(PoolHeader).status = status
             self.query_one(VMTable).show(vms["vms"], vms["now"])
+            if jobs_view:
+                self.query_one(JobTable).show(jobs["jobs"], jobs["now"])
             flow = self.query_one(JobFlow)
-            flow.show_jobs(jobs["jobs"], jobs["now"])
+            flow.query_one(JobTable).show(jobs["jobs"][:RECENT_JOBS], jobs["now"])
             flow.refresh_flow(status["now"])
             await asyncio.sleep(self.refresh_s)
 
     @work(exclusive=True, group="events")
     async def follow_events(self) -> None:
         """Tail the event stream, resuming after the last sequence seen (nothing is missed
-        across a reconnect)."""
+        across a reconnect). The job-flow panel starts from the core's per-minute counts."""
+        with contextlib.suppress(NoMatches):  # the app quit while a call was on its way
+            await self._follow_events()
+
+    async def _follow_events(self) -> None:
         try:
-            status = await self.client.status()
-            self.last_seq = max(status["last_seq"] - 500, 0)
+            flow = await self.client.flow(60)
+            self.query_one(JobFlow).seed(flow)
+            self.last_seq = max(flow["last_seq"] - BACKLOG_EVENTS, 0)
         except (CoreUnreachable, AdminError):
             self.last_seq = 0
         while True:
@@ -138,21 +167,49 @@ class ConsoleApp(App[None]):
             if reply["events"]:
                 self.last_seq = reply["last_seq"]
                 self.query_one(LogPanel).add_events(reply["events"])
-                self.query_one(JobFlow).add_events(reply["events"])
+                panel = self.query_one(JobFlow)
+                panel.add_events(reply["events"])
+                if self.now:
+                    panel.refresh_flow(self.now)
+
+    # ---- which keys apply ---------------------------------------------------------------
+
+    def set_readonly(self) -> None:
+        """From now on no key, palette entry or footer item changes the pool."""
+        self.readonly = True
+        self.query_one(PoolHeader).readonly = True
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in MUTATING and self.readonly:
+            return False
+        return self.view == "vms" or action not in ROW_ACTIONS
+
+    def on_key(self, event: events.Key) -> None:
+        if self.readonly and event.key in MUTATING_KEYS and not self._typing():
+            event.stop()
+            self.notify("this console is read-only", severity="warning")
+
+    def _typing(self) -> bool:
+        return isinstance(self.focused, Input)
 
     # ---- actions: each one API call, its outcome shown ---------------------------------
 
-    async def _call(self, what: str, call: Any) -> Any:
+    async def _call(self, what: str, call: Awaitable[Any]) -> Any:
         try:
             result = await call
         except AdminError as exc:
-            self.notify(exc.message, title=f"{what} refused", severity="error")
+            self.notify(exc.message, title=f"{what} refused", severity="error", markup=False)
             return None
         except CoreUnreachable as exc:
-            self.notify(str(exc), title=f"{what} failed", severity="error")
+            self.notify(str(exc), title=f"{what} failed", severity="error", markup=False)
             return None
         self.poll()  # show the effect now, not at the next refresh
         return result
+
+    def table(self) -> KeyedTable:
+        """The table of the current view."""
+        return self.query_one(VMTable) if self.view == "vms" else self.query_one(JobTable)
 
     def _selected(self) -> dict[str, Any] | None:
         vm = self.query_one(VMTable).selected_vm()
@@ -178,16 +235,30 @@ class ConsoleApp(App[None]):
             return
         pool = self.status["pool"]
 
-        async def chosen(bounds: tuple[int, int] | None) -> None:
-            if bounds is not None:
-                await self._resize(*bounds)
+        async def apply(low: int, high: int) -> str | None:
+            try:
+                bounds = await self.client.resize(low, high)
+            except AdminError as exc:
+                return exc.message
+            except CoreUnreachable as exc:
+                return str(exc)
+            self.notify(f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
+            self.poll()
+            return None
 
-        self.push_screen(ResizeDialog(pool["min_vms"], pool["max_vms"]), chosen)
+        self.push_screen(ResizeDialog(pool["min_vms"], pool["max_vms"], apply))
 
-    async def action_drain(self) -> None:
+    def action_drain(self) -> None:
         vm = self._selected()
-        if vm and await self._call("drain", self.client.drain(vm["id"])):
-            self.notify(f"draining {vm['id']}")
+        if vm is None:
+            return
+
+        async def confirmed(yes: bool | None) -> None:
+            if yes and await self._call("drain", self.client.drain(vm["id"])):
+                self.notify(f"draining {vm['id']}")
+
+        question = f"Drain VM {vm['id']}? It finishes its job, takes no other, then ends."
+        self.push_screen(ConfirmDialog(question, "Drain"), confirmed)
 
     def action_drain_all(self) -> None:
         async def confirmed(yes: bool | None) -> None:
@@ -225,51 +296,84 @@ class ConsoleApp(App[None]):
 
         self.push_screen(SubmitDialog(), chosen)
 
+    # ---- views, filter, sort, details ---------------------------------------------------
+
+    def _switch(self, view: str) -> None:
+        if self.view != view:
+            self.view = view
+            self.query_one(VMTable).display = view == "vms"
+            self.query_one(JobTable).display = view == "jobs"
+            self.refresh_bindings()
+            self.poll()  # the jobs view fetches more jobs: at once, not at the next refresh
+        box = self.query_one("#filter", Input)
+        box.display = bool(self.table().filter_text)
+        box.value = self.table().filter_text
+        self.table().focus()
+
+    def action_show_vms(self) -> None:
+        self._switch("vms")
+
+    def action_show_jobs(self) -> None:
+        self._switch("jobs")
+
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.display = True
         box.focus()
 
+    @on(Input.Changed, "#filter")
+    def filter_as_you_type(self, event: Input.Changed) -> None:
+        if event.value.strip() != self.table().filter_text:
+            self.table().set_filter(event.value)
+
     @on(Input.Submitted, "#filter")
-    def apply_filter(self, event: Input.Submitted) -> None:
-        table = self.query_one(VMTable)
-        table.set_filter(event.value, self.now)
+    def keep_filter(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             event.input.display = False
-        table.focus()
+        self.table().focus()
 
-    def on_key(self, event: Any) -> None:
+    async def action_back(self) -> None:
+        """esc on the main screen: clear the filter and return to the table."""
         box = self.query_one("#filter", Input)
-        if event.key == "escape" and box.has_focus:
+        if box.display or self.table().filter_text:
             box.value = ""
             box.display = False
-            table = self.query_one(VMTable)
-            table.set_filter("", self.now)
-            table.focus()
+            self.table().set_filter("")
+            self.table().focus()
 
     def action_sort(self) -> None:
-        column = self.query_one(VMTable).cycle_sort(self.now)
+        column = self.table().cycle_sort()
         self.notify(f"sorted by {column}", timeout=1.5)
 
     @on(DataTable.RowSelected, "#vms")
-    async def action_details(self) -> None:
-        vm = self._selected()
-        if vm:
-            details = await self._call("details", self.client.vm(vm["id"]))
-            if details:
-                self.push_screen(VMDetails(details))
+    def vm_details(self, event: DataTable.RowSelected) -> None:
+        vm_id = str(event.row_key.value)
+        self.push_screen(VMDetails(vm_id, lambda: self.client.vm(vm_id), self.refresh_s))
+
+    @on(DataTable.RowSelected, "#jobs, #recent-jobs")
+    def job_details(self, event: DataTable.RowSelected) -> None:
+        job_id = int(str(event.row_key.value))
+        self.push_screen(
+            JobDetails(job_id, lambda: self.client.job(job_id), self.refresh_s, lambda: self.now)
+        )
 
     def action_logs(self) -> None:
         self.query_one(LogPanel).focus()
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen([b for b in self.BINDINGS if isinstance(b, Binding)]))
+        self.push_screen(HelpScreen(readonly=self.readonly))
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for _, action, _, description in ACTIONS:
-            if action != "quit":
-                yield SystemCommand(description, description, lambda a=action: self.run_action(a))
+        for key in APP_KEYS:
+            if (
+                key.palette
+                and not key.action.startswith("app.")
+                and self.check_action(key.action, ())
+            ):
+                yield SystemCommand(
+                    key.description, key.description, lambda a=key.action: self.run_action(a)
+                )
 
 
 async def demo_console(demo: Demo) -> None:

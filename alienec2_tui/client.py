@@ -117,6 +117,10 @@ class AdminClient:
             timeout=wait + 10,
         )
 
+    async def flow(self, minutes: int = 60) -> dict[str, Any]:
+        """Job events per minute over the last ``minutes``, oldest first."""
+        return await self._call("GET", "/admin/v1/flow", params={"minutes": minutes})
+
     # ---- steering -------------------------------------------------------------------------
 
     async def submit(

@@ -616,7 +616,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with _client(args) as client:
-            await ConsoleApp(client, refresh_s=args.refresh).run_async()
+            await ConsoleApp(client, refresh_s=args.refresh, readonly=args.readonly).run_async()
 
     asyncio.run(run())
     return 0
@@ -863,6 +863,7 @@ def parser() -> argparse.ArgumentParser:
 
     tui = command("tui", "the console: watch and steer the pool", parents=admin)
     tui.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes")
+    tui.add_argument("--readonly", action="store_true", help="watch only: no key changes the pool")
     tui.set_defaults(run=cmd_tui)
 
     for name, text in (("pause", "pause scaling"), ("resume", "resume scaling")):

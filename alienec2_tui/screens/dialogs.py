@@ -1,9 +1,12 @@
-"""Small modal dialogs: confirm, resize, submit. They return values; the app acts."""
+"""Small modal dialogs: confirm, resize, submit. They return values; the app acts (resize
+asks the core itself, so a refusal keeps the dialog and its input)."""
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Awaitable, Callable
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -12,6 +15,10 @@ from textual.widgets import Button, Input, Label
 
 
 class ConfirmDialog(ModalScreen[bool]):
+    """Asks before anything terminates or drains. Cancel has the focus: Enter on the default
+    does nothing harmful; only `y` (or a click on the red button) confirms."""
+
+    AUTO_FOCUS = "#cancel"
     BINDINGS = [Binding("escape,n", "cancel", "Cancel"), Binding("y", "confirm", "Confirm")]
 
     def __init__(self, question: str, confirm: str = "Yes") -> None:
@@ -23,8 +30,8 @@ class ConfirmDialog(ModalScreen[bool]):
         with Vertical(classes="dialog"):
             yield Label(self._question, id="question")
             with Horizontal(classes="buttons"):
+                yield Button("Cancel (n, esc)", variant="primary", id="cancel")
                 yield Button(f"{self._confirm} (y)", variant="error", id="confirm")
-                yield Button("Cancel (n)", id="cancel")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "confirm")
@@ -36,12 +43,18 @@ class ConfirmDialog(ModalScreen[bool]):
         self.dismiss(False)
 
 
+Apply = Callable[[int, int], Awaitable[str | None]]
+
+
 class ResizeDialog(ModalScreen[tuple[int, int] | None]):
+    """``apply(min, max)`` asks the core and returns its refusal, or None once applied."""
+
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, min_vms: int, max_vms: int) -> None:
+    def __init__(self, min_vms: int, max_vms: int, apply: Apply) -> None:
         super().__init__()
         self._min, self._max = min_vms, max_vms
+        self._apply = apply
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -55,24 +68,29 @@ class ResizeDialog(ModalScreen[tuple[int, int] | None]):
                 yield Button("Resize", variant="primary", id="ok")
                 yield Button("Cancel", id="cancel")
 
-    def _submit(self) -> None:
+    async def _submit(self) -> None:
+        problem = self.query_one("#problem", Label)
         try:
             low = int(self.query_one("#min", Input).value)
             high = int(self.query_one("#max", Input).value)
         except ValueError:
-            self.query_one("#problem", Label).update("min and max must be whole numbers")
+            problem.update("min and max must be whole numbers")
+            return
+        refusal = await self._apply(low, high)
+        if refusal is not None:
+            problem.update(Text(refusal))
             return
         self.dismiss((low, high))
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "min":
             self.query_one("#max", Input).focus()
         else:
-            self._submit()
+            await self._submit()
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
+    async def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "ok":
-            self._submit()
+            await self._submit()
         else:
             self.dismiss(None)
 

@@ -1,4 +1,5 @@
-"""`?`: every key of the console, written from the app's own bindings."""
+"""`?`: every key of the console, written from the same table as the bindings. Keys marked
+"row" act on the selected row; read-only consoles list no key that changes the pool."""
 
 from __future__ import annotations
 
@@ -10,23 +11,29 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label
 
+from alienec2_tui.keys import help_rows
+
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
-    def __init__(self, bindings: list[Binding]) -> None:
+    def __init__(self, readonly: bool = False) -> None:
         super().__init__()
-        self._keys = bindings
+        self._readonly = readonly
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help"):
-            yield Label("alienec2 console — keys", id="help-title")
+            title = "alienec2 console — keys" + (" (read-only)" if self._readonly else "")
+            yield Label(title, id="help-title")
             table: DataTable[Any] = DataTable(cursor_type="none", show_header=False)
             yield table
-            yield Label("Every action is also in the command palette (ctrl+p).", classes="dim")
+            yield Label(
+                "row: acts on the selected row. Every action is also in the palette (ctrl+p).",
+                classes="dim",
+            )
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("key", "action")
-        for binding in self._keys:
-            table.add_row(binding.key_display or binding.key, binding.description)
+        table.add_columns("key", "action", "on")
+        for keys, description, row in help_rows(self._readonly):
+            table.add_row(keys, description, row)

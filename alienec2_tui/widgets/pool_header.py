@@ -1,4 +1,5 @@
-"""The pool at a glance: VM and job counts, bounds, pause, clouds in backoff, connection."""
+"""The pool at a glance: VM and job counts, bounds, pause, clouds in backoff, connection.
+Two lines that never wrap: below 100 columns, states with no VM are left out."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ from textual.widgets import Static
 from alienec2_tui.widgets.format import STATE_STYLES
 
 VM_STATES = ("idle", "busy", "booting", "requested", "draining", "failed", "lost")
+SHORT = {"booting": "boot", "requested": "req", "draining": "drain", "failed": "fail"}
 
 
 class PoolHeader(Static):
     status: reactive[dict[str, Any] | None] = reactive(None)
     connection: reactive[str] = reactive("connecting…")
+    readonly: reactive[bool] = reactive(False)
 
     def render(self) -> Text:
-        text = Text()
+        text = Text(no_wrap=True, overflow="ellipsis")
+        narrow = self.size.width < 100
+        if self.readonly:
+            text.append(" READ-ONLY ", style="bold black on cyan")
+            text.append(" ")
         if self.connection != "connected":
             text.append(f" ● {self.connection} ", style="bold white on red")
             text.append("  ")
@@ -27,15 +34,18 @@ class PoolHeader(Static):
             text.append("waiting for the core…", style="dim")
             return text
         pool, jobs = status["pool"], status["queue"]["jobs"]
-        text.append(f"pool {pool['name']} ", style="bold")
+        text.append(f"pool {pool['name']} " if not narrow else f"{pool['name']} ", style="bold")
         text.append(f"min {pool['min_vms']} max {pool['max_vms']}  ")
         if pool["paused"]:
             text.append(" SCALING PAUSED ", style="bold black on yellow")
             text.append("  ")
         for state in VM_STATES:
             count = pool["vms"].get(state, 0)
+            if narrow and not count and state not in ("idle", "busy"):
+                continue
             style = STATE_STYLES.get(state, "") if count else "dim"
-            text.append(f"{state} {count}  ", style=style)
+            label = SHORT.get(state, state) if narrow else state
+            text.append(f"{label} {count}{' ' if narrow else '  '}", style=style)
         text.append("\n")
         text.append("jobs  ", style="bold")
         running = jobs.get("running", 0) + jobs.get("assigned", 0)

@@ -224,17 +224,18 @@ def create_admin_app(
     async def flow(minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 60) -> dict[str, Any]:
         """Jobs submitted, started, finished and failed per minute over the last ``minutes``,
         oldest first: what the console's sparklines start from."""
-        now = service.clock()
+        now, last_seq = service.clock(), store.last_seq()
         first = int(now // 60) - minutes + 1
         rows = {
             minute: dict.fromkeys(FLOW_KINDS.values(), 0)
             for minute in range(first, first + minutes)
         }
-        for minute, kind, count in store.flow(first * 60.0, tuple(FLOW_KINDS)):
+        for minute, kind, count in store.flow(first * 60.0, tuple(FLOW_KINDS), last_seq):
             if minute in rows:
                 rows[minute][FLOW_KINDS[EventKind(kind)]] = count
         return {
             "now": now,
+            "last_seq": last_seq,  # a client tailing events from here counts nothing twice
             "minutes": [{"t": minute * 60, **counts} for minute, counts in rows.items()],
         }
 

@@ -60,13 +60,17 @@ class Events(Database):
         seq: int = self._db.execute("SELECT COALESCE(MIN(seq), 0) FROM events").fetchone()[0]
         return seq
 
-    def flow(self, since: float, kinds: tuple[str, ...]) -> list[tuple[int, str, int]]:
-        """(minute, kind, count) of the given event kinds since ``since``, oldest first."""
+    def flow(
+        self, since: float, kinds: tuple[str, ...], last_seq: int
+    ) -> list[tuple[int, str, int]]:
+        """(minute, kind, count) of the given event kinds since ``since`` up to ``last_seq``,
+        oldest first."""
         marks = ",".join("?" * len(kinds))
         rows = self._db.execute(
             f"SELECT CAST(ts / 60 AS INTEGER) AS minute, kind, COUNT(*) FROM events "
-            f"WHERE ts >= ? AND kind IN ({marks}) GROUP BY minute, kind ORDER BY minute",
-            (since, *kinds),
+            f"WHERE ts >= ? AND seq <= ? AND kind IN ({marks}) "
+            "GROUP BY minute, kind ORDER BY minute",
+            (since, last_seq, *kinds),
         ).fetchall()
         return [(row[0], row[1], row[2]) for row in rows]
 

@@ -1,0 +1,67 @@
+"""The jobs table: the newest jobs the core reports, with how long they waited and ran."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from alienec2_tui.widgets.format import age
+from alienec2_tui.widgets.keyed_table import KeyedTable
+
+COLUMNS = ("id", "state", "vm", "attempts", "wait", "run", "exit", "command")
+SORTS = ("id", "state", "vm", "wait", "run", "exit")
+
+
+def run_time(job: dict[str, Any], now: float) -> float | None:
+    if not job["started_at"]:
+        return None
+    return (job["finished_at"] or now) - job["started_at"]
+
+
+def row_for(job: dict[str, Any], now: float) -> tuple[str, ...]:
+    return (
+        str(job["id"]),
+        job["state"],
+        job["vm_id"] or "-",
+        f"{job['attempt']}/{job['max_attempts']}",
+        age(job["wait_s"]) if job["wait_s"] is not None else "-",
+        age(run_time(job, now)),
+        str(job["exit_code"]) if job["exit_code"] is not None else "-",
+        " ".join(job["command"])[:48],
+    )
+
+
+class JobTable(KeyedTable):
+    COLUMNS: ClassVar[tuple[str, ...]] = COLUMNS
+    SORTS: ClassVar[tuple[str, ...]] = SORTS
+    NOUN: ClassVar[str] = "jobs"
+
+    def row_for(self, record: dict[str, Any], now: float) -> tuple[str, ...]:
+        return row_for(record, now)
+
+    def sort_value(self, record: dict[str, Any], column: str, now: float) -> Any:
+        match column:
+            case "id":
+                return -record["id"]  # newest first
+            case "wait":
+                return -(record["wait_s"] or 0)
+            case "run":
+                return -(run_time(record, now) or 0)
+            case "exit":
+                code = record["exit_code"]
+                return (code is None, code or 0)
+            case "vm":
+                return record["vm_id"] or ""
+            case _:
+                return str(record[column])
+
+    def searched(self, record: dict[str, Any]) -> Iterable[str]:
+        return (
+            str(record["id"]),
+            record["state"],
+            record["vm_id"] or "",
+            " ".join(record["command"]),
+        )
+
+    def selected_job(self) -> dict[str, Any] | None:
+        return self.selected()
