@@ -222,6 +222,7 @@ class ContextualisationConfig(_Section):
     fetch_wait_s: Annotated[float, Field(gt=0, le=60)] = 20.0
     ca_file: str | None = None
     extra_env: dict[str, str] = {}
+    launch_key_rotation_days: Annotated[float, Field(ge=0)] = 30.0
     # Jobs (and JobAgents) run as this unprivileged user, created by the templates;
     # "" runs them as the agent's own user (sandboxes and tests only: they could act as the VM).
     job_user: Annotated[str, Field(pattern=r"^([a-z_][a-z0-9_-]{0,31})?$")] = "alienec2-job"

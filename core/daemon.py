@@ -30,7 +30,6 @@ from core.queues import demand_source
 from core.service import PoolService
 from core.store import Store
 from core.systemd import Notifier
-from core.userdata import secret_matches
 
 log = logging.getLogger("alienec2.core")
 
@@ -132,7 +131,7 @@ class Core:
             self.liveness,
             self.clock,
             engine.wake.set,
-            lambda launch_id, secret: secret_matches(engine.launch_key, launch_id, secret),
+            engine.launch_keys,
         )
 
         def cycles() -> int:

@@ -63,7 +63,7 @@ class Engine:
         self.clock = clock
         self.liveness = liveness or Liveness(clock())
         self.core_url = core_url or config.web.public_url or f"http://127.0.0.1:{config.web.port}"
-        self.launch_key = userdata.launch_key(store, clock())
+        self.launch_keys = userdata.LaunchKeys(store, clock())
         self._launching: dict[str, asyncio.Task[None]] = {}
         self._terminating: dict[str, asyncio.Task[None]] = {}
         self._describing: dict[str, asyncio.Task[None]] = {}
@@ -159,6 +159,9 @@ class Engine:
             for name in self.providers:
                 self._spawn(self._reconciling, name, self._reconcile(name))
         self._prune(now)
+        self.launch_keys.rotate_if_due(
+            now, self.config.contextualisation.launch_key_rotation_days * 86400
+        )
         self._observe_requested()
         for launch in self._pending():
             self._spawn(self._launching, launch.cloud, self._resume_launch(launch))
@@ -358,7 +361,10 @@ class Engine:
     def _request(self, launch: Launch) -> LaunchRequest:
         contextualisation = self.config.contextualisation
         settings = userdata.agent_settings(
-            self.core_url, launch.id, launch_secret(self.launch_key, launch.id), contextualisation
+            self.core_url,
+            launch.id,
+            launch_secret(self.launch_keys.for_launch(launch.created_at), launch.id),
+            contextualisation,
         )
         return LaunchRequest(
             launch_id=launch.id,

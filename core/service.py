@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 from core.config import Config
 from core.liveness import Liveness
-from core.model import ALIVE_STATES, VM, Job, JobState, LaunchState, VMState
+from core.model import ALIVE_STATES, VM, Job, JobState, Launch, LaunchState, VMState
 from core.store import Conflict, JobSpec, NotFound, Store
+from core.userdata import LaunchKeys, secret_matches
 
 Action = Literal["run", "drain", "stop"]
 STOP_STATES = frozenset({VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, VMState.FAILED})
@@ -81,14 +82,14 @@ class PoolService:
         liveness: Liveness,
         clock: Callable[[], float],
         wake: Callable[[], None],
-        secret_matches: Callable[[str, str], bool],
+        launch_keys: LaunchKeys,
     ) -> None:
         self.config = config
         self.store = store
         self.liveness = liveness
         self.clock = clock
         self._wake = wake
-        self._secret_matches = secret_matches
+        self._keys = launch_keys
 
     # ---- agents -------------------------------------------------------------------------
 
@@ -102,12 +103,13 @@ class PoolService:
     def register(self, instance_id: str, launch_id: str, launch_secret: str) -> Registration:
         """Trade the launch secret for a VM token, once per instance of that launch, within
         the launch's boot window."""
-        if not self._secret_matches(launch_id, launch_secret):
-            raise Forbidden()
         try:
-            launch = self.store.launch(launch_id)
+            launch: Launch | None = self.store.launch(launch_id)
         except NotFound:
-            raise Forbidden() from None
+            launch = None
+        key = self._keys.for_launch(launch.created_at if launch else None)
+        if not secret_matches(key, launch_id, launch_secret) or launch is None:
+            raise Forbidden()  # the same answer, and the same work, for an unknown launch
         now = self.clock()
         if now - launch.created_at > self.config.pool.boot_timeout_s:
             raise Forbidden()  # a secret read from old user data registers nothing new

@@ -23,17 +23,51 @@ from string import Template
 from core.config import ContextualisationConfig
 from core.store import Store
 
-KEY_SETTING = "launch_key"
+KEY_SETTING = "launch_key"  # the first releases' single key
+KEYS_SETTING = "launch_keys"
 USER_DATA_LIMIT = 16 * 1024  # EC2 refuses larger user data
 
 
-def launch_key(store: Store, now: float) -> bytes:
-    """The core's key for launch secrets, created once and kept with the state."""
-    key = store.setting(KEY_SETTING)
-    if key is None:
-        key = secrets.token_hex(32)
-        store.set_setting(KEY_SETTING, key, now, "launch key created")
-    return bytes.fromhex(key)
+class LaunchKeys:
+    """The keys launch secrets are derived from, kept with the state: the current one, and
+    the previous one for launches made before the last rotation. A launch's secret always
+    comes from the key in force when the launch was written, so a launch resumed after a
+    crash sends byte-identical user data, and a VM registers only within its launch's boot
+    window (the service checks that), after which the previous key is of no use."""
+
+    def __init__(self, store: Store, now: float) -> None:
+        self._store = store
+        keys = store.setting(KEYS_SETTING)
+        if keys is None:
+            # A first release's single key has signed every launch so far: it is "current"
+            # since the start of time, and rotates out at the first due rotation.
+            legacy = store.setting(KEY_SETTING)
+            since = 0.0 if legacy else now
+            keys = {"current": legacy or secrets.token_hex(32), "since": since, "previous": None}
+            store.set_setting(KEYS_SETTING, keys, now, "launch key created")
+        self._keys = keys
+
+    @property
+    def rotated_at(self) -> float:
+        return float(self._keys["since"])
+
+    def for_launch(self, created_at: float | None) -> bytes:
+        """The key of a launch written at ``created_at`` (None: a launch not known)."""
+        if created_at is not None and created_at < self.rotated_at and self._keys["previous"]:
+            return bytes.fromhex(self._keys["previous"])
+        return bytes.fromhex(self._keys["current"])
+
+    def rotate_if_due(self, now: float, every_s: float) -> bool:
+        """Start a new key once the current one is ``every_s`` old (0: never)."""
+        if not every_s or now - self.rotated_at < every_s:
+            return False
+        self._keys = {
+            "current": secrets.token_hex(32),
+            "since": now,
+            "previous": self._keys["current"],
+        }
+        self._store.set_setting(KEYS_SETTING, self._keys, now, "launch key rotated")
+        return True
 
 
 def launch_secret(key: bytes, launch_id: str) -> str:

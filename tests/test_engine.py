@@ -70,7 +70,7 @@ def service_of(engine: Engine) -> PoolService:
         engine.liveness,
         engine.clock,
         engine.wake.set,
-        lambda launch_id, secret: False,
+        engine.launch_keys,
     )
 
 
