@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core.api.admin import create_admin_app
 from core.api.agent import create_agent_app
+from core.api.limits import admin_limits, agent_limits
 from core.api.longpoll import Changes
 from core.api.server import EmbeddedServer, make_server, tcp_socket, unix_socket
 from core.clouds import CloudProvider
@@ -90,6 +91,7 @@ class Core:
                 agent_sock,
                 make_server(
                     create_agent_app(self.engine, self.changes),
+                    limits=agent_limits(config),
                     ssl_certfile=config.web.ssl_certfile,
                     ssl_keyfile=config.web.ssl_keyfile,
                 ),
@@ -101,9 +103,20 @@ class Core:
         ]
         if config.admin.tcp_host:
             admin_sock = tcp_socket(config.admin.tcp_host, config.admin.tcp_port)
-            self.admin_url = _url(admin_sock, False)
-            app = create_admin_app(self.engine, self.changes, token=admin_token)
-            listeners.append((admin_sock, make_server(app)))
+            self.admin_url = _url(admin_sock, bool(config.admin.ssl_certfile))
+            app = create_admin_app(
+                self.engine,
+                self.changes,
+                token=admin_token,
+                readonly_token=config.admin.resolved_readonly_token(),
+            )
+            server = make_server(
+                app,
+                limits=admin_limits(config, "admin_tcp"),
+                ssl_certfile=config.admin.ssl_certfile,
+                ssl_keyfile=config.admin.ssl_keyfile,
+            )
+            listeners.append((admin_sock, server))
         for sock, server in listeners:
             self._servers.append(server)
             self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))

@@ -103,17 +103,34 @@ def status(engine: Engine, changes: Changes) -> dict[str, Any]:
     }
 
 
-def create_admin_app(engine: Engine, changes: Changes, token: str | None = None) -> FastAPI:
-    """``token`` None: no authentication (the unix socket); else every request needs it."""
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def create_admin_app(
+    engine: Engine,
+    changes: Changes,
+    token: str | None = None,
+    readonly_token: str | None = None,
+) -> FastAPI:
+    """``token`` None: no authentication (the unix socket); else every request, the OpenAPI
+    schema included, needs it, or ``readonly_token``, which allows reads and events only."""
     store = engine.store
     max_attempts = getattr(engine.config.queue, "max_attempts", 3)
+    tokens = [(t.encode(), a) for t, a in ((token, "full"), (readonly_token, "readonly")) if t]
 
     async def authenticated(request: Request) -> None:
+        request.state.access = "full"
         if token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        presented = given.encode("utf-8", "surrogateescape")
+        # Compare with every token, always: the time taken must not tell which one matched.
+        matches = [a for t, a in tokens if hmac.compare_digest(presented, t)]
+        if scheme.lower() != "bearer" or not matches:
             raise unauthorized()
+        request.state.access = matches[0]
+        if matches[0] == "readonly" and request.method not in READ_METHODS:
+            raise ApiError(403, "this token may only read", "read_only")
 
     app = FastAPI(
         title="alienec2 admin API",
@@ -121,11 +138,16 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
         dependencies=[Depends(authenticated)],
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,  # served below, behind the same dependency as every route
     )
     install_error_handlers(app)
 
     def spec(body: SubmitRequest) -> JobSpec:
         return JobSpec(body.command, body.env, body.wall_time_s, body.max_attempts or max_attempts)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -136,8 +158,8 @@ def create_admin_app(engine: Engine, changes: Changes, token: str | None = None)
         return Response(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/v1/status")
-    async def get_status() -> dict[str, Any]:
-        return status(engine, changes)
+    async def get_status(request: Request) -> dict[str, Any]:
+        return {**status(engine, changes), "access": request.state.access}
 
     @app.get("/admin/v1/vms")
     async def list_vms(

@@ -14,10 +14,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core.api.access import Network, client_address, is_allowed, networks
+from core.api.access import Network, client_address, forwarded_for, is_allowed, networks
 from core.api.errors import ApiError, error_body, forbidden, install_error_handlers, unauthorized
 from core.api.longpoll import Changes
 from core.engine import Engine
@@ -107,7 +106,7 @@ class NetworkGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             peer = scope["client"][0] if scope.get("client") else None
-            forwarded = Headers(scope=scope).get("x-forwarded-for")
+            forwarded = forwarded_for(scope["headers"])
             if not is_allowed(client_address(peer, forwarded, self.trusted), self.allowed):
                 response = JSONResponse(error_body("forbidden", "forbidden"), 403)
                 await response(scope, receive, send)
