@@ -17,21 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.api import metrics
 from core.api.errors import ApiError, install_error_handlers, unauthorized
+from core.api.fields import EnvName, ProcessText
 from core.api.longpoll import Changes
 from core.engine import Engine
 from core.model import ALIVE_STATES, Job, JobState, VMState
 from core.store import Conflict, JobSpec
 
 MAX_WAIT_S = 60.0
+MAX_POOL_VMS = 1_000_000  # far beyond any quota; keeps the number a number SQLite stores
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SubmitRequest(_Body):
-    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-    env: dict[str, str] = {}
+    command: Annotated[list[Annotated[ProcessText, Field(min_length=1)]], Field(min_length=1)]
+    env: dict[EnvName, ProcessText] = {}
     wall_time_s: Annotated[float, Field(gt=0)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
 
@@ -41,8 +43,8 @@ class SubmitBatchRequest(_Body):
 
 
 class ResizeRequest(_Body):
-    min_vms: Annotated[int, Field(ge=0)] | None = None
-    max_vms: Annotated[int, Field(ge=0)] | None = None
+    min_vms: Annotated[int, Field(ge=0, le=MAX_POOL_VMS)] | None = None
+    max_vms: Annotated[int, Field(ge=0, le=MAX_POOL_VMS)] | None = None
 
     @model_validator(mode="after")
     def _something(self) -> ResizeRequest:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.api.access import Network, client_address, forwarded_for, is_allowed, networks
 from core.api.errors import ApiError, error_body, forbidden, install_error_handlers, unauthorized
+from core.api.fields import INT64_MAX, Identifier, Int64, Secret, StoredText
 from core.api.longpoll import Changes
 from core.engine import Engine
 from core.model import VM, Job, LaunchState, VMState
@@ -30,13 +31,13 @@ STOP_STATES = frozenset({VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, 
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RegisterRequest(_Body):
-    instance_id: Annotated[str, Field(min_length=1, max_length=64)]
-    launch_id: Annotated[str, Field(min_length=1, max_length=64)]
-    launch_secret: Annotated[str, Field(min_length=1, max_length=256)]
+    instance_id: Identifier
+    launch_id: Identifier
+    launch_secret: Secret
 
 
 class HeartbeatRequest(_Body):
@@ -44,10 +45,10 @@ class HeartbeatRequest(_Body):
 
 
 class ReportRequest(_Body):
-    attempt: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1, le=INT64_MAX)]
     status: Literal["started", "finished"]
-    exit_code: int | None = None
-    output_tail: Annotated[str, Field(max_length=MAX_OUTPUT_TAIL)] = ""
+    exit_code: Int64 | None = None
+    output_tail: Annotated[StoredText, Field(max_length=MAX_OUTPUT_TAIL)] = ""
 
     @model_validator(mode="after")
     def _finished_needs_exit_code(self) -> ReportRequest:
