@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import resource
 import socket
 import ssl
@@ -28,6 +29,7 @@ from core.api.limits import (
     agent_max_connections,
     body_limit,
     open_files_warning,
+    throttle_accept_errors,
 )
 from core.clouds.sandbox import MotoEC2Server
 from core.config import Config
@@ -208,6 +210,31 @@ def test_caps_above_the_open_file_limit_are_warned_about() -> None:
     warning = open_files_warning(soft)
     assert warning is not None and "LimitNOFILE" in warning
     assert open_files_warning(min(soft // 2, 256)) is None
+
+
+async def test_accept_failures_are_logged_once_a_second_without_tracebacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    others: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: others.append(context))
+    try:
+        throttle_accept_errors(loop)
+        throttle_accept_errors(loop)  # idempotent: one wrapper per loop
+        emfile = OSError(24, "Too many open files")
+        with caplog.at_level(logging.ERROR, logger="alienec2.api"):
+            for _ in range(1000):
+                loop.call_exception_handler(
+                    {"message": "socket.accept() out of system resource", "exception": emfile}
+                )
+            loop.call_exception_handler({"message": "something else"})
+    finally:
+        loop.set_exception_handler(previous)
+    accept_lines = [r for r in caplog.records if "event=accept_failed" in r.getMessage()]
+    assert len(accept_lines) == 1 and accept_lines[0].exc_info is None
+    assert "Too many open files" in accept_lines[0].getMessage()
+    assert [c["message"] for c in others] == ["something else"]
 
 
 # ---- 2. bodies --------------------------------------------------------------------------------
