@@ -61,7 +61,7 @@ def agent_limits_of(core: Core) -> ConnectionLimits:
     return core._servers[0].limits
 
 
-def agent_client(moto_url: str, core: Core, vm_id: str) -> tuple[AgentClient, dict[str, Any]]:
+def agent_client(moto_url: str, core_url: str, vm_id: str) -> tuple[AgentClient, dict[str, Any]]:
     """The real agent's HTTP client and the registration its user data allows."""
     raw = ec2_client(moto_url).describe_instance_attribute(InstanceId=vm_id, Attribute="userData")
     settings = read_agent_settings(base64.b64decode(raw["UserData"]["Value"]).decode())
@@ -70,7 +70,7 @@ def agent_client(moto_url: str, core: Core, vm_id: str) -> tuple[AgentClient, di
         "launch_id": settings["launch_id"],
         "launch_secret": settings["launch_secret"],
     }
-    return AgentClient(core.agent_url, None), body
+    return AgentClient(core_url, None), body
 
 
 def port_of(url: str) -> int:
@@ -117,7 +117,7 @@ async def test_half_open_flood_leaves_agents_and_the_admin_socket_answering(
         limits = agent_limits_of(core)
         assert limits.max_connections == 2 * 2 + 256 < FLOOD
         [vm_id] = await wait_for_vms(core, 1)
-        agent, registration = agent_client(moto.url, core, vm_id)
+        agent, registration = agent_client(moto.url, core.agent_url, vm_id)
         status, reply = await asyncio.to_thread(agent.call, "/agent/v1/register", registration)
         assert status == 200, reply
         agent.token = reply["token"]
@@ -186,7 +186,7 @@ async def test_at_the_cap_with_every_connection_busy_a_newcomer_is_refused(
     async with running_core(config) as core:
         limits = agent_limits_of(core)
         [vm_id] = await wait_for_vms(core, 1)
-        agent, registration = agent_client(moto.url, core, vm_id)
+        agent, registration = agent_client(moto.url, core.agent_url, vm_id)
         _, reply = await asyncio.to_thread(agent.call, "/agent/v1/register", registration)
         agent.token = reply["token"]
         polls = [
@@ -284,28 +284,39 @@ def memory_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for process {pid}")
 
 
-@pytest.fixture
-def core_process(tmp_path: Path, moto: MotoEC2Server) -> Iterator[tuple[int, int]]:
-    """`alienec2 core` as its own process (so its memory is its own): (pid, agent port)."""
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux /proc to read a process's peak memory")
+@contextlib.contextmanager
+def core_process(
+    tmp_path: Path, moto_url: str, nofile: int | None = None, **sections: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`alienec2 core` as its own process (its memory and open files its own), optionally
+    with a lower RLIMIT_NOFILE: (process, agent port). Its log is ``tmp_path/core.log``."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = {
         "core_id": "test-core",
-        "clouds": [cloud("c", moto.url)],
+        "clouds": [cloud("c", moto_url)],
         "state": {"path": str(tmp_path / "state.db"), "synchronous": "normal"},
         "admin": {"socket": str(tmp_path / "admin.sock")},
         "web": {"host": "127.0.0.1", "port": port},
+        "pool": {"cycle_interval_s": 0.2, "adaptive_warm": False},
+        **sections,
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
+
+    def limit_files() -> None:
+        if nofile is not None:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+            )
+
     log = (tmp_path / "core.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "core.cli", "core", "--config", str(path)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=limit_files,
     )
     try:
         deadline = time.monotonic() + 30
@@ -317,17 +328,73 @@ def core_process(tmp_path: Path, moto: MotoEC2Server) -> Iterator[tuple[int, int
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "core did not start"
             time.sleep(0.05)  # polling for readiness, not synchronising on an event
-        yield proc.pid, port
+        yield proc, port
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
 
 
-def test_four_concurrent_50_mb_bodies_add_under_20_mb(core_process: tuple[int, int]) -> None:
+def test_a_core_with_systemds_default_1024_files_survives_a_half_open_flood(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    """The issue's scenario as it was: 1,100 half-open connections against a core limited to
+    1,024 open files, while an agent heartbeats and the admin socket is used."""
+    pool = {"min_vms": 1, "max_vms": 2, "cycle_interval_s": 0.2, "adaptive_warm": False}
+    with (
+        core_process(tmp_path, moto.url, nofile=1024, pool=pool) as (proc, port),
+        httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(tmp_path / "admin.sock")),
+            base_url="http://core",
+            timeout=1.0,
+        ) as admin,
+        concurrent.futures.ThreadPoolExecutor(1) as background,
+    ):
+        deadline = time.monotonic() + 30
+        while not (vms := admin.get("/admin/v1/vms").json()["vms"]):
+            assert time.monotonic() < deadline, "no VM launched"
+            time.sleep(0.05)
+        agent, registration = agent_client(moto.url, f"http://127.0.0.1:{port}", vms[0]["id"])
+        status, reply = agent.call("/agent/v1/register", registration)
+        assert status == 200, reply
+        agent.token = reply["token"]
+        long_poll = background.submit(agent.call, "/agent/v1/jobs/next?wait=30", {}, 40)
+        while admin.get("/admin/v1/status").json()["agents_waiting"] != 1:
+            assert time.monotonic() < deadline, "the long poll never parked"
+            time.sleep(0.05)
+
+        flood = [connect(port, HALF_REQUEST) for _ in range(FLOOD)]
+        try:
+            for _ in range(5):
+                status, reply = agent.call("/agent/v1/heartbeat", {"busy": False}, 1.0)
+                assert (status, reply["action"]) == (200, "run")
+            assert admin.get("/admin/v1/status").status_code == 200
+            submitted = admin.post("/admin/v1/jobs", json={"command": ["true"]})
+            status, reply = long_poll.result(timeout=10)
+            assert status == 200 and reply["job"]["id"] == submitted.json()["id"]
+        finally:
+            for sock in flood:
+                sock.close()
+        assert proc.poll() is None
+    log = (tmp_path / "core.log").read_text()
+    assert "Traceback" not in log and "accept_failed" not in log
+    assert "event=connection_displaced" in log
+
+
+def test_four_concurrent_50_mb_bodies_add_under_20_mb(tmp_path: Path, moto: MotoEC2Server) -> None:
     """Measured as the core process's peak resident memory (VmHWM, reset before the bodies are
     sent) over its resident memory at that moment."""
-    pid, port = core_process
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read a process's peak memory")
+    with core_process(tmp_path, moto.url) as (proc, port):
+        grown, statuses = send_four_large_bodies(proc.pid, port)
+    print(f"four 50 MB bodies: core peak RSS +{grown:.2f} MiB")
+    assert statuses == [413] * 4
+    assert grown < 20, f"peak resident memory grew {grown:.1f} MiB"
+
+
+def send_four_large_bodies(pid: int, port: int) -> tuple[float, list[int]]:
+    """Two with a declared length, two chunked; MiB the peak RSS grew by, and the statuses."""
     chunk = b"x" * (1024 * 1024)
     framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
     heads = [
@@ -353,10 +420,7 @@ def test_four_concurrent_50_mb_bodies_add_under_20_mb(core_process: tuple[int, i
     before = memory_kib(pid, "VmRSS")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         statuses = list(pool.map(send, heads))
-    grown = (memory_kib(pid, "VmHWM") - before) / 1024
-    print(f"four 50 MB bodies: core peak RSS +{grown:.2f} MiB")
-    assert statuses == [413] * 4
-    assert grown < 20, f"peak resident memory grew {grown:.1f} MiB"
+    return (memory_kib(pid, "VmHWM") - before) / 1024, statuses
 
 
 # ---- 4. proxies -------------------------------------------------------------------------------

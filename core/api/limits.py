@@ -287,6 +287,7 @@ def listeners_capacity(config: Config) -> int:
 
 
 OPEN_FILES_RESERVE = 128  # the store, boto3's connection pools, logs, the listeners themselves
+MIN_ACCEPT_BATCH, MAX_ACCEPT_BATCH = 16, 2048
 
 
 def open_files_warning(connections: int) -> str | None:
@@ -299,6 +300,19 @@ def open_files_warning(connections: int) -> str | None:
         f"({OPEN_FILES_RESERVE} more are needed for the rest): raise LimitNOFILE in the "
         "systemd unit or lower web.max_connections / admin.max_connections"
     )
+
+
+def accept_batch(max_connections: int) -> int:
+    """The listen backlog, which asyncio also uses as the number of connections it accepts in
+    one go, before any of them reaches the cap. A displaced connection's descriptor is closed
+    three loop iterations after its successor was accepted, and a batch may be accepted in
+    each: four batches beyond the cap must fit under RLIMIT_NOFILE, or a burst of connections
+    meets EMFILE (measured: 1,100 at once against 1,024 files with the default 2,048)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_ACCEPT_BATCH
+    spare = soft - OPEN_FILES_RESERVE - max_connections
+    return max(MIN_ACCEPT_BATCH, min(MAX_ACCEPT_BATCH, spare // 4))
 
 
 def warn_if_open_files_short(config: Config) -> None:

@@ -18,7 +18,13 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from core.api.limits import BodyLimit, ConnectionLimits, protocol_for, throttle_accept_errors
+from core.api.limits import (
+    BodyLimit,
+    ConnectionLimits,
+    accept_batch,
+    protocol_for,
+    throttle_accept_errors,
+)
 
 # h11's own bound on a request line plus headers (its default, stated: larger is refused 400).
 MAX_HEADER_BYTES = 16 * 1024
@@ -87,6 +93,7 @@ def make_server(
         BodyLimit(app),
         http=protocol_for(limits),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        backlog=accept_batch(limits.max_connections),
         # No limit_concurrency: it answers 503 to requests once *connections* reach it, which
         # the cap in limits.py already bounds by closing the ones that never send a request.
         lifespan="off",
