@@ -169,6 +169,11 @@ class WebConfig(_Section):
     trusted_proxies: list[str] = []
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    # Open connections at once; None: 2 per VM of pool.max_vms (a heartbeat and a long poll)
+    # plus 256 for registrations, retries and the odd watcher.
+    max_connections: Annotated[int, Field(ge=1)] | None = None
+    # A connection must deliver a complete request (headers and body) within this time.
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
 
     @field_validator("allowed_networks", "trusted_proxies")
     @classmethod
@@ -184,9 +189,17 @@ class AdminConfig(_Section):
     tcp_port: Annotated[int, Field(ge=0, le=65535)] = 8471
     token: str | None = None
     token_env: str = "ALIENEC2_ADMIN_TOKEN"
+    # A token for watchers on TCP: GETs and the event stream only.
+    readonly_token_env: str = "ALIENEC2_ADMIN_READONLY_TOKEN"
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    max_connections: Annotated[int, Field(ge=1)] = 256  # per admin listener
 
     def resolved_token(self) -> str | None:
         return self.token or os.environ.get(self.token_env) or None
+
+    def resolved_readonly_token(self) -> str | None:
+        return os.environ.get(self.readonly_token_env) or None
 
 
 class AlienConfig(_Section):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core.api.admin import create_admin_app
 from core.api.agent import create_agent_app
+from core.api.limits import admin_limits, agent_limits, warn_if_open_files_short
 from core.api.longpoll import Changes
 from core.api.server import EmbeddedServer, make_server, tcp_socket, unix_socket
 from core.clock import CoreClock
@@ -105,6 +106,7 @@ class Core:
             raise ConfigError(
                 [f"admin.tcp_host: needs a token (admin.token or ${config.admin.token_env})"]
             )
+        warn_if_open_files_short(config)
         self._lock.acquire()
         try:
             self.store = Store(config.state.path, config.state.synchronous)
@@ -147,17 +149,36 @@ class Core:
                 agent_sock,
                 make_server(
                     agent_app,
+                    limits=agent_limits(config),
                     ssl_certfile=config.web.ssl_certfile,
                     ssl_keyfile=config.web.ssl_keyfile,
                 ),
             ),
-            (admin_sock, make_server(create_admin_app(self.service, self.changes, cycles))),
+            (
+                admin_sock,
+                make_server(
+                    create_admin_app(self.service, self.changes, cycles),
+                    limits=admin_limits(config, "admin_socket"),
+                ),
+            ),
         ]
         if config.admin.tcp_host:
             admin_tcp = tcp_socket(config.admin.tcp_host, config.admin.tcp_port)
-            self.admin_url = _url(admin_tcp, False)
-            app = create_admin_app(self.service, self.changes, cycles, token=admin_token)
-            listeners.append((admin_tcp, make_server(app)))
+            self.admin_url = _url(admin_tcp, bool(config.admin.ssl_certfile))
+            app = create_admin_app(
+                self.service,
+                self.changes,
+                cycles,
+                token=admin_token,
+                readonly_token=config.admin.resolved_readonly_token(),
+            )
+            server = make_server(
+                app,
+                limits=admin_limits(config, "admin_tcp"),
+                ssl_certfile=config.admin.ssl_certfile,
+                ssl_keyfile=config.admin.ssl_keyfile,
+            )
+            listeners.append((admin_tcp, server))
         for sock, server in listeners:
             self._servers.append(server)
             self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))

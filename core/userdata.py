@@ -71,11 +71,11 @@ class LaunchKeys:
 
 
 def launch_secret(key: bytes, launch_id: str) -> str:
-    return hmac.new(key, launch_id.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(key, launch_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
 def secret_matches(key: bytes, launch_id: str, presented: str) -> bool:
-    """Constant-time comparison; any text is accepted (compared as UTF-8 bytes)."""
+    """Constant time, and for any text: compare_digest refuses non-ASCII str, so bytes."""
     expected = launch_secret(key, launch_id).encode()
     return hmac.compare_digest(expected, presented.encode("utf-8", "surrogatepass"))
 

@@ -1,7 +1,9 @@
 """Who may talk to the agent API: ``web.allowed_networks`` and ``web.trusted_proxies``.
 
 Only a trusted proxy's X-Forwarded-For is believed; the client is the right-most address in
-that header that is not itself a trusted proxy, so a caller cannot forge its way in.
+that header that is not itself a trusted proxy, so a caller cannot forge its way in. A header
+sent as several lines is one list (RFC 9110 §5.3): HAProxy's ``option forwardfor`` appends a
+line of its own after whatever the client sent, and that last line is the one to believe.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ import ipaddress
 from collections.abc import Iterable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def forwarded_for(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Every X-Forwarded-For line of raw ASGI headers, combined in order; None if none."""
+    lines = [value.decode("latin-1") for name, value in headers if name == b"x-forwarded-for"]
+    return ", ".join(lines) if lines else None
 
 
 def networks(cidrs: Iterable[str]) -> list[Network]:

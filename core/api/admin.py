@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.api import metrics
 from core.api.errors import ApiError, install_error_handlers, unauthorized
+from core.api.fields import EnvName, ProcessText
 from core.api.longpoll import Changes
 from core.model import ALIVE_STATES, EventKind, Job, JobState, VMState
 from core.service import Invalid, PoolService
@@ -31,6 +32,7 @@ FLOW_KINDS = {
     EventKind.JOB_DONE: "finished",
     EventKind.JOB_FAILED: "failed",
 }
+MAX_POOL_VMS = 1_000_000  # far beyond any quota; keeps the number a number SQLite stores
 
 
 class _Body(BaseModel):
@@ -39,10 +41,12 @@ class _Body(BaseModel):
 
 class SubmitRequest(_Body):
     command: Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=4096)]],
+        list[Annotated[ProcessText, Field(min_length=1, max_length=4096)]],
         Field(min_length=1, max_length=1024),
     ]
-    env: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=256)] = {}
+    env: Annotated[
+        dict[EnvName, Annotated[ProcessText, Field(max_length=4096)]], Field(max_length=256)
+    ] = {}
     wall_time_s: Annotated[float, Field(gt=0, le=10**9)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
 
@@ -52,8 +56,8 @@ class SubmitBatchRequest(_Body):
 
 
 class ResizeRequest(_Body):
-    min_vms: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
-    max_vms: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    min_vms: Annotated[int, Field(ge=0, le=MAX_POOL_VMS)] | None = None
+    max_vms: Annotated[int, Field(ge=0, le=MAX_POOL_VMS)] | None = None
 
     @model_validator(mode="after")
     def _something(self) -> ResizeRequest:
@@ -73,23 +77,37 @@ def job_view(job: Job) -> dict[str, Any]:
     return view
 
 
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def create_admin_app(
-    service: PoolService, changes: Changes, cycles: Any, token: str | None = None
+    service: PoolService,
+    changes: Changes,
+    cycles: Any,
+    token: str | None = None,
+    readonly_token: str | None = None,
 ) -> FastAPI:
-    """``token`` None: no authentication (the unix socket); else every request needs it.
+    """``token`` None: no authentication (the unix socket); else every request, the OpenAPI
+    schema included, needs it, or ``readonly_token``, which allows reads and events only.
     ``cycles()`` tells how many engine cycles ran (health)."""
     store = service.store
     config = service.config
     max_attempts = getattr(config.queue, "max_attempts", 3)
+    tokens = [(t.encode(), a) for t, a in ((token, "full"), (readonly_token, "readonly")) if t]
 
     async def authenticated(request: Request) -> None:
+        request.state.access = "full"
         if token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.encode("utf-8", "surrogatepass"), token.encode()
-        ):
+        presented = given.encode("utf-8", "surrogateescape")
+        # Compare with every token, always: the time taken must not tell which one matched.
+        matches = [a for t, a in tokens if hmac.compare_digest(presented, t)]
+        if scheme.lower() != "bearer" or not matches:
             raise unauthorized()
+        request.state.access = matches[0]
+        if matches[0] == "readonly" and request.method not in READ_METHODS:
+            raise ApiError(403, "this token may only read", "read_only")
 
     app = FastAPI(
         title="alienec2 admin API",
@@ -97,11 +115,16 @@ def create_admin_app(
         dependencies=[Depends(authenticated)],
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,  # served below, behind the same dependency as every route
     )
     install_error_handlers(app)
 
     def spec(body: SubmitRequest) -> JobSpec:
         return JobSpec(body.command, body.env, body.wall_time_s, body.max_attempts or max_attempts)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -112,8 +135,12 @@ def create_admin_app(
         return Response(metrics.render(service), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/v1/status")
-    async def get_status() -> dict[str, Any]:
-        return {**service.status(), "agents_waiting": changes.jobs.waiting}
+    async def get_status(request: Request) -> dict[str, Any]:
+        return {
+            **service.status(),
+            "agents_waiting": changes.jobs.waiting,
+            "access": request.state.access,
+        }
 
     @app.get("/admin/v1/vms")
     async def list_vms(

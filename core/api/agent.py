@@ -13,11 +13,11 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core.api.access import Network, client_address, is_allowed, networks
+from core.api.access import Network, client_address, forwarded_for, is_allowed, networks
 from core.api.errors import error_body, install_error_handlers
+from core.api.fields import INT64_MAX, Identifier, Int64, Secret, StoredText
 from core.api.longpoll import Changes
 from core.config import WebConfig
 from core.model import VM, Job
@@ -33,9 +33,9 @@ class _Body(BaseModel):
 
 
 class RegisterRequest(_Body):
-    instance_id: Annotated[str, Field(min_length=1, max_length=64)]
-    launch_id: Annotated[str, Field(min_length=1, max_length=64)]
-    launch_secret: Annotated[str, Field(min_length=1, max_length=256)]
+    instance_id: Identifier
+    launch_id: Identifier
+    launch_secret: Secret
 
 
 class HeartbeatRequest(_Body):
@@ -44,10 +44,10 @@ class HeartbeatRequest(_Body):
 
 
 class ReportRequest(_Body):
-    attempt: Annotated[int, Field(ge=1, le=INT64)]
+    attempt: Annotated[int, Field(ge=1, le=INT64_MAX)]
     status: Literal["started", "finished", "cancelled"]
-    exit_code: Annotated[int, Field(ge=-INT64, le=INT64)] | None = None
-    output_tail: Annotated[str, Field(max_length=MAX_OUTPUT_TAIL)] = ""
+    exit_code: Int64 | None = None
+    output_tail: Annotated[StoredText, Field(max_length=MAX_OUTPUT_TAIL)] = ""
 
     @model_validator(mode="after")
     def _finished_needs_exit_code(self) -> ReportRequest:
@@ -107,7 +107,7 @@ class NetworkGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             peer = scope["client"][0] if scope.get("client") else None
-            forwarded = Headers(scope=scope).get("x-forwarded-for")
+            forwarded = forwarded_for(scope["headers"])
             if not is_allowed(client_address(peer, forwarded, self.trusted), self.allowed):
                 response = JSONResponse(error_body("forbidden", "forbidden"), 403)
                 await response(scope, receive, send)

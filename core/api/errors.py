@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.api.fields import INT64_MAX, INT64_MIN
 from core.model import IllegalTransition
 from core.service import AlreadyRegistered, Forbidden, Invalid, NotYetKnown, Unauthorized
 from core.store import Conflict, NotFound
@@ -41,6 +42,26 @@ def error_body(message: str, code: str) -> dict[str, str]:
 
 def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc if part != "body") or "body"
+
+
+def _out_of_range(request: Request) -> list[str]:
+    """Path and query integers SQLite cannot hold: routes declare them plain ``int``."""
+    found = []
+    for where, params in (("path", request.path_params), ("query", request.query_params)):
+        for name, value in params.items():
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                continue
+            if not INT64_MIN <= number <= INT64_MAX:
+                found.append(f"{where}.{name}: must be between {INT64_MIN} and {INT64_MAX}")
+    return found
+
+
+def invalid(problems: list[str]) -> JSONResponse:
+    return JSONResponse(
+        {**error_body("; ".join(problems), "invalid_request"), "problems": problems}, 422
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -88,14 +109,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse(
-            {**error_body("; ".join(problems), "invalid_request"), "problems": problems}, 422
-        )
+        return invalid([f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors()])
+
+    # What a request model let through but SQLite refuses is the caller's input, not our
+    # failure: a 422 and one log line, never a traceback.
+    @app.exception_handler(OverflowError)
+    async def _overflow(request: Request, exc: OverflowError) -> JSONResponse:
+        log.warning("event=api_input_overflow path=%s error=%s", request.url.path, exc)
+        return invalid(_out_of_range(request) or [f"a number is out of range: {exc}"])
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _unencodable(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        log.warning("event=api_input_unencodable path=%s", request.url.path)
+        return invalid(["text must be valid Unicode (a lone surrogate is not)"])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return JSONResponse(error_body(str(exc.detail), code), exc.status_code)
 
     @app.exception_handler(Exception)

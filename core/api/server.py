@@ -1,11 +1,13 @@
 """uvicorn inside the core's event loop, on sockets the core binds itself.
 
 Binding ourselves lets the admin socket be created with mode 0600 (no window where it is
-world-accessible) and lets tests ask for port 0 and learn the real port.
+world-accessible) and lets tests ask for port 0 and learn the real port. Every listener runs
+with the limits of ``core/api/limits.py``: a connection cap, a request deadline and body sizes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -16,13 +18,30 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from core.api.limits import (
+    BodyLimit,
+    ConnectionLimits,
+    accept_batch,
+    protocol_for,
+    throttle_accept_errors,
+)
+
+# h11's own bound on a request line plus headers (its default, stated: larger is refused 400).
+MAX_HEADER_BYTES = 16 * 1024
+
 
 class EmbeddedServer(uvicorn.Server):
     """The core owns SIGTERM/SIGINT; uvicorn must not install its own handlers."""
 
+    limits: ConnectionLimits
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        throttle_accept_errors(asyncio.get_running_loop())
+        await super().serve(sockets)
 
 
 def tcp_socket(host: str, port: int) -> socket.socket:
@@ -62,10 +81,21 @@ def unix_socket(path: str | Path) -> socket.socket:
 
 
 def make_server(
-    app: FastAPI, *, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+    app: FastAPI,
+    *,
+    limits: ConnectionLimits | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> EmbeddedServer:
+    """``limits`` None: the defaults (10 s request deadline, 1,024 connections)."""
+    limits = limits or ConnectionLimits()
     config = uvicorn.Config(
-        app,
+        BodyLimit(app),
+        http=protocol_for(limits),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        backlog=accept_batch(limits.max_connections),
+        # No limit_concurrency: it answers 503 to requests once *connections* reach it, which
+        # the cap in limits.py already bounds by closing the ones that never send a request.
         lifespan="off",
         log_level="warning",
         access_log=False,
@@ -75,4 +105,6 @@ def make_server(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
-    return EmbeddedServer(config)
+    server = EmbeddedServer(config)
+    server.limits = limits
+    return server

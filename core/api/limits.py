@@ -1,0 +1,347 @@
+"""Limits at the listener, before any request reaches a route: connections, header time, bodies.
+
+uvicorn bounds header size (h11's 16 KiB incomplete-event limit) and idle keep-alive time, but
+has no timeout on receiving a request (encode/uvicorn#157: ``timeout_keep_alive`` is cancelled
+by the first byte and never armed on a fresh connection) and no cap on open connections
+(``limit_concurrency`` answers 503 to *requests*; a connection that never sends one keeps its
+file descriptor). So a thin subclass of uvicorn's own h11 protocol adds both:
+
+- a deadline for a complete request, armed when a connection opens and again after each
+  response, disarmed once the headers and the body (a few KiB; at most 256 KiB) are in: a
+  body trickled a byte at a time must not hold a connection any more than headers may;
+- a per-listener cap on open connections. At the cap, a newcomer displaces the connection that
+  has waited longest without a complete request (as nginx reuses its "reusable" connections
+  when out of them); only if every connection is busy with a request is the newcomer refused.
+  A half-open flood thus costs the flooder its own connections, not the agents their requests.
+
+Bodies are bounded by ``BodyLimit``, a pure ASGI middleware: Content-Length is checked before
+anything is read and streamed bytes are counted, so a large body is refused at its first
+excess chunk (413), never buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from core.config import Config
+
+log = logging.getLogger("alienec2.api")
+
+KIB = 1024
+MIB = 1024 * KIB
+HEADER_TIMEOUT_S = 10.0
+# Largest request body per route (matched on the path; agent and admin paths are disjoint).
+# A report carries an output tail of at most 64 Ki characters: 256 KiB holds it unless most
+# of it is JSON-escaped non-ASCII, which is refused (413) like any other oversized body.
+BODY_LIMITS: tuple[tuple[re.Pattern[str], int], ...] = (
+    (re.compile(r"^/agent/v1/jobs/[^/]+/report$"), 256 * KIB),
+    (re.compile(r"^/agent/v1/"), 16 * KIB),
+    (re.compile(r"^/admin/v1/jobs/batch$"), 32 * MIB),  # up to 10,000 jobs
+    (re.compile(r"^/admin/v1/"), 1 * MIB),
+)
+DEFAULT_BODY_LIMIT = 16 * KIB
+
+
+class RateLimitedLog:
+    """One log line per ``interval_s`` at most, saying how many occurrences it stands for:
+    a flood must not become a flood of log lines."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def __call__(self, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._suppressed += 1
+            return
+        count, self._suppressed, self._last = self._suppressed + 1, 0, now
+        log.log(level, message + " count=%d", *args, count)
+
+
+@dataclass(slots=True, eq=False)
+class ConnectionLimits:
+    """One listener's bounds and its live connections (shared by all its protocol objects)."""
+
+    name: str = "api"
+    max_connections: int = 1024
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    open: set[LimitedH11Protocol] = field(default_factory=set)
+    # Connections without a complete request, oldest first (dicts keep insertion order).
+    waiting: dict[LimitedH11Protocol, None] = field(default_factory=dict)
+    refused: int = 0
+    displaced: int = 0
+    timed_out: int = 0
+    _log: RateLimitedLog = field(default_factory=RateLimitedLog)
+
+    def admit(self, protocol: LimitedH11Protocol) -> bool:
+        """Make room for a new connection if it can be had; False: refuse it."""
+        if len(self.open) >= self.max_connections:
+            if not self.waiting:
+                self.refused += 1
+                self._log(
+                    logging.WARNING,
+                    "event=connection_refused listener=%s open=%d max=%d",
+                    self.name,
+                    len(self.open),
+                    self.max_connections,
+                )
+                return False
+            oldest = next(iter(self.waiting))
+            self.displaced += 1
+            self._log(
+                logging.WARNING,
+                "event=connection_displaced listener=%s max=%d",
+                self.name,
+                self.max_connections,
+            )
+            oldest.drop()
+        self.open.add(protocol)
+        return True
+
+
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline and a connection cap (see module doc)."""
+
+    limits: ConnectionLimits  # set on the per-listener subclass made by ``protocol_for``
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._deadline: asyncio.TimerHandle | None = None
+        self._request_cycle: object = None
+        self._admitted = self.limits.admit(self)
+        if not self._admitted:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._await_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._forget()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._note_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._note_request():
+            self._await_request()  # keep-alive: the next request's headers are due in time
+
+    def drop(self) -> None:
+        """Close now, freeing the slot at once (the transport reports the loss later)."""
+        self._forget()
+        self.transport.abort()
+
+    def _await_request(self) -> None:
+        self.limits.waiting[self] = None
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(
+                self.limits.header_timeout_s, self._headers_overdue
+            )
+
+    def _note_request(self) -> bool:
+        """True if a new request has fully arrived: headers parsed (uvicorn began a request
+        cycle) and its body complete."""
+        cycle = self.cycle
+        if cycle is None or cycle is self._request_cycle or cycle.more_body:
+            return False
+        self._request_cycle = self.cycle
+        self.limits.waiting.pop(self, None)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        return True
+
+    def _headers_overdue(self) -> None:
+        self._deadline = None
+        self.limits.timed_out += 1
+        self.limits._log(
+            logging.INFO,
+            "event=header_timeout listener=%s timeout_s=%g",
+            self.limits.name,
+            self.limits.header_timeout_s,
+        )
+        self.drop()
+
+    def _forget(self) -> None:
+        self.limits.open.discard(self)
+        self.limits.waiting.pop(self, None)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+def protocol_for(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
+    """A protocol class bound to one listener's limits (uvicorn instantiates it per
+    connection with its own arguments, so the limits travel on the class)."""
+    return type(f"LimitedH11Protocol_{limits.name}", (LimitedH11Protocol,), {"limits": limits})
+
+
+# ---- bodies -----------------------------------------------------------------------------------
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a streamed body passes its limit. An HTTPException, so
+    FastAPI's body reader lets it through and the error handlers answer 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+def body_limit(path: str) -> int:
+    for pattern, limit in BODY_LIMITS:
+        if pattern.match(path):
+            return limit
+    return DEFAULT_BODY_LIMIT
+
+
+class BodyLimit:
+    """413 for a body over its route's limit, decided before the application reads it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = body_limit(scope["path"])
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _too_large(limit, send)
+            return
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, bounded_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # h11 has already refused a malformed one
+    return None
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    body = b'{"error":"request body larger than %d bytes","code":"body_too_large"}' % limit
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---- per listener and process-wide ------------------------------------------------------------
+
+
+def agent_max_connections(config: Config) -> int:
+    """``web.max_connections``, or two per VM (a heartbeat and a long poll) and headroom."""
+    return config.web.max_connections or 2 * config.pool.max_vms + 256
+
+
+def agent_limits(config: Config) -> ConnectionLimits:
+    return ConnectionLimits("agent", agent_max_connections(config), config.web.header_timeout_s)
+
+
+def admin_limits(config: Config, name: str = "admin") -> ConnectionLimits:
+    return ConnectionLimits(name, config.admin.max_connections, config.web.header_timeout_s)
+
+
+def listeners_capacity(config: Config) -> int:
+    """Connections all listeners may hold at once: the agent API, the admin socket, admin TCP."""
+    admin = config.admin.max_connections * (2 if config.admin.tcp_host else 1)
+    return agent_max_connections(config) + admin
+
+
+OPEN_FILES_RESERVE = 128  # the store, boto3's connection pools, logs, the listeners themselves
+MIN_ACCEPT_BATCH, MAX_ACCEPT_BATCH = 16, 2048
+
+
+def open_files_warning(connections: int) -> str | None:
+    """Why ``connections`` may not fit this process's RLIMIT_NOFILE, or None if they do."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or connections + OPEN_FILES_RESERVE <= soft:
+        return None
+    return (
+        f"listeners may hold {connections} connections but RLIMIT_NOFILE is {soft} "
+        f"({OPEN_FILES_RESERVE} more are needed for the rest): raise LimitNOFILE in the "
+        "systemd unit or lower web.max_connections / admin.max_connections"
+    )
+
+
+def accept_batch(max_connections: int) -> int:
+    """The listen backlog, which asyncio also uses as the number of connections it accepts in
+    one go, before any of them reaches the cap. A displaced connection's descriptor is closed
+    three loop iterations after its successor was accepted, and a batch may be accepted in
+    each: four batches beyond the cap must fit under RLIMIT_NOFILE, or a burst of connections
+    meets EMFILE (measured: 1,100 at once against 1,024 files with the default 2,048)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_ACCEPT_BATCH
+    spare = soft - OPEN_FILES_RESERVE - max_connections
+    return max(MIN_ACCEPT_BATCH, min(MAX_ACCEPT_BATCH, spare // 4))
+
+
+def warn_if_open_files_short(config: Config) -> None:
+    """Called once at start: a cap above the descriptor limit turns a flood into EMFILE."""
+    warning = open_files_warning(listeners_capacity(config))
+    if warning:
+        log.warning("event=open_files_limit msg=%s", warning)
+
+
+_ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
+
+
+def throttle_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log accept failures (EMFILE, ENFILE, ENOBUFS) as one line a second, no traceback.
+    asyncio already pauses the listener a second after each; it logs a traceback each time."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "throttles_accept_errors", False):
+        return
+    report = RateLimitedLog()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == _ACCEPT_EXHAUSTED:
+            exc = context.get("exception")
+            report(logging.ERROR, "event=accept_failed error=%s", exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.throttles_accept_errors = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)

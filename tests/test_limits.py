@@ -1,0 +1,525 @@
+"""Limits at the request boundary: connections, request deadlines, body sizes, proxies, admin TCP.
+
+Everything runs against a real core on loopback, attacked with raw sockets as a hostile VM
+network would (half requests, duplicate headers, huge bodies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import json
+import logging
+import resource
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from contextualisation.agent import Core as AgentClient
+from core.api.access import client_address, forwarded_for, networks
+from core.api.limits import (
+    ConnectionLimits,
+    agent_max_connections,
+    body_limit,
+    open_files_warning,
+    throttle_accept_errors,
+)
+from core.clouds.sandbox import MotoEC2Server
+from core.config import Config
+from core.daemon import Core
+from core.userdata import read_agent_settings
+from tests.conftest import cloud, core_config, ec2_client, eventually, running_core, wait_for_vms
+from tests.test_agent import make_tls_files
+
+FLOOD = 1_100
+HALF_REQUEST = b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\nContent-Le"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def enough_open_files() -> Iterator[None]:
+    """The harness holds the flood's client ends: give it room (the core's limit is the
+    subject of the tests, the test process's is not)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def agent_limits_of(core: Core) -> ConnectionLimits:
+    return core._servers[0].limits
+
+
+def agent_client(moto_url: str, core_url: str, vm_id: str) -> tuple[AgentClient, dict[str, Any]]:
+    """The real agent's HTTP client and the registration its user data allows."""
+    raw = ec2_client(moto_url).describe_instance_attribute(InstanceId=vm_id, Attribute="userData")
+    settings = read_agent_settings(base64.b64decode(raw["UserData"]["Value"]).decode())
+    body = {
+        "instance_id": vm_id,
+        "launch_id": settings["launch_id"],
+        "launch_secret": settings["launch_secret"],
+    }
+    return AgentClient(core_url, None), body
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def connect(port: int, payload: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if payload:
+        sock.sendall(payload)
+    return sock
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True once the server closed the connection (EOF or reset) within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def raw_request(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Send bytes as they are (duplicate headers included); the status and body of the reply."""
+    with connect(port, request) as sock:
+        sock.settimeout(timeout)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+# ---- 1. connections ---------------------------------------------------------------------------
+
+
+async def test_half_open_flood_leaves_agents_and_the_admin_socket_answering(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, pool={"min_vms": 1, "max_vms": 2})
+    async with running_core(config) as core:
+        limits = agent_limits_of(core)
+        assert limits.max_connections == 2 * 2 + 256 < FLOOD
+        [vm_id] = await wait_for_vms(core, 1)
+        agent, registration = agent_client(moto.url, core.agent_url, vm_id)
+        status, reply = await asyncio.to_thread(agent.call, "/agent/v1/register", registration)
+        assert status == 200, reply
+        agent.token = reply["token"]
+        # A long poll in flight: a connection with a request is never displaced.
+        long_poll = asyncio.create_task(
+            asyncio.to_thread(agent.call, "/agent/v1/jobs/next?wait=30", {}, 40)
+        )
+        await eventually(lambda: core.changes.jobs.waiting == 1)
+
+        port = port_of(core.agent_url)
+        flood = await asyncio.to_thread(lambda: [connect(port, HALF_REQUEST) for _ in range(FLOOD)])
+        try:
+            for _ in range(5):
+                status, reply = await asyncio.to_thread(
+                    agent.call, "/agent/v1/heartbeat", {"busy": False}, 1.0
+                )
+                assert (status, reply["action"]) == (200, "run")
+            async with httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)),
+                base_url="http://core",
+                timeout=1.0,
+            ) as admin:
+                assert (await admin.get("/admin/v1/status")).status_code == 200
+                submitted = await admin.post("/admin/v1/jobs", json={"command": ["true"]})
+                assert submitted.status_code == 201
+            status, reply = await asyncio.wait_for(long_poll, 10)
+            assert status == 200 and reply["job"]["id"] == submitted.json()["id"]
+            assert len(limits.open) <= limits.max_connections
+            assert limits.displaced >= FLOOD - limits.max_connections
+            assert limits.refused == 0
+            # The oldest half-open connections are the ones that made room.
+            assert await asyncio.to_thread(closed_by_server, flood[0], 1.0)
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+async def test_a_request_not_complete_within_the_deadline_is_closed(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, web={"header_timeout_s": 0.3})
+    async with running_core(config) as core:
+        limits = agent_limits_of(core)
+        port = port_of(core.agent_url)
+        silent = connect(port)
+        half_headers = connect(port, HALF_REQUEST)
+        trickled_body = connect(
+            port,
+            b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\nContent-Length: 100\r\n\r\n{",
+        )
+        for sock in (silent, half_headers, trickled_body):
+            with sock:
+                assert await asyncio.to_thread(closed_by_server, sock)
+        assert limits.timed_out == 3
+        assert not limits.open
+        status, _ = await asyncio.to_thread(
+            raw_request, port, b"GET /healthz HTTP/1.1\r\nHost: core\r\nConnection: close\r\n\r\n"
+        )
+        assert status == 200
+
+
+async def test_at_the_cap_with_every_connection_busy_a_newcomer_is_refused(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, pool={"min_vms": 1}, web={"max_connections": 2})
+    async with running_core(config) as core:
+        limits = agent_limits_of(core)
+        [vm_id] = await wait_for_vms(core, 1)
+        agent, registration = agent_client(moto.url, core.agent_url, vm_id)
+        _, reply = await asyncio.to_thread(agent.call, "/agent/v1/register", registration)
+        agent.token = reply["token"]
+        polls = [
+            asyncio.create_task(asyncio.to_thread(agent.call, "/agent/v1/jobs/next?wait=30", {}))
+            for _ in range(2)
+        ]
+        await eventually(lambda: core.changes.jobs.waiting == 2)
+        with connect(port_of(core.agent_url), b"GET /healthz HTTP/1.1\r\nHost: c\r\n\r\n") as sock:
+            assert await asyncio.to_thread(closed_by_server, sock)
+        assert limits.refused == 1
+        core.changes.close()  # answer the polls now: the test is over
+        await asyncio.gather(*polls)
+
+
+def test_default_cap_is_two_connections_per_vm_plus_headroom(tmp_path: Path) -> None:
+    config = core_config(tmp_path, "http://127.0.0.1:9", pool={"max_vms": 500})
+    assert agent_max_connections(config) == 1256
+    pinned = core_config(tmp_path, "http://127.0.0.1:9", web={"max_connections": 300})
+    assert agent_max_connections(pinned) == 300
+
+
+def test_caps_above_the_open_file_limit_are_warned_about() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    warning = open_files_warning(soft)
+    assert warning is not None and "LimitNOFILE" in warning
+    assert open_files_warning(min(soft // 2, 256)) is None
+
+
+async def test_accept_failures_are_logged_once_a_second_without_tracebacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    others: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: others.append(context))
+    try:
+        throttle_accept_errors(loop)
+        throttle_accept_errors(loop)  # idempotent: one wrapper per loop
+        emfile = OSError(24, "Too many open files")
+        with caplog.at_level(logging.ERROR, logger="alienec2.api"):
+            for _ in range(1000):
+                loop.call_exception_handler(
+                    {"message": "socket.accept() out of system resource", "exception": emfile}
+                )
+            loop.call_exception_handler({"message": "something else"})
+    finally:
+        loop.set_exception_handler(previous)
+    accept_lines = [r for r in caplog.records if "event=accept_failed" in r.getMessage()]
+    assert len(accept_lines) == 1 and accept_lines[0].exc_info is None
+    assert "Too many open files" in accept_lines[0].getMessage()
+    assert [c["message"] for c in others] == ["something else"]
+
+
+# ---- 2. bodies --------------------------------------------------------------------------------
+
+
+def test_body_limits_per_route() -> None:
+    assert body_limit("/agent/v1/register") == 16 * 1024
+    assert body_limit("/agent/v1/heartbeat") == 16 * 1024
+    assert body_limit("/agent/v1/jobs/7/report") == 256 * 1024
+    assert body_limit("/admin/v1/jobs/batch") > body_limit("/admin/v1/jobs") >= 1024 * 1024
+
+
+@pytest.fixture
+async def core(tmp_path: Path, moto: MotoEC2Server) -> Any:
+    async with running_core(core_config(tmp_path, moto.url)) as running:
+        yield running
+
+
+async def chunks(chunk: bytes, count: int) -> AsyncIterator[bytes]:
+    for _ in range(count):
+        yield chunk
+
+
+async def test_oversized_bodies_get_413_with_a_message(core: Core) -> None:
+    async with httpx.AsyncClient(base_url=core.agent_url, timeout=5) as http:
+        declared = await http.post("/agent/v1/register", content=b"x" * (17 * 1024))
+        streamed = await http.post(  # chunked: no Content-Length to refuse it by
+            "/agent/v1/register", content=chunks(b"x" * 4096, 5)
+        )
+        report = await http.post(
+            "/agent/v1/jobs/1/report", content=json.dumps({"output_tail": "y" * 200_000})
+        )
+    for reply in (declared, streamed):
+        assert reply.status_code == 413
+        assert reply.json()["code"] == "body_too_large"
+        assert "16384 bytes" in reply.json()["error"]
+    assert report.status_code == 401  # 200 KB is within the report's limit: on to the token
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+@contextlib.contextmanager
+def core_process(
+    tmp_path: Path, moto_url: str, nofile: int | None = None, **sections: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`alienec2 core` as its own process (its memory and open files its own), optionally
+    with a lower RLIMIT_NOFILE: (process, agent port). Its log is ``tmp_path/core.log``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = {
+        "core_id": "test-core",
+        "clouds": [cloud("c", moto_url)],
+        "state": {"path": str(tmp_path / "state.db"), "synchronous": "normal"},
+        "admin": {"socket": str(tmp_path / "admin.sock")},
+        "web": {"host": "127.0.0.1", "port": port},
+        "pool": {"cycle_interval_s": 0.2, "adaptive_warm": False},
+        **sections,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+
+    def limit_files() -> None:
+        if nofile is not None:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+            )
+
+    log = (tmp_path / "core.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "core", "--config", str(path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=limit_files,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "core did not start"
+            time.sleep(0.05)  # polling for readiness, not synchronising on an event
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_a_core_with_systemds_default_1024_files_survives_a_half_open_flood(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    """The issue's scenario as it was: 1,100 half-open connections against a core limited to
+    1,024 open files, while an agent heartbeats and the admin socket is used."""
+    pool = {"min_vms": 1, "max_vms": 2, "cycle_interval_s": 0.2, "adaptive_warm": False}
+    with (
+        core_process(tmp_path, moto.url, nofile=1024, pool=pool) as (proc, port),
+        httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(tmp_path / "admin.sock")),
+            base_url="http://core",
+            timeout=1.0,
+        ) as admin,
+        concurrent.futures.ThreadPoolExecutor(1) as background,
+    ):
+        deadline = time.monotonic() + 30
+        while not (vms := admin.get("/admin/v1/vms").json()["vms"]):
+            assert time.monotonic() < deadline, "no VM launched"
+            time.sleep(0.05)
+        agent, registration = agent_client(moto.url, f"http://127.0.0.1:{port}", vms[0]["id"])
+        status, reply = agent.call("/agent/v1/register", registration)
+        assert status == 200, reply
+        agent.token = reply["token"]
+        long_poll = background.submit(agent.call, "/agent/v1/jobs/next?wait=30", {}, 40)
+        while admin.get("/admin/v1/status").json()["agents_waiting"] != 1:
+            assert time.monotonic() < deadline, "the long poll never parked"
+            time.sleep(0.05)
+
+        flood = [connect(port, HALF_REQUEST) for _ in range(FLOOD)]
+        try:
+            for _ in range(5):
+                status, reply = agent.call("/agent/v1/heartbeat", {"busy": False}, 1.0)
+                assert (status, reply["action"]) == (200, "run")
+            assert admin.get("/admin/v1/status").status_code == 200
+            submitted = admin.post("/admin/v1/jobs", json={"command": ["true"]})
+            status, reply = long_poll.result(timeout=10)
+            assert status == 200 and reply["job"]["id"] == submitted.json()["id"]
+        finally:
+            for sock in flood:
+                sock.close()
+        assert proc.poll() is None
+    log = (tmp_path / "core.log").read_text()
+    assert "Traceback" not in log and "accept_failed" not in log
+    assert "event=connection_displaced" in log
+
+
+def test_four_concurrent_50_mb_bodies_add_under_20_mb(tmp_path: Path, moto: MotoEC2Server) -> None:
+    """Measured as the core process's peak resident memory (VmHWM, reset before the bodies are
+    sent) over its resident memory at that moment."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read a process's peak memory")
+    with core_process(tmp_path, moto.url) as (proc, port):
+        grown, statuses = send_four_large_bodies(proc.pid, port)
+    print(f"four 50 MB bodies: core peak RSS +{grown:.2f} MiB")
+    assert statuses == [413] * 4
+    assert grown < 20, f"peak resident memory grew {grown:.1f} MiB"
+
+
+def send_four_large_bodies(pid: int, port: int) -> tuple[float, list[int]]:
+    """Two with a declared length, two chunked; MiB the peak RSS grew by, and the statuses."""
+    chunk = b"x" * (1024 * 1024)
+    framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    heads = [
+        b"POST /agent/v1/register HTTP/1.1\r\nHost: c\r\nContent-Type: application/json\r\n"
+        + (
+            b"Content-Length: 52428800\r\n\r\n"
+            if declared
+            else b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for declared in (True, False, True, False)
+    ]
+
+    def send(head: bytes) -> int:
+        with connect(port, head) as sock:
+            with contextlib.suppress(OSError):  # the server answers early and closes
+                for _ in range(50):
+                    sock.sendall(framed if b"chunked" in head else chunk)
+            sock.settimeout(5)
+            reply = sock.recv(65536)
+        return int(reply.split()[1])
+
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = memory_kib(pid, "VmRSS")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(send, heads))
+    return (memory_kib(pid, "VmHWM") - before) / 1024, statuses
+
+
+# ---- 4. proxies -------------------------------------------------------------------------------
+
+
+def test_forwarded_for_lines_are_combined_in_order() -> None:
+    headers = [(b"x-forwarded-for", b"10.1.1.1, 10.2.2.2"), (b"x-forwarded-for", b"192.0.2.9")]
+    assert forwarded_for(headers) == "10.1.1.1, 10.2.2.2, 192.0.2.9"
+    assert forwarded_for([(b"host", b"core")]) is None
+    trusted = networks(["127.0.0.1/32"])
+    assert client_address("127.0.0.1", forwarded_for(headers), trusted) == "192.0.2.9"
+
+
+async def test_a_second_forwarded_for_line_from_haproxy_is_believed(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    web = {"allowed_networks": ["10.0.0.0/8"], "trusted_proxies": ["127.0.0.0/8"]}
+    async with running_core(core_config(tmp_path, moto.url, web=web)) as core:
+        port = port_of(core.agent_url)
+
+        def healthz(*lines: bytes) -> int:
+            headers = b"".join(b"X-Forwarded-For: " + line + b"\r\n" for line in lines)
+            request = b"GET /healthz HTTP/1.1\r\nHost: c\r\nConnection: close\r\n"
+            return raw_request(port, request + headers + b"\r\n")[0]
+
+        # The client forges an allowed address; HAProxy appends the address it really saw.
+        assert await asyncio.to_thread(healthz, b"10.1.2.3", b"192.0.2.9") == 403
+        assert await asyncio.to_thread(healthz, b"192.0.2.9", b"10.1.2.3") == 200
+
+
+# ---- 5. admin TCP -----------------------------------------------------------------------------
+
+
+FULL, READONLY = "full-token-0123456789", "readonly-token-0123456789"
+
+
+def admin_tcp_config(tmp_path: Path, moto_url: str, **admin: Any) -> Config:
+    section = {"socket": str(tmp_path / "a.sock"), "tcp_host": "127.0.0.1", "tcp_port": 0}
+    return core_config(tmp_path, moto_url, admin={**section, "token": FULL, **admin})
+
+
+async def test_admin_tcp_needs_a_token_for_every_route_and_the_schema(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    async with running_core(admin_tcp_config(tmp_path, moto.url)) as core:
+        assert core.admin_url
+        async with httpx.AsyncClient(base_url=core.admin_url, timeout=5) as http:
+            for path in ("/openapi.json", "/healthz", "/metrics", "/admin/v1/status"):
+                assert (await http.get(path)).status_code == 401, path
+            auth = {"Authorization": f"Bearer {FULL}"}
+            schema = await http.get("/openapi.json", headers=auth)
+            assert schema.status_code == 200 and "/admin/v1/status" in schema.json()["paths"]
+            for path in ("/docs", "/redoc"):  # off: no page, with or without the token
+                for headers in ({}, auth):
+                    assert (await http.get(path, headers=headers)).status_code == 404
+            status = await http.get("/admin/v1/status", headers=auth)
+            assert status.json()["access"] == "full"
+
+
+async def test_readonly_token_reads_and_follows_events_but_cannot_change_anything(
+    tmp_path: Path, moto: MotoEC2Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALIENEC2_ADMIN_READONLY_TOKEN", READONLY)
+    async with running_core(admin_tcp_config(tmp_path, moto.url)) as core:
+        assert core.admin_url
+        auth = {"Authorization": f"Bearer {READONLY}"}
+        async with httpx.AsyncClient(base_url=core.admin_url, timeout=5, headers=auth) as http:
+            status = await http.get("/admin/v1/status")
+            assert status.status_code == 200 and status.json()["access"] == "readonly"
+            assert (await http.get("/admin/v1/events", params={"after": 0})).status_code == 200
+            assert (await http.get("/admin/v1/jobs")).status_code == 200
+            for path, body in (
+                ("/admin/v1/pool/pause", None),
+                ("/admin/v1/jobs", {"command": ["true"]}),
+                ("/admin/v1/vms/drain", None),
+            ):
+                refused = await http.post(path, json=body)
+                assert refused.status_code == 403, path
+                assert refused.json()["code"] == "read_only"
+        assert not core.engine.settings().paused
+        assert not core.store.jobs(None, 10)
+
+
+async def test_admin_tcp_serves_tls_with_its_own_certificate(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    ca, cert, key = make_tls_files(tmp_path)
+    config = admin_tcp_config(tmp_path, moto.url, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    async with running_core(config) as core:
+        assert core.admin_url and core.admin_url.startswith("https://127.0.0.1:")
+        tls = ssl.create_default_context(cafile=str(ca))
+        async with httpx.AsyncClient(base_url=core.admin_url, verify=tls, timeout=5) as http:
+            reply = await http.get("/admin/v1/status", headers={"Authorization": f"Bearer {FULL}"})
+        assert reply.status_code == 200
+
+
+async def test_unix_socket_status_reports_full_access(core: Core) -> None:
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)), base_url="http://core"
+    ) as admin:
+        assert (await admin.get("/admin/v1/status")).json()["access"] == "full"
+        assert (await admin.get("/openapi.json")).status_code == 200
