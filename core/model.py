@@ -69,6 +69,9 @@ VM_TRANSITIONS: dict[VMState, frozenset[VMState]] = {
 STOPPED_SERVING_STATES = frozenset(
     {VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, VMState.FAILED, VMState.INTERRUPTED}
 )
+# VMs that have left: their token no longer authenticates (an interrupted or terminating VM
+# still hears "stop" on its heartbeat).
+TOKEN_REVOKED_STATES = frozenset({VMState.TERMINATED, VMState.LOST, VMState.FAILED})
 # VMs that count against the pool's max_vms: they are (or will be) serving jobs.
 SERVING_STATES = frozenset(
     {VMState.REQUESTED, VMState.BOOTING, VMState.IDLE, VMState.BUSY, VMState.DRAINING}
@@ -273,13 +276,16 @@ def finish(job: Job, exit_code: int, output_tail: str, now: float) -> JobChange:
 
 def vm_columns(new: VMState, now: float, job_id: int | None) -> dict[str, Any]:
     """What entering ``new`` does to a VM's columns: a VM that stops serving lets go of its
-    job, and only an idle VM has an idle clock."""
-    return {
+    job and its pilot's work, and only an idle VM has an idle clock."""
+    columns: dict[str, Any] = {
         "state": new,
         "state_since": now,
-        "job_id": None if new in STOPPED_SERVING_STATES else job_id,
+        "job_id": job_id,
         "idle_since": now if new == VMState.IDLE else None,
     }
+    if new in STOPPED_SERVING_STATES:
+        columns.update(job_id=None, pilot_busy=0)
+    return columns
 
 
 @dataclass(slots=True)
@@ -296,6 +302,7 @@ class VM:
     job_id: int | None = None
     address: str | None = None
     kill_requested: bool = False
+    pilot_busy: bool = False  # its pilot (e.g. an AliEn JobAgent) runs a real job
 
 
 @dataclass(slots=True)

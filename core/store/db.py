@@ -79,6 +79,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN run_key TEXT;
     ALTER TABLE jobs ADD COLUMN alien_job_id TEXT;
     CREATE UNIQUE INDEX jobs_run_key ON jobs(run_key) WHERE run_key IS NOT NULL;
+    CREATE INDEX jobs_vm_state ON jobs(vm_id, state);
+    ALTER TABLE vms ADD COLUMN pilot_busy INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -141,6 +141,10 @@ class Jobs(VMs):
         it stopped the job, or the VM goes; the agent learns from its next heartbeat."""
         with self._tx():
             job = self.job(job_id)
+            if job.kind == "pilot":
+                raise Conflict(
+                    f"job {job_id} is a pilot run; drain or kill its VM {job.vm_id} instead"
+                )
             if job.state not in (JobState.QUEUED, *ACTIVE_JOB_STATES):
                 raise Conflict(f"job {job_id} is {job.state}, it cannot be cancelled")
             self._set_job(job, JobState.CANCELLED, finished_at=now, reason="cancelled by admin")
@@ -263,43 +267,63 @@ class Jobs(VMs):
         if vm.state == VMState.BUSY:
             self.transition_vm(vm_id, VMState.IDLE, now, f"job {job_id} ended", Reason.JOB_ENDED)
 
-    def _requeue_job_of(self, vm: VM, job_id: int, now: float, why: str) -> None:
-        job = self.job(job_id)
-        interrupted = self._interrupting == vm.id
-        reason = Reason.SPOT_TERMINATION if interrupted else Reason.VM_STOPPED_SERVING
-        change = requeue(job, now, why, reason, spend_attempt=not interrupted)
-        if change is not None:
-            self._apply(job, change, now)
-
-    _interrupting: str | None = None
+    def _stopped_serving(self, vm: VM, now: float, why: str, spend_attempt: bool) -> None:
+        """Its queue job goes back to the queue; its pilot runs end (they cannot go on)."""
+        if vm.job_id is not None:
+            job = self.job(vm.job_id)
+            reason = Reason.VM_STOPPED_SERVING if spend_attempt else Reason.SPOT_TERMINATION
+            change = requeue(job, now, why, reason, spend_attempt=spend_attempt)
+            if change is not None:
+                self._apply(job, change, now)
+        for row in self._db.execute(
+            "SELECT * FROM jobs WHERE vm_id = ? AND state = ? AND kind = 'pilot'",
+            (vm.id, JobState.RUNNING),
+        ).fetchall():
+            self._apply(
+                _job(row),
+                JobChange(
+                    JobState.FAILED,
+                    {"finished_at": now, "reason": why},
+                    EventKind.JOB_FAILED,
+                    f"pilot run ended with its VM: {why}",
+                    Reason.VM_STOPPED_SERVING,
+                ),
+                now,
+                vm_id=vm.id,
+            )
 
     def interrupt_vm(self, vm_id: str, now: float, why: str) -> VM:
         """The cloud announced it reclaims the VM: its job goes back to the queue at once,
         without spending an attempt, and the VM is replaced."""
-        with self._tx():
-            self._interrupting = vm_id
-            try:
-                return self.transition_vm(
-                    vm_id, VMState.INTERRUPTED, now, why, Reason.SPOT_TERMINATION
-                )
-            finally:
-                self._interrupting = None
+        return self.transition_vm(
+            vm_id, VMState.INTERRUPTED, now, why, Reason.SPOT_TERMINATION, spend_attempt=False
+        )
 
     def set_pilot_busy(self, vm_id: str, busy: bool, now: float) -> VM:
         """A VM without a queue job is busy while its pilot works on a real job (a run
-        longer than ``alien.idle_run_s``), idle otherwise. Written only when it changes."""
-        vm = self.vm(vm_id)
-        if vm.job_id is not None or vm.state not in (VMState.IDLE, VMState.BUSY):
-            return vm
-        if busy and vm.state == VMState.IDLE:
-            return self.transition_vm(
-                vm_id, VMState.BUSY, now, "its pilot is running a job", Reason.PILOT_WORKING
-            )
-        if not busy and vm.state == VMState.BUSY:
-            return self.transition_vm(
-                vm_id, VMState.IDLE, now, "its pilot is idle", Reason.PILOT_WORKING
-            )
-        return vm
+        longer than ``alien.idle_run_s``): it is not reaped, and a drained one is terminated
+        only once its pilot is done. An idle or busy VM shows it in its state too."""
+        with self._tx():
+            vm = self.vm(vm_id)
+            if vm.job_id is not None or vm.pilot_busy == busy:
+                return vm
+            if vm.state not in (VMState.IDLE, VMState.BUSY, VMState.DRAINING):
+                return vm
+            self._db.execute("UPDATE vms SET pilot_busy = ? WHERE id = ?", (int(busy), vm_id))
+            if busy and vm.state == VMState.IDLE:
+                self.transition_vm(
+                    vm_id, VMState.BUSY, now, "its pilot is running a job", Reason.PILOT_WORKING
+                )
+            elif not busy and vm.state == VMState.BUSY:
+                self.transition_vm(
+                    vm_id, VMState.IDLE, now, "its pilot is idle", Reason.PILOT_WORKING
+                )
+        return self.vm(vm_id)
+
+    def release_cancelled(self, vm_id: str, job_id: int, now: float) -> None:
+        """A job cancelled before its VM's agent ever received it: the VM is free again."""
+        with self._tx():
+            self._release_vm(vm_id, job_id, now)
 
     def record_run(
         self,
@@ -387,6 +411,7 @@ class Jobs(VMs):
                 row[0]
                 for row in self._db.execute(
                     f"SELECT id FROM jobs WHERE finished_at < ? AND state IN ({marks}) "
+                    "AND id NOT IN (SELECT job_id FROM vms WHERE job_id IS NOT NULL) "
                     "ORDER BY finished_at LIMIT ?",
                     (before, *FINISHED_STATES, batch),
                 )
@@ -396,3 +421,13 @@ class Jobs(VMs):
                 self._db.execute(f"DELETE FROM assignments WHERE job_id IN ({id_marks})", ids)
                 self._db.execute(f"DELETE FROM jobs WHERE id IN ({id_marks})", ids)
         return len(ids)
+
+    def prune_vms(self, before: float, batch: int) -> int:
+        """Delete up to ``batch`` VMs terminated before ``before``."""
+        with self._tx():
+            cur = self._db.execute(
+                "DELETE FROM vms WHERE id IN (SELECT id FROM vms WHERE state = ? "
+                "AND state_since < ? LIMIT ?)",
+                (VMState.TERMINATED, before, batch),
+            )
+        return cur.rowcount

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from core.model import (
+    STOPPED_SERVING_STATES,
+    TOKEN_REVOKED_STATES,
     VM,
     EventKind,
     Reason,
@@ -21,14 +23,12 @@ from core.store.errors import Conflict, NotFound
 # reads the whole fleet every cycle, and named rows plus Enum lookups took three times as long.
 _VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM))
 _VM_STATES = {state.value: state for state in VMState}
-# A VM in one of these states has left: its token no longer authenticates.
-_GONE_STATES = (VMState.TERMINATED, VMState.LOST, VMState.FAILED)
 
 
 def _vm(row: tuple[Any, ...]) -> VM:
     """A VM from a row of ``SELECT {_VM_FIELDS}``."""
     # mypy cannot count a sliced tuple's items; the row holds VM's fields in order.
-    return VM(*row[:3], _VM_STATES[row[3]], *row[4:11], bool(row[11]))  # type: ignore[call-arg]
+    return VM(*row[:3], _VM_STATES[row[3]], *row[4:11], bool(row[11]), bool(row[12]))  # type: ignore[call-arg]
 
 
 class VMs(Database):
@@ -56,24 +56,32 @@ class VMs(Database):
             counts[VMState(row["state"])] = row["n"]
         return counts
 
-    def _requeue_job_of(self, vm: VM, job_id: int, now: float, why: str) -> None:
-        """A VM stopped serving with a job on it: the jobs side decides what becomes of it."""
+    def _stopped_serving(self, vm: VM, now: float, why: str, spend_attempt: bool) -> None:
+        """A VM stopped serving: the jobs side decides what becomes of its work."""
         raise NotImplementedError
 
     def transition_vm(
-        self, vm_id: str, new: VMState, now: float, why: str, reason: Reason | None = None
+        self,
+        vm_id: str,
+        new: VMState,
+        now: float,
+        why: str,
+        reason: Reason | None = None,
+        *,
+        spend_attempt: bool = True,
     ) -> VM:
         """Move a VM to ``new`` (checked against the state machine); the columns that go with
-        the new state come from ``model.vm_columns``."""
+        the new state come from ``model.vm_columns``. A job on a VM that stops serving is
+        requeued (``spend_attempt`` False: a cloud's interruption, nobody's fault)."""
         with self._tx():
             vm = self.vm(vm_id)
             if vm.state == new:
                 return vm
             check_vm(vm.state, new)
             columns = vm_columns(new, now, vm.job_id)
-            if vm.job_id is not None and columns["job_id"] is None:
-                self._requeue_job_of(vm, vm.job_id, now, f"vm {vm_id} {new}: {why}")
-            if new in _GONE_STATES:
+            if columns["job_id"] is None and vm.state not in STOPPED_SERVING_STATES:
+                self._stopped_serving(vm, now, f"vm {vm_id} {new}: {why}", spend_attempt)
+            if new in TOKEN_REVOKED_STATES:
                 columns["token_hash"] = None
             sets = ", ".join(f"{name} = ?" for name in columns)
             self._db.execute(f"UPDATE vms SET {sets} WHERE id = ?", (*columns.values(), vm_id))
@@ -116,7 +124,7 @@ class VMs(Database):
     def vm_by_token(self, token_hash: str) -> VM | None:
         """The VM that holds this token, while it has not left."""
         found = self._select_vms("WHERE token_hash = ?", (token_hash,))
-        if not found or found[0].state in _GONE_STATES:
+        if not found or found[0].state in TOKEN_REVOKED_STATES:
             return None
         return found[0]
 
