@@ -296,7 +296,7 @@ class CorePolicy(Decider):
                 launched_at=vm.launched,
                 idle_since=vm.idle_since,
                 last_heartbeat=None,
-                has_job=vm.job is not None,
+                jobs=1 if vm.job is not None else 0,
             )
         return vm.view
 

@@ -174,7 +174,7 @@ class Engine:
                 launched_at=vm.launched_at,
                 idle_since=vm.idle_since,
                 last_heartbeat=vm.last_heartbeat,
-                has_job=vm.job_id is not None,
+                jobs=1 if vm.job_id is not None else 0,
                 kill_requested=vm.kill_requested,
             )
             for vm in self.store.vms(ALIVE_STATES)
