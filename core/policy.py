@@ -69,6 +69,7 @@ class Snapshot:
     arrival_rate: float = 0.0  # jobs per second to prepare for (see arrival_rate())
     baseline_rate: float = 0.0  # jobs per second averaged over a long history (a day)
     boot_time_s: float = 0.0  # slow-case launch-to-registered time of a VM (see boot_time())
+    completion_rate: float = 0.0  # jobs finished per second (see completion_rate())
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,12 @@ def arrival_rate(
     return max(onset, window)
 
 
+def completion_rate(finished: int, window_s: float) -> float:
+    """Jobs finished per second over the arrival window (each frees a slot), once it rests on
+    ``MIN_EVIDENCE`` completions."""
+    return finished / window_s if finished >= MIN_EVIDENCE else 0.0
+
+
 def boot_time(recent_boots: list[float], guess_s: float) -> float:
     """The slow-case boot time (90th percentile of recent boots): VMs launched for a burst
     must be ready before its jobs, not on average."""
@@ -182,20 +189,32 @@ def _lead_s(snapshot: Snapshot, settings: Settings) -> float:
 
 
 def warm_target(snapshot: Snapshot, settings: Settings) -> int:
-    """Free slots to keep ready beyond the waiting jobs: the arrivals expected before a VM
-    launched now could take one (a slow boot plus one cycle), plus ``warm_margin`` square roots
-    of that for Poisson variation, as in square-root staffing. Never below what the long-run
-    baseline rate expects in that time (rounded: a day of three jobs keeps nothing warm):
+    """Free slots to keep ready beyond the waiting jobs, for what arrives before a VM launched
+    now could take a job (a slow boot plus one cycle): the arrivals expected in that time net
+    of the slots completions free, plus ``warm_margin`` square roots of both for Poisson
+    variation, as in square-root staffing. Steady load, where completions free slots as fast
+    as jobs arrive, then keeps only the margin. Never below what the long-run baseline rate
+    expects net of completions in that time (rounded: a day of three jobs keeps nothing warm):
     bursts at unknown times then meet a few warm slots, a site quiet all day keeps none."""
     if not settings.adaptive_warm:
         return 0
     lead_s = _lead_s(snapshot, settings)
-    expected = snapshot.arrival_rate * lead_s
+    arriving = snapshot.arrival_rate * lead_s
+    freed = snapshot.completion_rate * lead_s
     target = max(
-        math.ceil(expected + settings.warm_margin * math.sqrt(expected)),
-        math.floor(snapshot.baseline_rate * lead_s + 0.5),
+        math.ceil(max(arriving - freed, 0.0) + settings.warm_margin * math.sqrt(arriving + freed)),
+        math.floor(max(snapshot.baseline_rate * lead_s - freed, 0.0)),
     )
     return min(target, settings.max_vms * settings.slots_per_vm)
+
+
+def rare_arrivals(snapshot: Snapshot, settings: Settings) -> bool:
+    """True when the evidence says jobs arrive less than once per lead time (slow boot plus a
+    cycle): a spare idle VM would then wait longer for its next job than a new VM takes to
+    boot, so it is cheaper to terminate it and launch when a job comes. Without evidence
+    (no trusted rate, no day history) the idle timer decides."""
+    rate = max(snapshot.arrival_rate, snapshot.baseline_rate)
+    return settings.adaptive_warm and 0 < rate * _lead_s(snapshot, settings) < 1
 
 
 _STARTING_STATES = frozenset({VMState.REQUESTED, VMState.BOOTING})
@@ -342,6 +361,7 @@ def explain(
     need = f"{waiting} waiting + {warm} warm need {waiting + warm} of {free} free slots"
     clouds = {cloud.name: cloud for cloud in snapshot.clouds}
     window_s = settings.cycle_interval_s + BILLING_MARGIN_S
+    rare = rare_arrivals(snapshot, settings)
     terminated = 0
     for vm in idle:
         if over_max <= 0 and reapable <= 0:
@@ -364,6 +384,12 @@ def explain(
             )
         elif idle_for > settings.idle_timeout_s:
             why = f"idle {idle_for:.0f}s > idle_timeout_s={settings.idle_timeout_s:g}; {need}"
+        elif rare:
+            rate = max(snapshot.arrival_rate, snapshot.baseline_rate)
+            why = (
+                f"idle {idle_for:.0f}s; jobs arrive every {1 / rate:.0f}s on average, slower "
+                f"than a VM boots ({lead_s:.0f}s): a new VM is cheaper; {need}"
+            )
         else:
             continue
         actions.append(Terminate(vm.id, why))
