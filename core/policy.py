@@ -126,6 +126,7 @@ class Decision:
 
 BURST_WINDOW_S = 60.0
 MIN_BURST_SPAN_S = 15.0
+RARE_DAY_TRUST = 2.0  # on a day of rare arrivals, a short-term rate must expect this many
 MIN_EVIDENCE = 5  # arrivals a rate must rest on before the warm target follows it
 SLOW_BOOT_QUANTILE = 0.9
 BILLING_MARGIN_S = 30.0  # the terminate call must land before the paid period ends
@@ -192,19 +193,25 @@ def warm_target(snapshot: Snapshot, settings: Settings) -> int:
     """Free slots to keep ready beyond the waiting jobs, for what arrives before a VM launched
     now could take a job (a slow boot plus one cycle): the arrivals expected in that time net
     of the slots completions free, plus ``warm_margin`` square roots of both for Poisson
-    variation, as in square-root staffing. Steady load, where completions free slots as fast
-    as jobs arrive, then keeps only the margin. Never below what the long-run baseline rate
-    expects net of completions in that time (rounded: a day of three jobs keeps nothing warm):
-    bursts at unknown times then meet a few warm slots, a site quiet all day keeps none."""
+    variation (square-root staffing). Steady load, where completions free slots as fast as
+    jobs arrive, then keeps only the margin. Never below what the day's rate expects in that
+    time, with its margin, once that is a whole job: bursts at unknown times meet warm slots.
+    On a day of rarer arrivals a short-term rate counts only if it expects two or more: a few
+    jobs close together on a quiet site are not worth a warm VM."""
     if not settings.adaptive_warm:
         return 0
     lead_s = _lead_s(snapshot, settings)
     arriving = snapshot.arrival_rate * lead_s
     freed = snapshot.completion_rate * lead_s
-    target = max(
-        math.ceil(max(arriving - freed, 0.0) + settings.warm_margin * math.sqrt(arriving + freed)),
-        math.floor(max(snapshot.baseline_rate * lead_s - freed, 0.0)),
+    usual = snapshot.baseline_rate * lead_s
+    if 0 < usual < 1 and arriving < RARE_DAY_TRUST:
+        arriving = freed = 0.0
+    target = math.ceil(
+        max(arriving - freed, 0.0) + settings.warm_margin * math.sqrt(arriving + freed)
     )
+    if usual >= 1:
+        floor = max(usual - freed, 0.0) + settings.warm_margin * math.sqrt(usual)
+        target = max(target, math.ceil(floor))
     return min(target, settings.max_vms * settings.slots_per_vm)
 
 
@@ -389,6 +396,11 @@ def explain(
             why = (
                 f"idle {idle_for:.0f}s; jobs arrive every {1 / rate:.0f}s on average, slower "
                 f"than a VM boots ({lead_s:.0f}s): a new VM is cheaper; {need}"
+            )
+        elif settings.adaptive_warm and snapshot.arrival_rate > 0 and idle_for > lead_s:
+            why = (
+                f"idle {idle_for:.0f}s > one boot and cycle ({lead_s:.0f}s) beyond the warm "
+                f"target; {need}"
             )
         else:
             continue

@@ -217,10 +217,20 @@ def test_adaptive_warm_target_is_expected_arrivals_during_a_boot_plus_a_square_r
 def test_quiet_hours_keep_what_the_day_average_expects_during_a_boot_and_nothing_after() -> None:
     adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=20)
     after_bursts = snap(arrival_rate=0.0, baseline_rate=0.025, boot_time_s=100)
-    assert warm_target(after_bursts, adaptive) == 3  # 0.025 jobs/s x 120 s, no margin
-    assert launches(decide(after_bursts, 0, NOW, adaptive)) == {"a": 3}
+    assert warm_target(after_bursts, adaptive) == 5  # 0.025 jobs/s x 120 s + sqrt(3)
+    assert warm_target(after_bursts, replace(adaptive, warm_margin=0)) == 3
+    assert launches(decide(after_bursts, 0, NOW, adaptive)) == {"a": 5}
     quiet_day = snap(arrival_rate=0.0, baseline_rate=0.0, boot_time_s=100)
     assert warm_target(quiet_day, adaptive) == 0
+
+
+def test_completions_free_slots_so_steady_load_keeps_only_the_margin_warm() -> None:
+    adaptive = replace(SETTINGS, adaptive_warm=True, max_vms=100)
+    steady = snap(arrival_rate=0.08, completion_rate=0.08, boot_time_s=100)  # 8 in, 8 out
+    assert warm_target(steady, adaptive) == 4  # ceil(sqrt(16))
+    draining = snap(arrival_rate=0.02, completion_rate=0.08, boot_time_s=100)
+    assert warm_target(draining, adaptive) == 4  # ceil(sqrt(10)): never below the margin
+    assert warm_target(draining, replace(adaptive, warm_margin=0)) == 0
 
 
 def test_arrival_rate_rises_within_seconds_of_a_burst_and_decays_over_the_window() -> None:
@@ -352,7 +362,34 @@ def test_a_day_floor_of_a_fraction_of_a_vm_keeps_nothing_warm() -> None:
     adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15)
     assert warm_target(snap(baseline_rate=3 / 86400, boot_time_s=120), adaptive) == 0
     assert warm_target(snap(baseline_rate=1 / 300, boot_time_s=120), adaptive) == 0  # 0.45
-    assert warm_target(snap(baseline_rate=1 / 200, boot_time_s=120), adaptive) == 1  # 0.68
+    assert warm_target(snap(baseline_rate=1 / 100, boot_time_s=120), adaptive) == 3  # 1.35 + 1.16
+
+
+def test_on_a_day_of_rare_arrivals_a_short_term_rate_must_expect_two_jobs() -> None:
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15, warm_margin=0)
+    rare_day = {"baseline_rate": 1 / 300, "boot_time_s": 120}  # 0.45 per 135 s
+    assert warm_target(snap(arrival_rate=5 / 600, **rare_day), adaptive) == 0  # 1.1 expected
+    assert warm_target(snap(arrival_rate=1 / 60, **rare_day), adaptive) == 3  # 2.25 expected
+    assert warm_target(snap(arrival_rate=5 / 600, boot_time_s=120), adaptive) == 2  # no history
+
+
+def test_spare_idle_vm_goes_at_once_when_jobs_arrive_slower_than_a_boot() -> None:
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15)
+    pool = (vm(1, idle_since=NOW - 20),)
+    rare = snap(*pool, baseline_rate=1 / 300, boot_time_s=120)
+    actions = decide(rare, 0, NOW, adaptive)
+    assert terminated(actions) == ["i-1"]
+    assert "jobs arrive every 300s on average, slower than a VM boots (135s)" in actions[0].reason
+    assert terminated(decide(snap(*pool, boot_time_s=120), 0, NOW, adaptive)) == []  # no evidence
+    assert terminated(decide(rare, 1, NOW, adaptive)) == []  # needed by a waiting job
+
+
+def test_spare_idle_vm_beyond_the_warm_target_goes_after_one_boot_and_cycle() -> None:
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15, warm_margin=0)
+    pool = (vm(1, idle_since=NOW - 136), vm(2, idle_since=NOW - 134), vm(3, idle_since=NOW - 500))
+    busy = snap(*pool, arrival_rate=1 / 135, completion_rate=0, boot_time_s=120)  # warm 1
+    assert terminated(decide(busy, 0, NOW, adaptive)) == ["i-3", "i-1"]
+    assert terminated(decide(busy, 0, NOW, replace(adaptive, adaptive_warm=False))) == []
 
 
 # ---- explained decisions ---------------------------------------------------------------
