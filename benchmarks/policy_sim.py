@@ -64,6 +64,7 @@ class Result:
     api_calls: int = 0
     launched: int = 0
     elapsed_s: float = 0.0
+    slots: int = 1
 
     def row(self) -> dict[str, float]:
         waits = sorted(self.waits)
@@ -71,7 +72,7 @@ class Result:
             "mean_wait": statistics.fmean(waits) if waits else 0.0,
             "p95_wait": waits[int(0.95 * (len(waits) - 1))] if waits else 0.0,
             "vm_hours": self.billed_s / 3600,
-            "idle_fraction": 1 - self.busy_s / self.billed_s if self.billed_s else 0.0,
+            "idle_fraction": 1 - self.busy_s / self.slots / self.billed_s if self.billed_s else 0.0,
             "api_calls": self.api_calls,
             "launched": self.launched,
         }
@@ -245,7 +246,7 @@ class Simulation:
         self.free.add(vm.id)
 
     def run(self, decider: Decider) -> Result:
-        self.result = Result(decider.name)
+        self.result = Result(decider.name, slots=self.pool.slots)
         started = time.perf_counter()
         arrivals = iter(self.jobs)
         upcoming = next(arrivals, None)
