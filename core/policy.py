@@ -7,12 +7,18 @@ Capacity is counted in job slots (``slots_per_vm`` per VM): waiting jobs and the
 are met by free slots on idle and busy VMs and by the slots of VMs still starting.
 
 Rates are trusted only as far as their evidence: an estimate resting on fewer than
-``MIN_EVIDENCE`` arrivals counts as no rate at all, and the day's floor is rounded, not rounded
-up. A minimum count rather than a lower confidence bound on a Poisson rate, because (1) it is
-exact and says itself in a reason ("3 arrivals < 5"), (2) a 90% bound still reads three jobs
-in a minute as ~1/min and keeps VMs warm for them, while it shrinks an established burst's
-rate by a third at a dozen arrivals (the bursty trace's p95 wait is settled in those first
-seconds), and (3) below five arrivals the Poisson relative error 1/sqrt(n) is over 45%.
+``MIN_EVIDENCE`` arrivals counts as no rate at all, and the day's floor applies only once it
+expects a whole job per lead time. A minimum count rather than a lower confidence bound on a
+Poisson rate, because (1) it is exact and says itself in a reason ("rate 0/min"), (2) a 90%
+bound still reads three jobs in a minute as ~0.5/min and keeps two VMs warm for them, while it
+shrinks an established burst's rate by a third at a dozen arrivals (the bursty trace's p95 wait
+is settled in those first seconds), and (3) below five arrivals the Poisson relative error
+1/sqrt(n) is over 45%.
+
+Idle VMs beyond the waiting jobs and the warm target are spare. They go at the idle timer; once
+a rate is trusted, after one lead time (slow boot + cycle: holding longer costs more than a
+relaunch); when jobs come less often than once per lead time, at once; and on clouds billed by
+long periods, just before the paid period ends (within one cycle + ``BILLING_MARGIN_S``).
 """
 
 from __future__ import annotations
@@ -346,6 +352,8 @@ def explain(
         spread, skipped = _spread(launch, snapshot, now, reason)
         actions.extend(spread)
         launched = sum(a.count for a in spread)
+        if launched < launch:  # clouds in backoff or full: say what was wanted
+            reason = f"launch {launched} of {reason.removeprefix('launch ')}"
         if skipped:
             reason += "; skipped " + ", ".join(f"{name} ({why})" for name, why in skipped)
         return actions, Decision(

@@ -428,6 +428,16 @@ def test_decision_names_the_clouds_skipped_and_why() -> None:
         ("c", "a launch is in flight"),
     )
     assert "skipped a (backoff for 60s more)" in decision.reason
+    assert decision.reason.startswith("launch 2: 2 waiting")
+
+
+def test_decision_says_when_no_cloud_could_take_the_launch() -> None:
+    clouds = (replace(A, backoff_until=NOW + 30),)
+    actions, decision = explain(snap(clouds=clouds), 2, NOW, SETTINGS)
+    assert actions == []
+    assert decision.launched == 0
+    assert decision.reason.startswith("launch 0 of 2: 2 waiting + 0 warm")
+    assert decision.reason.endswith("skipped a (backoff for 30s more)")
 
 
 def test_min_vms_launch_and_reaping_say_why() -> None:
