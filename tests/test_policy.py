@@ -242,12 +242,12 @@ def test_arrival_rate_rises_within_seconds_of_a_burst_and_decays_over_the_window
 def test_arrival_rate_is_not_fooled_by_one_job_or_two_close_together() -> None:
     assert arrival_rate(1, 600, last_minute=1, last_minute_span_s=0.5) == 0.0
     assert arrival_rate(2, 600, last_minute=2, last_minute_span_s=1) == 0.0
-    assert arrival_rate(4, 600, last_minute=4, last_minute_span_s=30) == 0.0  # 4 < MIN_EVIDENCE
+    assert arrival_rate(3, 600, last_minute=3, last_minute_span_s=30) == 0.0  # 3 < MIN_EVIDENCE
 
 
 def test_arrival_rate_follows_once_it_rests_on_enough_arrivals() -> None:
-    assert arrival_rate(5, 600, last_minute=5, last_minute_span_s=8) == 4 / 15  # span >= 15 s
-    assert arrival_rate(5, 600, last_minute=0, last_minute_span_s=0) == 5 / 600
+    assert arrival_rate(4, 600, last_minute=4, last_minute_span_s=8) == 3 / 15  # span >= 15 s
+    assert arrival_rate(4, 600, last_minute=0, last_minute_span_s=0) == 4 / 600
 
 
 def test_boot_time_is_the_slow_case_of_recent_boots_or_the_guess_before_any() -> None:
