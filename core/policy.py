@@ -366,8 +366,9 @@ def explain(
 
     # Shrink: first anything above max_vms (an admin lowered it), then idle VMs nobody needs,
     # longest idle first, keeping min_vms alive and the free slots waiting jobs and the warm
-    # target need. Spare VMs go at the idle timer, or on clouds billed by long periods just
-    # before their paid period ends (the rest of it is paid already).
+    # target need. Spare VMs go on clouds billed by long periods just before their paid period
+    # ends (the rest of it is paid already); elsewhere at the idle timer, at once when jobs
+    # arrive slower than a boot, or after one boot and cycle once a rate is trusted.
     idle.sort(
         key=lambda vm: (vm.idle_since if vm.idle_since is not None else vm.launched_at, vm.id)
     )
