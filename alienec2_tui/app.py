@@ -136,7 +136,10 @@ class ConsoleApp(App[None]):
                 self.set_readonly()
             self._set_connection("connected")
             self.query_one(PoolHeader).status = status
-            self.query_one(VMTable).show(vms["vms"], vms["now"])
+            table = self.query_one(VMTable)
+            table.show(vms["vms"], vms["now"])
+            if status.get("last_decision"):  # the latest scaling decision, with its numbers
+                table.border_subtitle = f"why: {status['last_decision']}"
             if jobs_view:
                 self.query_one(JobTable).show(jobs["jobs"], jobs["now"])
             flow = self.query_one(JobFlow)

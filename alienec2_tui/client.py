@@ -96,6 +96,10 @@ class AdminClient:
     async def status(self) -> dict[str, Any]:
         return await self._call("GET", "/admin/v1/status")
 
+    async def decisions(self, limit: int = 20) -> dict[str, Any]:
+        """The latest scaling decisions with their inputs, newest last."""
+        return await self._call("GET", "/admin/v1/decisions", params={"limit": limit})
+
     async def vms(self, state: str | None = None) -> dict[str, Any]:
         return await self._call("GET", "/admin/v1/vms", params={"state": state})
 

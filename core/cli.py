@@ -271,6 +271,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _admin(args, work)
 
 
+def cmd_why(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        reply = await client.decisions(args.last)
+        if args.json:
+            _print_json(reply)
+            return 0
+        for decision in reply["decisions"]:
+            when = time.strftime("%H:%M:%S", time.localtime(decision["at"]))
+            print(f"{when}  {decision['reason']}")
+        if not reply["decisions"]:
+            print("no decisions yet (the core decides once per cycle)")
+        return 0
+
+    return _admin(args, work)
+
+
 def _age(now: float, since: float | None) -> str:
     """A duration as an admin reads it at a glance: 42s, 7m03s, 2h05m."""
     if since is None:
@@ -758,6 +774,22 @@ def parser() -> argparse.ArgumentParser:
     status = command("status", "the pool at a glance", parents=admin)
     status.add_argument("--json", action="store_true", help="the full status as JSON")
     status.set_defaults(run=cmd_status)
+
+    why = command(
+        "why",
+        "the latest scaling decisions and why",
+        "Each cycle's decision with its numbers: waiting jobs, idle and booting VMs, the warm "
+        "target with its rate and lead time, clouds skipped and why, what was launched or "
+        "terminated.",
+        admin,
+    )
+    why.add_argument(
+        "--last", type=int, default=10, metavar="N", help="how many decisions (default 10)"
+    )
+    why.add_argument(
+        "--json", action="store_true", help="one JSON document: {now, decisions: [...]}"
+    )
+    why.set_defaults(run=cmd_why)
 
     vms = command(
         "vms",

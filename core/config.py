@@ -61,6 +61,8 @@ class CloudConfig(_Section):
     backoff_initial_s: Annotated[float, Field(gt=0)] = 60.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 1800.0
     boot_failures_before_backoff: Annotated[int, Field(ge=1)] = 3
+    billing_period_s: Annotated[float, Field(gt=0)] = 1.0
+    min_billed_s: Annotated[float, Field(ge=0)] = 60.0
 
     @field_validator("endpoint_url")
     @classmethod
@@ -99,6 +101,7 @@ class PoolConfig(_Section):
     heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     max_launch_per_cycle: Annotated[int, Field(ge=1)] = 50
     cycle_interval_s: Annotated[float, Field(gt=0)] = 15.0
+    slots_per_vm: Annotated[int, Field(ge=1)] = 1
     reconcile_interval_s: Annotated[float, Field(gt=0)] = 300.0
     adaptive_warm: bool = True
     arrival_window_s: Annotated[float, Field(gt=0)] = 600.0

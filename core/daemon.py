@@ -136,9 +136,6 @@ class Core:
             engine.launch_keys,
         )
 
-        def cycles() -> int:
-            return engine.cycles
-
         agent_app = create_agent_app(
             self.service, self.changes, config.web, config.contextualisation.agent_heartbeat_s
         )
@@ -157,7 +154,7 @@ class Core:
             (
                 admin_sock,
                 make_server(
-                    create_admin_app(self.service, self.changes, cycles),
+                    create_admin_app(self.service, self.changes, engine),
                     limits=admin_limits(config, "admin_socket"),
                 ),
             ),
@@ -168,7 +165,7 @@ class Core:
             app = create_admin_app(
                 self.service,
                 self.changes,
-                cycles,
+                engine,
                 token=admin_token,
                 readonly_token=config.admin.resolved_readonly_token(),
             )

@@ -34,7 +34,7 @@ from core.clouds.sandbox import (
 )
 from core.config import Config, parse_config
 from core.daemon import Core
-from core.model import SERVING_STATES, VM, Event, EventKind, JobState, Reason, VMState
+from core.model import REAP_REASONS, SERVING_STATES, VM, Event, EventKind, JobState, VMState
 
 log = logging.getLogger("alienec2.demo")
 
@@ -356,9 +356,7 @@ class Demo:
             jobs_finished_twice=sum(1 for n in terminal_events.values() if n > 1),
             vms_launched=len(vms),
             vms_reaped=sum(
-                1
-                for e in events
-                if e.kind == EventKind.VM_TERMINATING and e.reason == Reason.IDLE_TIMEOUT
+                1 for e in events if e.kind == EventKind.VM_TERMINATING and e.reason in REAP_REASONS
             ),
             vms_failed=sum(1 for e in events if e.kind == EventKind.VM_FAILED),
             vms_lost=sum(1 for e in events if e.kind == EventKind.VM_LOST),

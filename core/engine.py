@@ -1,23 +1,25 @@
 """The engine: reconcile, observe, decide, act.
 
 Observations (queue demand, cloud state) go into the store; the policy reads a snapshot and
-returns actions; the engine carries them out through providers and records the outcome. Cloud
-calls run in worker threads as per-cloud tasks, so one slow cloud never stalls the loop, the
-other clouds or the web service. Time comes from an injected clock.
+returns actions with the decision that explains them; the engine carries them out through
+providers and records the outcome. Cloud calls run in worker threads as per-cloud tasks, so
+one slow cloud never stalls the loop, the other clouds or the web service. Time comes from an
+injected clock (the core's monotonic ``CoreClock`` unless a test passes its own).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from core import policy, userdata
+from core.clock import CoreClock
 from core.clouds import (
     CapacityError,
     CloudError,
@@ -30,16 +32,17 @@ from core.config import Config
 from core.liveness import Liveness
 from core.model import ALIVE_STATES, EventKind, Launch, Reason, VMState
 from core.queues import DemandError, DemandSource
-from core.store import Store
+from core.store import NotFound, Store
 from core.userdata import launch_secret
 
 log = logging.getLogger("alienec2.engine")
 
 Clock = Callable[[], float]
 
-VANISH_GRACE_S = 120.0  # an instance younger than this may not be listed yet (eventual consistency)
 BASELINE_REFRESH_S = 60.0  # the day's average arrival rate is recounted this often
 HEARTBEAT_SAVE_S = 5.0  # in-memory heartbeats are written this often
+LIVENESS_SAVED_SETTING = "liveness_saved_at"
+START_RECONCILE_S = 30.0  # the start-up reconcile waits this long for a cloud; slow ones go on
 PRUNE_EVERY_S = 60.0  # history older than state.retention_days is pruned this often
 PRUNE_BATCH = 500  # rows per pruning transaction: short writes between agents' requests
 
@@ -52,10 +55,11 @@ class Engine:
         providers: Mapping[str, CloudProvider],
         demand: DemandSource,
         *,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
         core_url: str | None = None,
         liveness: Liveness | None = None,
     ) -> None:
+        clock = clock or CoreClock(not_before=store.latest_time())
         self.config = config
         self.store = store
         self.providers = dict(providers)
@@ -68,8 +72,14 @@ class Engine:
         self._terminating: dict[str, asyncio.Task[None]] = {}
         self._describing: dict[str, asyncio.Task[None]] = {}
         self._reconciling: dict[str, asyncio.Task[None]] = {}
-        # Per cloud: when describe, list and terminate calls may be made again after failures.
-        self._call_backoff: dict[str, tuple[int, float]] = {}
+        # Per (cloud, call): when describe, list and terminate calls may be made again after
+        # failures, and how many failed in a row.
+        self._call_backoff: dict[tuple[str, str], tuple[int, float]] = {}
+        # The last 1,000 decisions with their inputs: `alienec2 why`, the console.
+        self.decisions: collections.deque[policy.Decision] = collections.deque(maxlen=1000)
+        # VMs whose last heartbeat was fresh when the previous process last saved: only they
+        # get the start-up grace (a core restarting in a loop must not keep dead VMs alive).
+        self._graced = self._fresh_at_last_save(store)
         self._last_reconcile = float("-inf")
         self._last_prune = float("-inf")
         self._stopping = False
@@ -81,6 +91,16 @@ class Engine:
         self._baseline = (-math.inf, 0.0)  # (counted at, jobs per second over warm_history_s)
 
     # ---- runtime settings (admin overrides, durable) -----------------------------------
+
+    def _fresh_at_last_save(self, store: Store) -> frozenset[str]:
+        saved_at = store.setting(LIVENESS_SAVED_SETTING)
+        timeout = self.config.pool.heartbeat_timeout_s
+        fresh = set()
+        for vm in store.vms(ALIVE_STATES):
+            seen = vm.last_heartbeat if vm.last_heartbeat is not None else vm.launched_at
+            if saved_at is None or seen >= saved_at - timeout:
+                fresh.add(vm.id)
+        return frozenset(fresh)
 
     def settings(self) -> policy.Settings:
         pool = self.config.pool
@@ -95,6 +115,7 @@ class Engine:
             paused=self.store.setting("paused", False),
             cycle_interval_s=pool.cycle_interval_s,
             warm_margin=pool.warm_margin,
+            slots_per_vm=pool.slots_per_vm,
         )
 
     # ---- the loop -----------------------------------------------------------------------
@@ -132,7 +153,9 @@ class Engine:
                 log.exception("event=heartbeat_save_failed")
 
     def save_liveness(self) -> None:
-        self.store.save_heartbeats(self.liveness.take_unsaved())
+        self.store.save_heartbeats(
+            self.liveness.take_unsaved(), self.clock(), LIVENESS_SAVED_SETTING
+        )
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         self._stopping = True
@@ -146,8 +169,15 @@ class Engine:
     async def start(self) -> None:
         """Reconcile before the first decision: finish interrupted launches, adopt our tagged
         instances, and mark those that vanished."""
-        await asyncio.gather(*(self._resume_launch(launch) for launch in self._pending()))
-        await asyncio.gather(*(self._reconcile(name) for name in self.providers))
+        for launch in self._pending():
+            self._spawn(self._launching, launch.cloud, self._resume_launch(launch))
+        for name in self.providers:
+            self._spawn(self._reconciling, name, self._reconcile(name))
+        # A cloud that does not answer must not keep the core from serving its agents (nor
+        # from telling systemd it is ready): its reconcile goes on in the background.
+        tasks = [*self._launching.values(), *self._reconciling.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=START_RECONCILE_S)
         self._last_reconcile = self.clock()
 
     async def cycle(self) -> list[policy.Action]:
@@ -172,7 +202,8 @@ class Engine:
                 now, EventKind.DEMAND_ERROR, f"{exc}; no scaling change this cycle"
             )
             waiting = None
-        actions = policy.decide(self.snapshot(now), waiting, now, self.settings())
+        actions, decision = policy.explain(self.snapshot(now), waiting, now, self.settings())
+        self.decisions.append(decision)
         self._act(actions, now)
         self._send_terminations()
         return actions
@@ -190,17 +221,20 @@ class Engine:
         a core that was down (or whose wall clock stepped) loses no healthy VM."""
         started = self.liveness.started_at
         liveness = self.liveness
+        graced = self._graced
         vms = tuple(
             policy.VMView(
                 id=vm.id,
                 cloud=vm.cloud,
                 state=vm.state,
-                launched_at=max(vm.launched_at, started),
+                launched_at=max(vm.launched_at, started) if vm.id in graced else vm.launched_at,
                 idle_since=vm.idle_since,
-                last_heartbeat=max(
-                    liveness.last_heartbeat(vm.id, vm.last_heartbeat) or started, started
+                last_heartbeat=_with_grace(
+                    liveness.last_heartbeat(vm.id, vm.last_heartbeat),
+                    vm.launched_at,
+                    started if vm.id in graced else None,
                 ),
-                has_job=vm.job_id is not None,
+                jobs=1 if vm.job_id is not None or vm.pilot_busy else 0,
                 kill_requested=vm.kill_requested,
             )
             for vm in self.store.vms(ALIVE_STATES)
@@ -214,6 +248,8 @@ class Engine:
                 backoff_until=self.store.cloud_status(cloud.name).backoff_until,
                 launch_in_flight=cloud.name in self._launching or cloud.name in pending,
                 pending=pending.get(cloud.name, 0),
+                billing_period_s=cloud.billing_period_s,
+                min_billed_s=cloud.min_billed_s,
             )
             for cloud in self.config.clouds
             if cloud.name in self.providers
@@ -232,6 +268,9 @@ class Engine:
             ),
             baseline_rate=self._baseline_rate(now),
             boot_time_s=policy.boot_time(self.store.recent_boot_times(), pool.boot_time_guess_s),
+            completion_rate=policy.completion_rate(
+                self.store.finished_since(now - pool.arrival_window_s), pool.arrival_window_s
+            ),
         )
 
     def _baseline_rate(self, now: float) -> float:
@@ -254,16 +293,18 @@ class Engine:
             by_cloud.setdefault(vm.cloud, []).append(vm.id)
         now = self.clock()
         for cloud, ids in by_cloud.items():
-            if cloud in self.providers and self._may_call(cloud, now):
+            if cloud in self.providers and self._may_call(cloud, "describe", now):
                 self._spawn(self._describing, cloud, self._describe(cloud, ids))
 
     async def _describe(self, cloud: str, ids: list[str]) -> None:
         try:
             found = await self._call(self.providers[cloud].describe, ids)
         except CloudError as exc:
-            self._call_failed(cloud, EventKind.DESCRIBE_FAILED, f"describe failed: {exc}")
+            self._call_failed(
+                cloud, "describe", EventKind.DESCRIBE_FAILED, f"describe failed: {exc}"
+            )
             return
-        self._call_succeeded(cloud)
+        self._call_succeeded(cloud, "describe")
         now = self.clock()
         for instance in found:
             self._apply_instance_state(instance, now)
@@ -279,33 +320,46 @@ class Engine:
             self.store.vm_running(vm.id, instance.address, now)
 
     async def _reconcile(self, cloud: str) -> None:
-        """Full tag-filtered listing of one cloud: adopt strays, retire vanished VMs."""
+        """Full tag-filtered listing of one cloud: adopt strays, terminate again what the
+        store thinks is gone but still runs, retire VMs the cloud no longer knows."""
         started = self.clock()
-        if not self._may_call(cloud, started):
+        if not self._may_call(cloud, "list", started):
             return
         try:
             listed = await self._call(self.providers[cloud].list_pool)
         except CloudError as exc:
-            self._call_failed(cloud, EventKind.RECONCILE_FAILED, f"listing failed: {exc}")
+            self._call_failed(cloud, "list", EventKind.RECONCILE_FAILED, f"listing failed: {exc}")
             return
-        self._call_succeeded(cloud)
+        self._call_succeeded(cloud, "list")
         now = self.clock()
-        known = {vm.id: vm for vm in self.store.vms() if vm.cloud == cloud}
+        alive = {vm.id: vm for vm in self.store.vms(ALIVE_STATES) if vm.cloud == cloud}
         seen: set[str] = set()
+        zombies: list[str] = []
         for instance in listed:
             seen.add(instance.id)
-            if instance.id in known:
+            if instance.id in alive:
                 self._apply_instance_state(instance, now)
             elif instance.state != InstanceState.GONE:
-                self.store.adopt_vm(
-                    instance.id, cloud, instance.launch_id or "unknown", instance.address, now
-                )
+                try:
+                    self.store.vm(instance.id)
+                except NotFound:
+                    self.store.adopt_vm(
+                        instance.id, cloud, instance.launch_id or "unknown", instance.address, now
+                    )
+                else:  # terminated in our books, running in the cloud: it bills
+                    zombies.append(instance.id)
+        if zombies:
+            self.store.record_event(
+                now,
+                EventKind.TERMINATE_FAILED,
+                f"{len(zombies)} VMs recorded as terminated still run: terminating them again",
+                cloud=cloud,
+            )
+            self._spawn(self._terminating, cloud, self._terminate(cloud, zombies))
         unseen = [
             vm.id
-            for vm in known.values()
-            if vm.id not in seen
-            and vm.state in ALIVE_STATES
-            and vm.launched_at < started - VANISH_GRACE_S
+            for vm in alive.values()
+            if policy.vanished(vm.launched_at, vm.id in seen, started, policy.VANISH_GRACE_S)
         ]
         if not unseen:
             return
@@ -314,7 +368,8 @@ class Engine:
         try:
             found = await self._call(self.providers[cloud].describe, unseen)
         except CloudError as exc:
-            self._call_failed(cloud, EventKind.RECONCILE_FAILED, f"describe failed: {exc}")
+            message = f"describe failed: {exc}"
+            self._call_failed(cloud, "list", EventKind.RECONCILE_FAILED, message)
             return
         now = self.clock()
         for instance in found:
@@ -329,34 +384,43 @@ class Engine:
 
     def _act(self, actions: list[policy.Action], now: float) -> None:
         for action in actions:
-            match action:
-                case policy.Launch(cloud=cloud, count=count):
-                    # Health actions come first and may just have put this cloud in backoff.
-                    if not self._stopping and self.store.cloud_status(cloud).backoff_until <= now:
-                        launch = self._new_launch(cloud, count, now)
-                        self._spawn(self._launching, cloud, self._run_launch(launch))
-                case policy.Fail(vm_id=vm_id, reason=reason):
-                    vm = self.store.transition_vm(
+            try:
+                self._act_on(action, now)
+            except Exception:
+                # One VM in an unexpected state must not keep the others from being handled.
+                log.exception("event=action_failed action=%r", action)
+
+    def _act_on(self, action: policy.Action, now: float) -> None:
+        store = self.store
+        match action:
+            case policy.Launch(cloud=cloud, count=count, reason=reason):
+                # Health actions come first and may just have put this cloud in backoff.
+                if not self._stopping and store.cloud_status(cloud).backoff_until <= now:
+                    launch = self._new_launch(cloud, count, now, reason)
+                    self._spawn(self._launching, cloud, self._run_launch(launch))
+            case policy.Fail(vm_id=vm_id, reason=reason):
+                with store.transaction():
+                    vm = store.transition_vm(
                         vm_id, VMState.FAILED, now, reason, Reason.BOOT_TIMEOUT
                     )
-                    self._count_boot_failure(vm.cloud, now)
-                    self.store.transition_vm(
+                    store.transition_vm(
                         vm_id, VMState.TERMINATING, now, "boot failed", Reason.BOOT_TIMEOUT
                     )
-                case policy.Lose(vm_id=vm_id, reason=reason):
-                    self.store.transition_vm(
-                        vm_id, VMState.LOST, now, reason, Reason.HEARTBEAT_TIMEOUT
-                    )
-                    self.store.transition_vm(
+                self._count_boot_failure(vm.cloud, now)
+            case policy.Lose(vm_id=vm_id, reason=reason):
+                with store.transaction():
+                    store.transition_vm(vm_id, VMState.LOST, now, reason, Reason.HEARTBEAT_TIMEOUT)
+                    store.transition_vm(
                         vm_id, VMState.TERMINATING, now, "lost", Reason.HEARTBEAT_TIMEOUT
                     )
-                case policy.Terminate(vm_id=vm_id, reason=reason, code=code):
-                    self.store.transition_vm(vm_id, VMState.TERMINATING, now, reason, code)
+            case policy.Terminate(vm_id=vm_id, reason=reason, code=code):
+                store.transition_vm(vm_id, VMState.TERMINATING, now, reason, code)
 
-    def _new_launch(self, cloud: str, count: int, now: float) -> Launch:
-        """Persist the intent (with its ClientToken) before any call reaches the cloud."""
+    def _new_launch(self, cloud: str, count: int, now: float, why: str = "") -> Launch:
+        """Persist the intent (with its ClientToken and why) before any call reaches the
+        cloud."""
         launch_id = uuid.uuid4().hex[:16]
-        return self.store.add_launch(launch_id, cloud, count, f"alienec2-{launch_id}", now)
+        return self.store.add_launch(launch_id, cloud, count, f"alienec2-{launch_id}", now, why=why)
 
     def _request(self, launch: Launch) -> LaunchRequest:
         contextualisation = self.config.contextualisation
@@ -385,11 +449,11 @@ class Engine:
             instances = await asyncio.to_thread(provider.launch, request)
         except CloudError as exc:
             now = self.clock()
-            if exc.code is not None:
-                # The cloud refused: nothing was launched.
+            if exc.refused:
+                # The cloud refused the request (a 4xx answer): nothing was launched.
                 self.store.fail_launch(launch.id, str(exc), now)
-            # Without a code (timeout, connection lost) the cloud may have acted: the intent
-            # stays pending and is resumed by tag and ClientToken once the backoff ends.
+            # Otherwise (a timeout, a lost connection, a server error) the cloud may have
+            # acted: the intent stays pending and is resolved by its tag once the backoff ends.
             self._back_off(launch.cloud, exc, now)
             return
         now = self.clock()
@@ -412,7 +476,7 @@ class Engine:
         if self.store.cloud_status(launch.cloud).backoff_until > now or self._stopping:
             return
         try:
-            found = await asyncio.to_thread(provider.find_launch, launch.id)
+            found = await self._call(provider.find_launch, launch.id)
         except CloudError as exc:
             self._back_off(launch.cloud, exc, self.clock())
             return
@@ -432,18 +496,22 @@ class Engine:
             by_cloud.setdefault(vm.cloud, []).append(vm.id)
         now = self.clock()
         for cloud, ids in by_cloud.items():
-            if cloud in self.providers and self._may_call(cloud, now):
+            if cloud in self.providers and self._may_call(cloud, "terminate", now):
                 self._spawn(self._terminating, cloud, self._terminate(cloud, ids))
 
     async def _terminate(self, cloud: str, ids: list[str]) -> None:
         try:
             missing = await self._call(self.providers[cloud].terminate, ids)
         except CloudError as exc:
-            self._call_failed(cloud, EventKind.TERMINATE_FAILED, f"{len(ids)} VMs: {exc}")
+            self._call_failed(
+                cloud, "terminate", EventKind.TERMINATE_FAILED, f"{len(ids)} VMs: {exc}"
+            )
             return
-        self._call_succeeded(cloud)
+        self._call_succeeded(cloud, "terminate")
         now = self.clock()
         for vm_id in ids:
+            if self.store.vm(vm_id).state != VMState.TERMINATING:
+                continue  # terminated again after the store recorded it gone (a reconcile)
             why = "unknown to the cloud" if vm_id in missing else "terminate accepted"
             self.store.transition_vm(vm_id, VMState.TERMINATED, now, why, Reason.TERMINATE_ACCEPTED)
             self.liveness.forget(vm_id)
@@ -461,7 +529,8 @@ class Engine:
         for _ in range(10):
             jobs = self.store.prune_jobs(before, PRUNE_BATCH)
             events = self.store.prune_events(before, PRUNE_BATCH)
-            if jobs < PRUNE_BATCH and events < PRUNE_BATCH:
+            vms = self.store.prune_vms(before, PRUNE_BATCH)
+            if max(jobs, events, vms) < PRUNE_BATCH:
                 break
 
     # ---- calls other than launches: bounded, backed off per cloud ----------------------
@@ -478,19 +547,19 @@ class Engine:
         except TimeoutError:
             raise CloudError(f"no answer within call_timeout_s={timeout:g}") from None
 
-    def _may_call(self, cloud: str, now: float) -> bool:
-        return self._call_backoff.get(cloud, (0, 0.0))[1] <= now
+    def _may_call(self, cloud: str, call: str, now: float) -> bool:
+        return self._call_backoff.get((cloud, call), (0, 0.0))[1] <= now
 
-    def _call_failed(self, cloud: str, kind: EventKind, message: str) -> None:
+    def _call_failed(self, cloud: str, call: str, kind: EventKind, message: str) -> None:
         now = self.clock()
         config = self._cloud_config(cloud)
-        level, _ = self._call_backoff.get(cloud, (0, 0.0))
-        delay = backoff_delay(level, config.call_backoff_initial_s, config.backoff_max_s)
-        self._call_backoff[cloud] = (level + 1, now + delay)
+        level, _ = self._call_backoff.get((cloud, call), (0, 0.0))
+        delay = policy.backoff_delay(level, config.call_backoff_initial_s, config.backoff_max_s)
+        self._call_backoff[(cloud, call)] = (level + 1, now + delay)
         self.store.record_event(now, kind, f"{message}; retrying in {delay:g}s", cloud=cloud)
 
-    def _call_succeeded(self, cloud: str) -> None:
-        self._call_backoff.pop(cloud, None)
+    def _call_succeeded(self, cloud: str, call: str) -> None:
+        self._call_backoff.pop((cloud, call), None)
 
     def _cloud_config(self, cloud: str) -> Any:
         return next(c for c in self.config.clouds if c.name == cloud)
@@ -500,7 +569,9 @@ class Engine:
     def _back_off(self, cloud: str, error: CloudError, now: float) -> None:
         config = self._cloud_config(cloud)
         status = self.store.cloud_status(cloud)
-        delay = backoff_delay(status.backoff_level, config.backoff_initial_s, config.backoff_max_s)
+        delay = policy.backoff_delay(
+            status.backoff_level, config.backoff_initial_s, config.backoff_max_s
+        )
         status.backoff_level += 1
         status.backoff_until = now + delay
         status.last_error = str(error)
@@ -552,6 +623,8 @@ class Engine:
         ]
 
 
-def backoff_delay(level: int, initial_s: float, max_s: float) -> float:
-    """Exponential backoff: ``initial_s`` doubled per earlier failure, at most ``max_s``."""
-    return float(min(initial_s * 2 ** min(level, 62), max_s))
+def _with_grace(seen: float | None, launched_at: float, started: float | None) -> float:
+    """The heartbeat time the policy judges: never before this process started for a VM that
+    was alive when the previous process last looked (the start-up grace)."""
+    at = seen if seen is not None else launched_at
+    return at if started is None else max(at, started)

@@ -179,9 +179,15 @@ class Reason(enum.StrEnum):
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     VM_STOPPED_SERVING = "vm_stopped_serving"
     SCALING = "scaling"
+    BILLING_PERIOD = "billing_period"  # idle, and its paid period is about to end
+    SPARE_CAPACITY = "spare_capacity"  # idle beyond what the warm target needs
     SPOT_TERMINATION = "spot_termination"
     SPOT_REBALANCE = "spot_rebalance"
     PILOT_WORKING = "pilot_working"
+
+
+# Why an idle VM was reaped (the demo and the console count these).
+REAP_REASONS = frozenset({Reason.IDLE_TIMEOUT, Reason.BILLING_PERIOD, Reason.SPARE_CAPACITY})
 
 
 def check_vm(old: VMState, new: VMState) -> None:

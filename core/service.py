@@ -14,12 +14,21 @@ from typing import Any, Literal
 
 from core.config import Config
 from core.liveness import Liveness
-from core.model import ALIVE_STATES, VM, Job, JobState, Launch, LaunchState, VMState
+from core.model import (
+    ALIVE_STATES,
+    STOPPED_SERVING_STATES,
+    VM,
+    Job,
+    JobState,
+    Launch,
+    LaunchState,
+    VMState,
+)
 from core.store import Conflict, JobSpec, NotFound, Store
 from core.userdata import LaunchKeys, secret_matches
 
 Action = Literal["run", "drain", "stop"]
-STOP_STATES = frozenset({VMState.TERMINATING, VMState.TERMINATED, VMState.LOST, VMState.FAILED})
+STOP_STATES = STOPPED_SERVING_STATES
 
 
 class Unauthorized(Exception):
@@ -111,8 +120,6 @@ class PoolService:
         if not secret_matches(key, launch_id, launch_secret) or launch is None:
             raise Forbidden()  # the same answer, and the same work, for an unknown launch
         now = self.clock()
-        if now - launch.created_at > self.config.pool.boot_timeout_s:
-            raise Forbidden()  # a secret read from old user data registers nothing new
         try:
             vm = self.store.vm(instance_id)
         except NotFound:
@@ -121,6 +128,11 @@ class PoolService:
             raise Forbidden() from None
         if vm.launch_id != launch.id:
             raise Forbidden()
+        # The boot window counts from when the instance was launched, and never from before
+        # this process started (a core that was down must not shut its new VMs out).
+        window_start = max(vm.launched_at, self.liveness.started_at)
+        if now - window_start > self.config.pool.boot_timeout_s:
+            raise Forbidden()  # a secret read from old user data registers nothing new
         if self.store.has_token(vm.id) or vm.registered_at is not None:
             raise AlreadyRegistered(f"instance {vm.id} is already registered")
         token = secrets.token_urlsafe(32)
@@ -136,7 +148,8 @@ class PoolService:
         if vm.state not in STOP_STATES:
             now = self.clock()
             self.liveness.heartbeat(vm.id, now)
-            if busy != (vm.state == VMState.BUSY) and vm.job_id is None:
+            pilots = self.config.contextualisation.template == "alien"
+            if pilots and busy != vm.pilot_busy and vm.job_id is None:
                 vm = self.store.set_pilot_busy(vm.id, busy, now)
                 self._wake()
         return vm, self.store.cancelled_on(vm)
@@ -190,9 +203,11 @@ class PoolService:
             return Fetch(action, None, wait=False)
         if vm.job_id is not None:
             job = self.store.job(vm.job_id)
-            if job.state == JobState.CANCELLED:
-                return Fetch(action, None, wait=False)
-            return Fetch(action, job, wait=False)
+            if job.state != JobState.CANCELLED:
+                return Fetch(action, job, wait=False)
+            # Cancelled before the agent ever got it (it is fetching again): free the VM.
+            self.store.release_cancelled(vm.id, job.id, self.clock())
+            vm = self.store.vm(vm_id)
         if vm.state == VMState.IDLE:
             assigned = self.store.assign_next_job(vm.id, self.clock())
             if assigned is not None:
@@ -304,9 +319,6 @@ class PoolService:
 
     def vms(self, states: frozenset[VMState] | list[VMState] | None = None) -> list[VM]:
         return [self._live(vm) for vm in self.store.vms(states)]
-
-    def alive_vms(self) -> list[VM]:
-        return self.vms(ALIVE_STATES)
 
     def _live(self, vm: VM) -> VM:
         vm.last_heartbeat = self.liveness.last_heartbeat(vm.id, vm.last_heartbeat)

@@ -90,3 +90,37 @@ def test_bursty_trace_has_bursts_of_hundreds_between_quiet_hours() -> None:
     gaps = [b.submit - a.submit for a, b in itertools.pairwise(jobs)]
     assert len(jobs) >= 300
     assert max(gaps) >= 2 * 3600
+
+
+def test_policy_simulation_runs_up_to_slots_jobs_on_one_vm_at_once() -> None:
+    jobs = [policy_sim.Job(0, 1000) for _ in range(8)]
+    pool = policy_sim.Pool(min_vms=0, max_vms=5, idle_timeout_s=60, slots=8)
+    result = policy_sim.Simulation(jobs, pool, seed=1).run(policy_sim.ClusterAutoscaler(pool))
+    assert result.launched == 1
+    assert len(result.waits) == 8
+
+
+def test_every_baseline_and_setting_drains_the_first_hour_and_alienec2_launches_per_job() -> None:
+    jobs = policy_sim.first_hour_trace()
+    pool = policy_sim.Pool(0, 10, 600)
+    for decider in policy_sim.deciders(pool):
+        result = policy_sim.Simulation(jobs, pool, seed=1).run(decider)
+        assert len(result.waits) == len(jobs), decider.name
+        if decider.name.startswith("alienec2"):
+            assert result.launched <= len(jobs), decider.name
+
+
+def test_dominance_needs_both_p95_and_vm_hours_no_worse() -> None:
+    row = {"p95_wait": 10.0, "vm_hours": 100.0}
+    trace = policy_sim.TraceResult(
+        "t",
+        {
+            "alienec2 m1 hist": row,
+            "cheap": {"p95_wait": 50.0, "vm_hours": 90.0},
+            "slow": {"p95_wait": 20.0, "vm_hours": 100.0},
+        },
+        bound_vm_hours=80.0,
+        jobs=1,
+        pool=policy_sim.Pool(0, 1, 1),
+    )
+    assert policy_sim.dominance(trace) == {"cheap": None, "slow": "alienec2 m1 hist"}

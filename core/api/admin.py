@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-from typing import Annotated, Any
+from collections.abc import Sequence
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import Response
@@ -80,16 +81,22 @@ def job_view(job: Job) -> dict[str, Any]:
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+class EngineView(Protocol):
+    """What the admin API reads of the engine: its health and its recent decisions."""
+
+    cycles: int
+    decisions: Sequence[Any]  # policy.Decision records, oldest first
+
+
 def create_admin_app(
     service: PoolService,
     changes: Changes,
-    cycles: Any,
+    engine: EngineView,
     token: str | None = None,
     readonly_token: str | None = None,
 ) -> FastAPI:
     """``token`` None: no authentication (the unix socket); else every request, the OpenAPI
-    schema included, needs it, or ``readonly_token``, which allows reads and events only.
-    ``cycles()`` tells how many engine cycles ran (health)."""
+    schema included, needs it, or ``readonly_token``, which allows reads and events only."""
     store = service.store
     config = service.config
     max_attempts = getattr(config.queue, "max_attempts", 3)
@@ -128,7 +135,7 @@ def create_admin_app(
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "cycles": cycles()}
+        return {"status": "ok", "cycles": engine.cycles}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -136,11 +143,22 @@ def create_admin_app(
 
     @app.get("/admin/v1/status")
     async def get_status(request: Request) -> dict[str, Any]:
+        latest = engine.decisions[-1] if engine.decisions else None
         return {
             **service.status(),
             "agents_waiting": changes.jobs.waiting,
             "access": request.state.access,
+            "last_decision": latest.reason if latest is not None else None,
         }
+
+    @app.get("/admin/v1/decisions")
+    async def decisions(
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    ) -> dict[str, Any]:
+        """The latest scaling decisions with their inputs (the engine keeps 1,000), newest
+        last: why each launch and termination happened, with the numbers."""
+        recent = list(engine.decisions)[-limit:]
+        return {"now": service.clock(), "decisions": [as_dict(d) for d in recent]}
 
     @app.get("/admin/v1/vms")
     async def list_vms(

@@ -20,11 +20,14 @@ TAG_CLOUD = "alienec2:cloud"
 
 
 class CloudError(Exception):
-    """A cloud call failed. ``code`` is the EC2 error code when the cloud gave one."""
+    """A cloud call failed. ``code`` is the EC2 error code when the cloud gave one;
+    ``refused`` says the cloud answered that it did not act (a 4xx), as opposed to a server
+    error, a timeout or a lost connection, after which it may have acted."""
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, refused: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.refused = refused
 
 
 class CapacityError(CloudError):

@@ -49,9 +49,11 @@ def _translate(exc: Exception) -> CloudError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "Unknown")).removeprefix("Server.").removeprefix("Client.")
         message = f"{code}: {error.get('Message', '')}".rstrip(": ")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+        refused = 400 <= int(status) < 500
         if code in CAPACITY_CODES:
-            return CapacityError(message, code)
-        return CloudError(message, code)
+            return CapacityError(message, code, refused)
+        return CloudError(message, code, refused)
     return CloudError(f"{type(exc).__name__}: {exc}")
 
 

@@ -180,6 +180,12 @@ class Database:
             )
 
     @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Several store calls as one atomic unit (they join it)."""
+        with self._tx():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One atomic, durable unit; nested use joins the outer transaction. Its events are
         logged and announced only after the commit."""

@@ -136,6 +136,14 @@ class Jobs(VMs):
         ).fetchone()
         return count, first
 
+    def finished_since(self, since: float) -> int:
+        """Queue jobs that ended (done or failed) at or after ``since``: each freed a slot."""
+        count: int = self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE finished_at >= ? AND state IN (?, ?) AND kind = 'job'",
+            (since, JobState.DONE, JobState.FAILED),
+        ).fetchone()[0]
+        return count
+
     def cancel_job(self, job_id: int, now: float) -> Job:
         """Cancel a job. A job on a VM stays on it (the VM busy) until its agent reports that
         it stopped the job, or the VM goes; the agent learns from its next heartbeat."""

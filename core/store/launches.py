@@ -6,7 +6,7 @@ import json
 import sqlite3
 from collections.abc import Iterable
 
-from core.model import VM, CloudStatus, EventKind, Launch, LaunchState, VMState
+from core.model import VM, CloudStatus, EventKind, Launch, LaunchState, Reason, VMState
 from core.store.db import Database
 from core.store.errors import NotFound
 from core.store.vms import VMs
@@ -27,9 +27,17 @@ def _launch(row: sqlite3.Row) -> Launch:
 
 class Launches(VMs):
     def add_launch(
-        self, launch_id: str, cloud: str, count: int, client_token: str, now: float
+        self,
+        launch_id: str,
+        cloud: str,
+        count: int,
+        client_token: str,
+        now: float,
+        *,
+        why: str = "",
     ) -> Launch:
-        """Write the launch intent; the caller may call RunInstances only after this returns."""
+        """Write the launch intent; the caller may call RunInstances only after this returns.
+        ``why`` (the policy's reason, with its numbers) goes into the event."""
         with self._tx():
             self._db.execute(
                 "INSERT INTO launches(id, cloud, count, client_token, state, created_at) "
@@ -39,8 +47,9 @@ class Launches(VMs):
             self._event(
                 now,
                 EventKind.LAUNCH_REQUESTED,
-                f"launching {count} on {cloud} ({launch_id})",
+                f"launching {count} on {cloud} ({launch_id})" + (f": {why}" if why else ""),
                 cloud=cloud,
+                reason=Reason.SCALING,
             )
         return self.launch(launch_id)
 
@@ -86,7 +95,7 @@ class Launches(VMs):
                         launch.cloud,
                         launch_id,
                         VMState.REQUESTED,
-                        launch.created_at,
+                        now,
                         now,
                         address,
                     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -132,15 +133,23 @@ class VMs(Database):
         row = self._db.execute("SELECT token_hash FROM vms WHERE id = ?", (vm_id,)).fetchone()
         return bool(row and row["token_hash"])
 
-    def save_heartbeats(self, seen: Mapping[str, float]) -> None:
-        """Last heartbeats kept in memory (``core.liveness``), written together."""
-        if not seen:
-            return
+    def save_heartbeats(
+        self, seen: Mapping[str, float], now: float | None = None, saved_key: str | None = None
+    ) -> None:
+        """Last heartbeats kept in memory (``core.liveness``), written together; with
+        ``saved_key``, also when this was done (the next start grants its grace only to VMs
+        fresh then)."""
         with self._tx():
             self._db.executemany(
                 "UPDATE vms SET last_heartbeat = MAX(COALESCE(last_heartbeat, 0), ?) WHERE id = ?",
                 [(at, vm_id) for vm_id, at in seen.items()],
             )
+            if saved_key is not None:
+                self._db.execute(
+                    "INSERT INTO settings(key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (saved_key, json.dumps(now)),
+                )
 
     def request_kill(self, vm_id: str, now: float) -> VM:
         """Ask the engine to terminate the VM at its next cycle; its job is requeued then."""
