@@ -280,7 +280,7 @@ class Demo:
             jitter_s=self.opts.jitter_s,
             faults=Faults(self.opts.never_boot_fraction, self.opts.die_mid_job, self.opts.seed),
             # Sandbox agents run jobs as the demo's own user: no alienec2-job account here.
-            agent_overrides={"max_backoff_s": 2, "job_user": ""},
+            agent_overrides={"max_backoff_s": 2},
         )
         self._cleanup.append(self.runner.close)
         self._tasks.append(asyncio.create_task(self.runner.run(self.stop_requested)))

@@ -217,8 +217,10 @@ async def test_events_lists_the_last_ones_and_follow_streams_json_lines(
         assert document["last_seq"] == core.store.last_seq()
         assert "job_queued" in [event["kind"] for event in document["events"]]
 
+        # From a fixed point: the follower may start after the submission below.
+        after = str(core.store.last_seq())
         follower = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "core.cli", "events", "--follow", "--json", "--last", "0"),
+            *(sys.executable, "-m", "core.cli", "events", "--follow", "--json", "--after", after),
             *("--socket", str(core.admin_socket)),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,

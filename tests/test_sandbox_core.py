@@ -44,7 +44,7 @@ def example_config(directory: Path, **changes: object) -> Path:
     """config.example.yaml as shipped, moved to a free port and short timers."""
     data = yaml.safe_load((ROOT / "config.example.yaml").read_text())
     data["web"]["port"] = 0
-    data["pool"].update(min_vms=0, max_vms=2, cycle_interval_s=0.5)
+    data["pool"].update(min_vms=1, max_vms=2, cycle_interval_s=0.5)  # min 1: an agent stays
     data["contextualisation"]["agent_heartbeat_s"] = 1
     for section, values in changes.items():
         data[section].update(values)  # type: ignore[call-overload]

@@ -84,8 +84,12 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class EngineView(Protocol):
     """What the admin API reads of the engine: its health and its recent decisions."""
 
-    cycles: int
-    decisions: Sequence[Any]  # policy.Decision records, oldest first
+    @property
+    def cycles(self) -> int: ...
+
+    @property
+    def decisions(self) -> Sequence[Any]:  # policy.Decision records, oldest first
+        ...
 
 
 def create_admin_app(

@@ -218,6 +218,9 @@ def prepare_agent(user_data: str, vm_id: str, workdir: Path, **overrides: Any) -
     with the instance id (no IMDS here) and a private state directory; returns their path."""
     settings = read_agent_settings(user_data)
     settings.update({"instance_id": vm_id, "state_dir": str(workdir / "state")})
+    # The sandbox boots agents on this host, as this user: jobs run as that user too (there is
+    # no job user here), and there is no instance metadata service to watch for Spot notices.
+    settings.update({"job_user": "", "spot_poll_s": 0})
     settings.update(overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "agent.json"
