@@ -25,6 +25,7 @@ from core.engine import Engine
 from core.liveness import Liveness
 from core.lock import StateLock
 from core.model import EventKind, JobState, VMState
+from core.service import PoolService
 from core.store import SCHEMA_VERSION, JobSpec, StateError, Store
 from core.systemd import Notifier
 from tests.conftest import (
@@ -441,3 +442,121 @@ async def test_systemd_hears_ready_after_the_start_up_reconcile_then_watchdog_pi
         await core.stop()
         listener.close()
     assert core.notifier.enabled
+
+
+# ---- found on a second reading -------------------------------------------------------------
+
+
+async def test_a_launch_event_carries_its_reason_with_the_numbers(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, stores: Callable[[Config], Store]
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"max_vms": 5})
+    store = stores(config)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    store.submit_jobs([JobSpec(["true"])] * 2, clock())
+    await step(engine)
+    [event] = [e for e in store.events_after(0) if e.kind == EventKind.LAUNCH_REQUESTED]
+    assert "launch 2: 2 waiting" in event.message
+    assert engine.decisions[-1].launched == 2
+    assert engine.decisions[-1].waiting == 2
+
+
+async def test_a_drained_vm_whose_pilot_works_is_terminated_only_once_the_pilot_is_done(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, stores: Callable[[Config], Store]
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1})
+    store = stores(config)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    await step(engine)
+    [vm_id] = register_all(store, clock())
+    store.set_pilot_busy(vm_id, True, clock())
+    store.drain_vm(vm_id, clock())
+    engine.liveness.heartbeat(vm_id, clock())
+    await step(engine)
+    assert store.vm(vm_id).state == VMState.DRAINING  # its JobAgent's job goes on
+    store.set_pilot_busy(vm_id, False, clock())
+    await step(engine)
+    assert store.vm(vm_id).state in (VMState.TERMINATING, VMState.TERMINATED)
+
+
+async def test_an_instance_recorded_terminated_but_still_running_is_terminated_again(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, stores: Callable[[Config], Store]
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1, "max_vms": 1})
+    store = stores(config)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    await step(engine)
+    [vm_id] = running_in_cloud(moto.url)
+    store.transition_vm(vm_id, VMState.TERMINATED, clock(), "a wrong answer from the cloud")
+    await engine._reconcile("c")
+    await engine.settle()
+    assert vm_id not in running_in_cloud(moto.url)
+
+
+async def test_a_server_error_on_run_instances_leaves_the_launch_to_be_resolved_by_tag(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    faulty: FaultyEndpoint,
+    clock: ManualClock,
+    stores: Callable[[Config], Store],
+) -> None:
+    config = make_config(
+        tmp_path, [cloud("c", faulty.url, backoff_initial_s=10)], pool={"min_vms": 1}
+    )
+    store = stores(config)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    faulty.failing_actions = {"RunInstances"}  # a 503: the cloud may have acted
+    await step(engine)
+    [pending] = store.pending_launches()
+    faulty.failing_actions = set()
+    clock.advance(11)
+    await step(engine)
+    assert store.launch(pending.id).state.value == "done"
+    assert faulty.calls["RunInstances"] == 2  # looked up by tag first, then sent again
+    assert len(running_in_cloud(moto.url)) == 1
+
+
+async def test_a_vm_already_silent_before_a_crash_gets_no_start_up_grace(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, stores: Callable[[Config], Store]
+) -> None:
+    config = make_config(
+        tmp_path, [cloud("c", moto.url)], pool={"min_vms": 2, "heartbeat_timeout_s": 300}
+    )
+    store = stores(config)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    await step(engine)
+    alive, silent = register_all(store, clock())
+    clock.advance(400)  # the silent agent stopped long ago; the core saves liveness
+    engine.liveness.heartbeat(alive, clock())
+    engine.save_liveness()
+    clock.advance(10)  # a crash, then a restart (say, in a loop)
+    restarted = build_engine(config, store, clock)
+    await restarted.start()
+    await step(restarted)
+    assert store.vm(silent).state in (VMState.TERMINATING, VMState.TERMINATED)
+    assert store.vm(alive).state == VMState.IDLE
+
+
+async def test_a_job_cancelled_before_its_agent_got_it_frees_the_vm(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock, stores: Callable[[Config], Store]
+) -> None:
+    config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1})
+    store = stores(config)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+    await step(engine)
+    [vm_id] = register_all(store, clock())
+    job = store.submit_job(["true"], clock())
+    store.assign_next_job(vm_id, clock())  # the answer to this fetch never reached the agent
+    store.cancel_job(job.id, clock())
+    service = PoolService(
+        config, store, engine.liveness, clock, engine.wake.set, engine.launch_keys
+    )
+    fetch = service.next_job(vm_id)  # the agent fetches again
+    assert fetch.job is None and fetch.wait
+    assert store.vm(vm_id).state == VMState.IDLE
