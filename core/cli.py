@@ -239,7 +239,17 @@ def _admin(args: argparse.Namespace, work: Callable[[AdminClient], Awaitable[int
 def _print_status(status: dict[str, Any]) -> None:
     pool, jobs = status["pool"], status["queue"]["jobs"]
     vms = pool["vms"]
-    shown = ("requested", "booting", "idle", "busy", "draining", "failed", "lost", "terminating")
+    shown = (
+        "requested",
+        "booting",
+        "idle",
+        "busy",
+        "draining",
+        "failed",
+        "lost",
+        "interrupted",
+        "terminating",
+    )
     print(
         f"pool {pool['name']}: min {pool['min_vms']} max {pool['max_vms']}"
         f"{' (scaling PAUSED)' if pool['paused'] else ''}"
@@ -248,8 +258,10 @@ def _print_status(status: dict[str, Any]) -> None:
     print(
         "jobs: "
         + "  ".join(f"{s} {jobs.get(s, 0)}" for s in ("queued", "assigned", "running", "done"))
-        + f"  failed {jobs.get('failed', 0)}"
+        + f"  failed {jobs.get('failed', 0)}  cancelled {jobs.get('cancelled', 0)}"
     )
+    if status.get("last_decision"):
+        print(f"last decision: {status['last_decision']}")
     for cloud in status["clouds"]:
         backoff = f"  backoff {cloud['backoff_s']:.0f}s" if cloud["backoff_s"] > 0 else ""
         error = f"  last error: {cloud['last_error']}" if cloud["last_error"] and backoff else ""

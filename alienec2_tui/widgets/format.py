@@ -14,6 +14,7 @@ STATE_STYLES = {
     "terminated": "grey35",
     "failed": "bold red",
     "lost": "bold red",
+    "interrupted": "bold yellow",
 }
 
 

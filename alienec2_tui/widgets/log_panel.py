@@ -23,6 +23,12 @@ KIND_STYLES = {
     "job_done": "green",
     "vm_idle": "green",
     "launch_done": "cyan",
+    "vm_interrupted": "bold yellow",
+    "job_requeued": "yellow",
+    "job_cancelled": "magenta",
+    "reconcile_failed": "red",
+    "describe_failed": "red",
+    "terminate_failed": "red",
 }
 
 
