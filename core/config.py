@@ -108,6 +108,8 @@ class PoolConfig(_Section):
     boot_time_guess_s: Annotated[float, Field(ge=0)] = 120.0
     warm_history_s: Annotated[float, Field(ge=0)] = 86400.0
     warm_margin: Annotated[float, Field(ge=0)] = 1.0
+    max_lifetime_s: Annotated[float, Field(ge=0)] = 0.0  # 0: VMs live as long as needed
+    max_replace_per_cycle: Annotated[int, Field(ge=1)] = 1
 
     @field_validator("max_vms")
     @classmethod

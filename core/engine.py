@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import uuid
@@ -116,6 +118,8 @@ class Engine:
             cycle_interval_s=pool.cycle_interval_s,
             warm_margin=pool.warm_margin,
             slots_per_vm=pool.slots_per_vm,
+            max_lifetime_s=pool.max_lifetime_s,
+            max_replace_per_cycle=pool.max_replace_per_cycle,
         )
 
     # ---- the loop -----------------------------------------------------------------------
@@ -222,6 +226,8 @@ class Engine:
         started = self.liveness.started_at
         liveness = self.liveness
         graced = self._graced
+        launched_with = self.store.launch_settings()
+        current = {c.name: self.launch_fingerprint(c.name) for c in self.config.clouds}
         vms = tuple(
             policy.VMView(
                 id=vm.id,
@@ -235,6 +241,7 @@ class Engine:
                     started if vm.id in graced else None,
                 ),
                 jobs=1 if vm.job_id is not None or vm.pilot_busy else 0,
+                outdated=_outdated(launched_with.get(vm.launch_id), current.get(vm.cloud)),
                 kill_requested=vm.kill_requested,
             )
             for vm in self.store.vms(ALIVE_STATES)
@@ -415,12 +422,33 @@ class Engine:
                     )
             case policy.Terminate(vm_id=vm_id, reason=reason, code=code):
                 store.transition_vm(vm_id, VMState.TERMINATING, now, reason, code)
+            case policy.Drain(vm_id=vm_id, reason=reason, code=code):
+                store.drain_vm(vm_id, now, reason, code)
 
     def _new_launch(self, cloud: str, count: int, now: float, why: str = "") -> Launch:
         """Persist the intent (with its ClientToken and why) before any call reaches the
         cloud."""
         launch_id = uuid.uuid4().hex[:16]
-        return self.store.add_launch(launch_id, cloud, count, f"alienec2-{launch_id}", now, why=why)
+        return self.store.add_launch(
+            launch_id,
+            cloud,
+            count,
+            f"alienec2-{launch_id}",
+            now,
+            why=why,
+            settings_hash=self.launch_fingerprint(cloud),
+        )
+
+    def launch_fingerprint(self, cloud: str) -> str:
+        """What a VM of this cloud is launched with: its cloud entry (image, types, template,
+        ...) and the contextualisation. A VM whose launch was sent with another is outdated."""
+        config = self._cloud_config(cloud)
+        parts = {
+            "cloud": config.model_dump(mode="json", exclude={"max_instances", "priority"}),
+            "contextualisation": self.config.contextualisation.model_dump(mode="json"),
+        }
+        text = json.dumps(parts, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _request(self, launch: Launch) -> LaunchRequest:
         contextualisation = self.config.contextualisation
@@ -628,3 +656,10 @@ def _with_grace(seen: float | None, launched_at: float, started: float | None) -
     was alive when the previous process last looked (the start-up grace)."""
     at = seen if seen is not None else launched_at
     return at if started is None else max(at, started)
+
+
+def _outdated(launched_with: str | None, current: str | None) -> bool:
+    """A VM is outdated when its launch's settings are known and differ from its cloud's
+    current ones (VMs from before fingerprints, or of a cloud no longer configured, are not:
+    an upgrade must not replace the whole fleet)."""
+    return launched_with is not None and current is not None and launched_with != current

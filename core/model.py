@@ -181,6 +181,8 @@ class Reason(enum.StrEnum):
     SCALING = "scaling"
     BILLING_PERIOD = "billing_period"  # idle, and its paid period is about to end
     SPARE_CAPACITY = "spare_capacity"  # idle beyond what the warm target needs
+    OUTDATED = "outdated"  # launched with settings that have changed since (a rollout)
+    LIFETIME = "lifetime"  # older than pool.max_lifetime_s
     SPOT_TERMINATION = "spot_termination"
     SPOT_REBALANCE = "spot_rebalance"
     PILOT_WORKING = "pilot_working"

@@ -40,6 +40,7 @@ class VMView:
     last_heartbeat: float | None = None
     jobs: int = 0  # slots in use
     kill_requested: bool = False
+    outdated: bool = False  # launched with settings that have changed since
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,8 @@ class Settings:
     cycle_interval_s: float = 0.0  # a launch decided now may wait this long for its cycle
     warm_margin: float = 1.0  # extra warm slots, in square roots of the expected arrivals
     slots_per_vm: int = 1  # jobs a VM runs at once
+    max_lifetime_s: float = 0.0  # VMs older than this are drained and replaced (0: never)
+    max_replace_per_cycle: int = 1  # outdated or old VMs draining at once, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,16 @@ class Lose:
     reason: str
 
 
-Action = Launch | Terminate | Fail | Lose
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Give the VM no new job and terminate it once idle (a rollout, a lifetime)."""
+
+    vm_id: str
+    reason: str
+    code: Reason
+
+
+Action = Launch | Terminate | Fail | Lose | Drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +310,51 @@ def decide(snapshot: Snapshot, waiting: int | None, now: float, settings: Settin
     return explain(snapshot, waiting, now, settings)[0]
 
 
+def _replacements(
+    snapshot: Snapshot,
+    idle: list[VMView],
+    free: int,
+    waiting: int,
+    now: float,
+    settings: Settings,
+) -> tuple[list[Drain], list[VMView], int]:
+    """Rollouts and lifetimes: VMs launched with old settings, or older than
+    ``max_lifetime_s``, are drained a few at a time (``max_replace_per_cycle`` draining at
+    once) and the usual rules launch their replacements. An idle one goes only while the
+    free slots left still cover the waiting jobs; a busy one finishes its job first.
+    Returns the drains, and the idle VMs and free slots that remain."""
+    lifetime = settings.max_lifetime_s
+    draining = sum(1 for vm in snapshot.vms if vm.state == VMState.DRAINING)
+    room = settings.max_replace_per_cycle - draining
+    if room <= 0:
+        return [], idle, free
+
+    def why(vm: VMView) -> tuple[str, Reason] | None:
+        if vm.outdated:
+            return "launched with settings that have changed since", Reason.OUTDATED
+        if lifetime and now - vm.launched_at > lifetime:
+            age = now - vm.launched_at
+            return f"{age:.0f}s old > max_lifetime_s={lifetime:g}", Reason.LIFETIME
+        return None
+
+    drains: list[Drain] = []
+    kept: list[VMView] = []
+    for vm in sorted(idle, key=lambda v: v.launched_at):
+        cause = why(vm)
+        if cause and len(drains) < room and free - settings.slots_per_vm >= waiting:
+            drains.append(Drain(vm.id, f"replace: {cause[0]}", cause[1]))
+            free -= settings.slots_per_vm
+        else:
+            kept.append(vm)
+    for vm in sorted(snapshot.vms, key=lambda v: v.launched_at):
+        if len(drains) >= room:
+            break
+        cause = why(vm) if vm.state == VMState.BUSY and not vm.kill_requested else None
+        if cause:
+            drains.append(Drain(vm.id, f"replace once its job ends: {cause[0]}", cause[1]))
+    return drains, kept, free
+
+
 def explain(
     snapshot: Snapshot, waiting: int | None, now: float, settings: Settings
 ) -> tuple[list[Action], Decision]:
@@ -307,7 +364,7 @@ def explain(
     actions: list[Action] = []
     idle: list[VMView] = []
     slots = settings.slots_per_vm
-    serving = starting = busy = free = 0
+    serving = starting = busy = free = leaving = 0
     for vm in snapshot.vms:  # one pass: this runs over the whole fleet every cycle
         action = _health(vm, now, settings)
         if action is not None:
@@ -322,6 +379,12 @@ def explain(
                 free += max(slots - vm.jobs, 0)
             elif vm.state in _STARTING_STATES:
                 starting += 1
+            else:
+                leaving += 1  # draining: it counts against max_vms, not towards min_vms
+    if waiting is not None and not settings.paused:
+        drains, idle, free = _replacements(snapshot, idle, free, waiting, now, settings)
+        actions.extend(drains)
+        leaving += len(drains)
     # VMs of launches in flight are not in the snapshot yet but are coming: count them.
     pending = sum(cloud.pending for cloud in snapshot.clouds)
     starting += pending
@@ -346,7 +409,7 @@ def explain(
 
     # Slots short of the waiting jobs and the warm target, rounded up to whole VMs.
     short = waiting + warm - free - starting * slots
-    wanted = max(-(-short // slots), settings.min_vms - live)
+    wanted = max(-(-short // slots), settings.min_vms - (live - leaving))
     launch = min(wanted, settings.max_vms - live, settings.max_launch_per_cycle)
     if launch > 0:
         reason = _launch_reason(

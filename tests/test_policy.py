@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from core.model import VMState
+from core.model import Reason, VMState
 from core.policy import (
     CloudView,
     Decision,
+    Drain,
     Fail,
     Launch,
     Lose,
@@ -445,7 +446,7 @@ def test_min_vms_launch_and_reaping_say_why() -> None:
     assert actions[0].reason.startswith("launch 2: keep min_vms=2 (0 live)")
     stale = (vm(1, idle_since=NOW - 601),)
     actions, decision = explain(snap(*stale), 0, NOW, SETTINGS)
-    assert actions == [Terminate("i-1", actions[0].reason)]
+    assert actions == [Terminate("i-1", actions[0].reason, Reason.IDLE_TIMEOUT)]
     assert actions[0].reason.startswith("idle 601s > idle_timeout_s=600; 0 waiting + 0 warm")
     assert (decision.terminated, decision.reason[:11]) == (1, "terminate 1")
 
@@ -526,3 +527,42 @@ def test_instance_missing_from_a_listing_vanished_only_if_older_than_the_grace()
     assert vanished(launched_at=879, listed=False, listing_started=started, grace_s=120)
     assert not vanished(launched_at=881, listed=False, listing_started=started, grace_s=120)
     assert not vanished(launched_at=0, listed=True, listing_started=started, grace_s=120)
+
+
+# ---- rollouts and lifetimes ----------------------------------------------------------------
+
+
+def drained(actions: list) -> list[str]:
+    return [a.vm_id for a in actions if isinstance(a, Drain)]
+
+
+def test_outdated_vms_are_replaced_a_few_at_a_time_oldest_first() -> None:
+    settings = replace(SETTINGS, min_vms=3, max_replace_per_cycle=1)
+    fleet = [vm(n, outdated=True, launched_at=NOW - 1000 + n) for n in (1, 2, 3)]
+    actions = decide(snap(*fleet), 0, NOW, settings)
+    assert drained(actions) == ["i-1"]
+    assert launches(actions) == {"a": 1}  # its replacement, for min_vms
+    draining = [vm(1, VMState.DRAINING, outdated=True), *fleet[1:]]
+    assert drained(decide(snap(*draining), 0, NOW, settings)) == []  # one at a time
+
+
+def test_a_rollout_never_takes_the_slots_the_queue_needs() -> None:
+    fleet = [vm(1, outdated=True), vm(2, outdated=True)]
+    settings = replace(SETTINGS, max_replace_per_cycle=2)
+    assert drained(decide(snap(*fleet), 2, NOW, settings)) == []
+    assert drained(decide(snap(*fleet), 1, NOW, settings)) == ["i-1"]
+
+
+def test_a_busy_outdated_vm_is_drained_to_finish_its_job_first() -> None:
+    actions = decide(snap(vm(1, VMState.BUSY, jobs=1, outdated=True)), 0, NOW, SETTINGS)
+    [drain] = [a for a in actions if isinstance(a, Drain)]
+    assert drain.vm_id == "i-1" and "once its job ends" in drain.reason
+    assert drain.code == Reason.OUTDATED
+
+
+def test_vms_past_max_lifetime_are_replaced() -> None:
+    settings = replace(SETTINGS, max_lifetime_s=3600)
+    old, young = vm(1, launched_at=NOW - 3601), vm(2, launched_at=NOW - 100)
+    [drain] = [a for a in decide(snap(old, young), 0, NOW, settings) if isinstance(a, Drain)]
+    assert (drain.vm_id, drain.code) == ("i-1", Reason.LIFETIME)
+    assert drained(decide(snap(old, young), 0, NOW, SETTINGS)) == []  # off by default

@@ -50,10 +50,10 @@ def _translate(exc: Exception) -> CloudError:
         code = str(error.get("Code", "Unknown")).removeprefix("Server.").removeprefix("Client.")
         message = f"{code}: {error.get('Message', '')}".rstrip(": ")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-        refused = 400 <= int(status) < 500
         if code in CAPACITY_CODES:
-            return CapacityError(message, code, refused)
-        return CloudError(message, code, refused)
+            # EC2 answers these as server errors (5xx), but they say it did not act.
+            return CapacityError(message, code, refused=True)
+        return CloudError(message, code, refused=400 <= int(status) < 500)
     return CloudError(f"{type(exc).__name__}: {exc}")
 
 

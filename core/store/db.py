@@ -73,7 +73,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX events_ts ON events(ts);
     CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
     """,
-    # 3 -> 4: pilot runs (e.g. AliEn JobAgents) recorded beside the built-in queue's jobs.
+    # 3 -> 4: pilot runs (e.g. AliEn JobAgents) recorded beside the built-in queue's jobs;
+    # pilot activity on VMs; the launch settings each VM was started with (rollouts).
     """
     ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'job';
     ALTER TABLE jobs ADD COLUMN run_key TEXT;
@@ -81,6 +82,7 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX jobs_run_key ON jobs(run_key) WHERE run_key IS NOT NULL;
     CREATE INDEX jobs_vm_state ON jobs(vm_id, state);
     ALTER TABLE vms ADD COLUMN pilot_busy INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE launches ADD COLUMN settings_hash TEXT;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -35,14 +35,15 @@ class Launches(VMs):
         now: float,
         *,
         why: str = "",
+        settings_hash: str | None = None,
     ) -> Launch:
         """Write the launch intent; the caller may call RunInstances only after this returns.
         ``why`` (the policy's reason, with its numbers) goes into the event."""
         with self._tx():
             self._db.execute(
-                "INSERT INTO launches(id, cloud, count, client_token, state, created_at) "
-                "VALUES (?,?,?,?,?,?)",
-                (launch_id, cloud, count, client_token, LaunchState.PENDING, now),
+                "INSERT INTO launches(id, cloud, count, client_token, state, created_at, "
+                "settings_hash) VALUES (?,?,?,?,?,?,?)",
+                (launch_id, cloud, count, client_token, LaunchState.PENDING, now, settings_hash),
             )
             self._event(
                 now,
@@ -64,6 +65,16 @@ class Launches(VMs):
             "SELECT * FROM launches WHERE state = ? ORDER BY created_at", (LaunchState.PENDING,)
         ).fetchall()
         return [_launch(r) for r in rows]
+
+    def launch_settings(self) -> dict[str, str | None]:
+        """Launch id -> the fingerprint of the settings it was sent with, for the launches
+        of VMs still alive (a rollout replaces those whose fingerprint is not current)."""
+        rows = self._db.execute(
+            "SELECT id, settings_hash FROM launches WHERE id IN "
+            "(SELECT DISTINCT launch_id FROM vms WHERE state != ?)",
+            (VMState.TERMINATED,),
+        ).fetchall()
+        return {row[0]: row[1] for row in rows}
 
     def pending_counts(self) -> dict[str, int]:
         """Per cloud, the VMs still to come from pending launches: each launch's count less

@@ -168,14 +168,20 @@ class VMs(Database):
             )
         return self.vm(vm_id)
 
-    def drain_vm(self, vm_id: str, now: float, why: str = "drain requested") -> VM:
+    def drain_vm(
+        self,
+        vm_id: str,
+        now: float,
+        why: str = "drain requested",
+        reason: Reason = Reason.DRAIN_REQUESTED,
+    ) -> VM:
         with self._tx():
             vm = self.vm(vm_id)
             if vm.state == VMState.DRAINING:
                 return vm
             if vm.state not in (VMState.IDLE, VMState.BUSY):
                 raise Conflict(f"vm {vm_id} is {vm.state}, only idle or busy VMs can be drained")
-            return self.transition_vm(vm_id, VMState.DRAINING, now, why, Reason.DRAIN_REQUESTED)
+            return self.transition_vm(vm_id, VMState.DRAINING, now, why, reason)
 
     def recent_boot_times(self, limit: int = 50) -> list[float]:
         rows = self._db.execute(
