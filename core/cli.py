@@ -78,7 +78,9 @@ def _run_core(main: Coroutine[Any, Any, None]) -> int:
     return 0
 
 
-async def _sandbox_core(config: Config, ec2_url: str) -> None:
+async def _sandbox_core(
+    config: Config, ec2_url: str, reload: Callable[[], Config] | None = None
+) -> None:
     """The core, with the sandbox's instances booting as local agents as in the demo."""
     from core.clouds.sandbox import local_instances
     from core.daemon import run_core
@@ -88,7 +90,7 @@ async def _sandbox_core(config: Config, ec2_url: str) -> None:
     async with local_instances(
         ec2_url, workdir, boot_delay_s=1.0, jitter_s=0.5, agent_overrides={"max_backoff_s": 2}
     ):
-        await run_core(config)
+        await run_core(config, reload)
 
 
 def cmd_core(args: argparse.Namespace) -> int:
@@ -96,10 +98,11 @@ def cmd_core(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     _configure_logging(args.log_level)
+    path = args.config
     if not args.sandbox:
         from core.daemon import run_core
 
-        return _run_core(run_core(config))
+        return _run_core(run_core(config, lambda: load_config(path)))
     from core.clouds.sandbox import (
         SANDBOX_CREDENTIALS,
         MotoEC2Server,
@@ -114,7 +117,12 @@ def cmd_core(args: argparse.Namespace) -> int:
     os.environ.update(SANDBOX_CREDENTIALS)
     with MotoEC2Server() as cloud:
         print(f"sandbox EC2 endpoint: {cloud.url}", file=sys.stderr)
-        return _run_core(_sandbox_core(sandbox_config(config, cloud.url), cloud.url))
+        url = cloud.url
+        return _run_core(
+            _sandbox_core(
+                sandbox_config(config, url), url, lambda: sandbox_config(load_config(path), url)
+            )
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from core.api.admin import create_admin_app
@@ -26,13 +28,17 @@ from core.config import Config, ConfigError
 from core.engine import Clock, Engine
 from core.liveness import Liveness
 from core.lock import StateLock
-from core.model import VMState
+from core.model import EventKind, VMState
 from core.queues import demand_source
 from core.service import PoolService
 from core.store import Store
 from core.systemd import Notifier
 
 log = logging.getLogger("alienec2.core")
+
+# What SIGHUP can change without a restart, and what only a restart applies.
+LIVE_SECTIONS = ("pool", "clouds", "queue", "contextualisation")
+RESTART_SECTIONS = ("core_id", "web", "admin", "state")
 
 
 def build_engine(
@@ -206,6 +212,47 @@ class Core:
         self._lock.release()
         log.info("event=core_stopped")
 
+    def reload(self, load: Callable[[], Config]) -> list[str]:
+        """Read the configuration again and apply what can change live: pool, clouds, queue,
+        contextualisation. Listeners, the admin API and the state path need a restart (said
+        in the log). A configuration with errors is refused with check-config's messages and
+        the one in force stays. Returns the sections that changed."""
+        old = self.config
+        try:
+            new = load()
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("event=reload_refused error=%s", json.dumps(line))
+            self.store.record_event(
+                self.clock(),
+                EventKind.SETTING_CHANGED,
+                f"configuration reload refused ({len(exc.errors)} errors: {exc.errors[0]}); "
+                "the one in force stays",
+            )
+            return []
+        frozen = [s for s in RESTART_SECTIONS if getattr(new, s) != getattr(old, s)]
+        if frozen:
+            log.warning("event=reload_needs_restart sections=%s", ",".join(frozen))
+        new = new.model_copy(update={s: getattr(old, s) for s in RESTART_SECTIONS})
+        changed = [s for s in LIVE_SECTIONS if getattr(new, s) != getattr(old, s)]
+        engine = self.engine
+        for cloud in new.clouds:
+            before = next((c for c in old.clouds if c.name == cloud.name), None)
+            if before != cloud:
+                engine.providers[cloud.name] = EC2Provider(cloud, new.pool.name, new.core_id)
+        # Clouds no longer configured keep their provider: their VMs can still be terminated.
+        if new.queue != old.queue:
+            engine.demand = demand_source(new.queue, self.store)
+        self.config = engine.config = self.service.config = new
+        message = "configuration reloaded: " + (
+            ", ".join(changed) + " changed" if changed else "nothing changed"
+        )
+        if frozen:
+            message += f"; {', '.join(frozen)} changed but need a restart"
+        self.store.record_event(self.clock(), EventKind.SETTING_CHANGED, message)
+        engine.wake.set()
+        return changed
+
     def _remove_own_socket(self) -> None:
         """Remove the admin socket only if it is still the one this core created."""
         with contextlib.suppress(FileNotFoundError):
@@ -213,12 +260,17 @@ class Core:
                 self.admin_socket.unlink()
 
 
-async def run_core(config: Config) -> None:
-    """Run until SIGTERM/SIGINT; instances keep running for the next start."""
+async def run_core(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; instances keep running for the next start. SIGHUP reads the
+    configuration again with ``reload`` (``systemctl reload``)."""
     loop = asyncio.get_running_loop()
     core = Core(config, clock=None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, core.stop_requested.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: core.reload(reload))
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("event=reload_unavailable"))
     await core.start()
     # What is loaded by now (modules, boto3's service models, the apps) lives as long as the
     # process: keep it out of every full collection, which the engine's per-cycle snapshot of

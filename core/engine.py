@@ -30,7 +30,7 @@ from core.clouds import (
     InstanceState,
     LaunchRequest,
 )
-from core.config import Config
+from core.config import CloudConfig, Config
 from core.liveness import Liveness
 from core.model import ALIVE_STATES, EventKind, Launch, Reason, VMState
 from core.queues import DemandError, DemandSource
@@ -84,6 +84,7 @@ class Engine:
         self._graced = self._fresh_at_last_save(store)
         self._last_reconcile = float("-inf")
         self._last_prune = float("-inf")
+        self._cloud_configs = {cloud.name: cloud for cloud in config.clouds}
         self._stopping = False
         self.cycles = 0
         self.on_ready: Callable[[], None] = lambda: None  # after the start-up reconcile
@@ -589,8 +590,12 @@ class Engine:
     def _call_succeeded(self, cloud: str, call: str) -> None:
         self._call_backoff.pop((cloud, call), None)
 
-    def _cloud_config(self, cloud: str) -> Any:
-        return next(c for c in self.config.clouds if c.name == cloud)
+    def _cloud_config(self, cloud: str) -> CloudConfig:
+        """A cloud's configuration; one removed by a reload keeps its last one (its VMs are
+        still terminated through it)."""
+        for config in self.config.clouds:
+            self._cloud_configs[config.name] = config
+        return self._cloud_configs[cloud]
 
     # ---- backoff ------------------------------------------------------------------------
 

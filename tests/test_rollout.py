@@ -1,0 +1,140 @@
+"""Live reload (SIGHUP) and rollouts: a changed configuration is applied where it can be, and
+VMs launched with old settings are replaced gradually."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.clouds.sandbox import SANDBOX_IMAGE, MotoEC2Server
+from core.config import Config, load_config
+from core.daemon import Core, build_engine
+from core.model import EventKind, VMState
+from core.store import Store
+from tests.conftest import ManualClock, cloud, core_config, ec2_client, make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, config: Config, **changes: Any) -> Path:
+    data = config.model_dump(mode="json")
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            data[section].update(values)
+        else:
+            data[section] = values
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def test_reload_applies_the_pool_live_refuses_a_broken_file_and_names_restart_sections(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, pool={"max_vms": 3})
+    path = write(tmp_path / "config.yaml", config)
+    core = Core(config)
+    await core.start()
+    try:
+        write(path, config, pool={"max_vms": 7, "idle_timeout_s": 42})
+        assert core.reload(lambda: load_config(path)) == ["pool"]
+        assert core.engine.config.pool.max_vms == 7
+        assert core.service.bounds() == (0, 7)
+
+        path.write_text("pool: {max_vms: -1}\n")
+        assert core.reload(lambda: load_config(path)) == []
+        assert core.engine.config.pool.max_vms == 7  # the one in force stays
+        [refused] = [e for e in core.store.events_after(0) if "refused" in e.message]
+        assert "clouds: required key is missing" in refused.message
+
+        write(path, config, pool={"max_vms": 7, "idle_timeout_s": 42}, web={"port": 1234})
+        assert core.reload(lambda: load_config(path)) == []
+        assert core.engine.config.web == config.web
+        [restart] = [e for e in core.store.events_after(0) if "need a restart" in e.message]
+        assert "web changed but need a restart" in restart.message
+    finally:
+        await core.stop()
+
+
+async def test_vms_launched_with_an_old_image_are_replaced_one_at_a_time(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    config = make_config(
+        tmp_path, [cloud("c", moto.url)], pool={"min_vms": 2, "max_replace_per_cycle": 1}
+    )
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+    await engine.start()
+
+    async def step() -> None:
+        await engine.cycle()
+        await engine.settle()
+        for vm in store.vms([VMState.REQUESTED, VMState.BOOTING]):
+            store.register_vm(vm.id, clock())
+        store.save_heartbeats({vm.id: clock() for vm in store.vms([VMState.IDLE])})
+
+    await step()
+    old = {vm.id for vm in store.vms([VMState.IDLE])}
+    assert len(old) == 2
+    image = ec2_client(moto.url).create_image(Name="new-image", InstanceId=next(iter(old)))
+    new_cloud = config.clouds[0].model_copy(update={"image_id": image["ImageId"]})
+    engine.config = config.model_copy(update={"clouds": [new_cloud]})  # what a reload does
+
+    draining_at_once = []
+    for _ in range(8):
+        clock.advance(1)
+        await step()
+        draining_at_once.append(len(store.vms([VMState.DRAINING])))
+    serving = store.vms([VMState.IDLE, VMState.BUSY])
+    assert len(serving) == 2 and not {vm.id for vm in serving} & old
+    assert max(draining_at_once) <= 1
+    kinds = [(e.kind, e.reason) for e in store.events_after(0) if e.vm_id in old]
+    assert kinds.count((EventKind.VM_DRAINING, "outdated")) == 2
+    assert image["ImageId"] != SANDBOX_IMAGE
+    store.close()
+
+
+def test_sighup_reloads_a_running_core_and_it_keeps_serving(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url)
+    path = write(tmp_path / "config.yaml", config)
+    log = tmp_path / "core.log"
+    with log.open("w") as out:
+        core = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "core", "--config", str(path)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        socket = Path(config.admin.socket)
+        status = [sys.executable, "-m", "core.cli", "status", "--socket", str(socket)]
+        for _ in range(600):  # bounded: until the core answers
+            if subprocess.run(status, cwd=ROOT, capture_output=True).returncode == 0:
+                break
+            assert core.poll() is None, log.read_text()
+            time.sleep(0.1)  # a bounded poll for the condition above
+        write(path, config, pool={"max_vms": 9})
+        core.send_signal(signal.SIGHUP)
+        events = [sys.executable, "-m", "core.cli", "events", "--socket", str(socket), "--json"]
+        for _ in range(600):
+            reply = subprocess.run(events, cwd=ROOT, capture_output=True, text=True)
+            if "configuration reloaded: pool changed" in reply.stdout:
+                break
+            assert core.poll() is None, log.read_text()
+            time.sleep(0.1)  # a bounded poll for the condition above
+        else:
+            raise AssertionError(f"no reload event: {log.read_text()}")
+        assert core.poll() is None
+    finally:
+        core.send_signal(signal.SIGTERM)
+        assert core.wait(timeout=30) == 0
+    assert "Traceback" not in log.read_text()
+    assert os.path.exists(path)
