@@ -440,7 +440,7 @@ async def test_log_follows_only_while_at_the_bottom_and_end_resumes(console: Any
     await client.submit_batch([{"command": ["true"]}] * 12)  # more lines than the log shows
     await eventually(lambda: log.max_scroll_y > 0)
     await pilot.press("l", "home")
-    assert log.scroll_y == 0 and not log.following
+    await eventually(lambda: log.scroll_y == 0 and not log.following)
     seq = app.last_seq
     await client.submit(["true"])
     await eventually(lambda: app.last_seq > seq)
