@@ -142,6 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         die_mid_job=args.die_mid_job,
         capacity_error=args.capacity_error,
         timeout_s=args.timeout,
+        alien=args.alien,
     )
     workdir = Path(args.workdir).absolute() if args.workdir else None
     if args.headless:
@@ -716,6 +717,12 @@ def parser() -> argparse.ArgumentParser:
         "removed unless --workdir is given.",
     )
     demo.add_argument("--headless", action="store_true", help="no console: run jobs, summarise")
+    demo.add_argument(
+        "--alien",
+        action="store_true",
+        help="AliEn mode: the jobs wait in a stand-in AliEn central task queue, the core reads "
+        "its demand with a command, and each VM's agent runs a stand-in JobAgent as its pilot",
+    )
     demo.add_argument("--jobs", type=int, help="jobs to run (headless default 40; else endless)")
     demo.add_argument("--json", action="store_true", help="headless summary as JSON")
     demo.add_argument("--min", type=int, default=1, help="pool min_vms (default 1)")

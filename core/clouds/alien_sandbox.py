@@ -22,8 +22,10 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +42,9 @@ class AlienJob:
     taken: int = 0  # how many times a JobAgent was given it: exactly once, or a bug
     exit_code: int | None = None
     agent: str | None = None
+    submitted_at: float = 0.0
+    taken_at: float | None = None
+    finished_at: float | None = None
     output: str = field(default="", repr=False)
 
     def public(self) -> dict[str, Any]:
@@ -50,13 +55,21 @@ class AlienJob:
             "taken": self.taken,
             "exit_code": self.exit_code,
             "agent": self.agent,
+            "submitted_at": self.submitted_at,
+            "taken_at": self.taken_at,
+            "finished_at": self.finished_at,
         }
 
 
 class CentralQueue:
-    """AliEn's central task queue, as far as a JobAgent sees it: FIFO, each job given once."""
+    """AliEn's central task queue, as far as a JobAgent sees it: FIFO, each job given once.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    Its times come from ``clock`` (the demo passes the core's, so they compare with events)."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.clock = clock
         self._jobs: dict[int, AlienJob] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), self._handler())
@@ -81,7 +94,7 @@ class CentralQueue:
 
     def add(self, command: list[str]) -> int:
         with self._lock:
-            job = AlienJob(len(self._jobs) + 1, list(command))
+            job = AlienJob(len(self._jobs) + 1, list(command), submitted_at=self.clock())
             self._jobs[job.id] = job
             return job.id
 
@@ -91,6 +104,7 @@ class CentralQueue:
                 if job.state == "waiting":
                     job.state, job.agent = "running", agent
                     job.taken += 1
+                    job.taken_at = self.clock()
                     return job
         return None
 
@@ -101,6 +115,7 @@ class CentralQueue:
                 return False
             job.state = "done" if exit_code == 0 else "failed"
             job.exit_code = exit_code
+            job.finished_at = self.clock()
             return True
 
     def counts(self) -> dict[str, int]:
@@ -113,6 +128,14 @@ class CentralQueue:
     def jobs(self) -> list[dict[str, Any]]:
         with self._lock:
             return [job.public() for job in self._jobs.values()]
+
+    def emptied_at(self) -> float | None:
+        """When the last job finished, once none waits or runs; None before that."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+            if not jobs or any(job.finished_at is None for job in jobs):
+                return None
+            return max(job.finished_at for job in jobs if job.finished_at is not None)
 
     # ---- HTTP --------------------------------------------------------------------------------
 
