@@ -14,7 +14,8 @@ import pytest
 
 from contextualisation.agent import parse_alien_job_id
 from core.clouds.alien_sandbox import NO_JOB_EXIT, CentralQueue, demand_command, jobagent_command
-from core.clouds.sandbox import MotoEC2Server
+from core.clouds.sandbox import MotoEC2Server, sandbox_refusal
+from core.config import parse_config
 from core.model import VMState
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 
@@ -100,3 +101,23 @@ async def test_jobagents_under_a_real_agent_and_core_run_every_central_job_exact
         await eventually(lambda: "code=3 idle=True" in agent.log())
         assert core.store.vm(vm_id).state == VMState.IDLE  # short runs: the VM stays idle
         assert {"slot=0", "slot=1"} <= set(agent.log().replace(" ", "\n").split("\n"))
+
+
+def test_sandbox_runs_the_alien_template_only_with_the_stand_in_jobagent() -> None:
+    def config(pilot: list[str]) -> Any:
+        return parse_config(
+            {
+                "clouds": [{"name": "c", "region": "r", "image_id": "ami-1"}],
+                "contextualisation": {"template": "alien", "alien": {"pilot_command": pilot}},
+            }
+        )
+
+    assert sandbox_refusal(config(jobagent_command("http://127.0.0.1:1"))) is None
+    site = sandbox_refusal(config(["/cvmfs/alice.cern.ch/bin/alienv", "JobAgent"]))
+    assert site is not None and "would run the site's JobAgent" in site
+    assert (
+        sandbox_refusal(
+            parse_config({"clouds": [{"name": "c", "region": "r", "image_id": "ami-1"}]})
+        )
+        is None
+    )
