@@ -20,6 +20,8 @@ from core.clouds.sandbox import MotoEC2Server, sandbox_refusal
 from core.config import parse_config
 from core.daemon import Core
 from core.model import JobState, VMState
+from core.queues import DemandError
+from core.queues.command import CommandQueue
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 from tests.test_cli import cli
 
@@ -169,3 +171,16 @@ def test_sandbox_runs_the_alien_template_only_with_the_stand_in_jobagent() -> No
         )
         is None
     )
+
+
+async def test_the_worked_example_demand_command_meets_the_command_source_contract(
+    central: CentralQueue,
+) -> None:
+    """The README's worked example, through the core's own command source."""
+    for n in range(3):
+        central.add(["true", str(n)])
+    assert await CommandQueue(demand_command(central.url), 10).waiting() == 3
+    central.take("a")
+    assert await CommandQueue(demand_command(central.url), 10).waiting() == 2
+    with pytest.raises(DemandError, match=r"exited with 1: central queue .* did not answer"):
+        await CommandQueue(demand_command("http://127.0.0.1:9"), 10).waiting()
