@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from alienec2_tui.client import AdminClient
-from core.clouds.alien_sandbox import NO_JOB_EXIT, CentralQueue, demand_command, jobagent_command
+from core.clouds.alien_clients import NO_JOB_EXIT
+from core.clouds.alien_sandbox import CentralQueue, demand_command, jobagent_command
 from core.clouds.sandbox import (
     SANDBOX_CREDENTIALS,
     SANDBOX_IMAGE,

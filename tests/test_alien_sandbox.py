@@ -15,7 +15,8 @@ import pytest
 from alienec2_tui.client import AdminClient
 from alienec2_tui.widgets.job_table import row_for
 from contextualisation.agent import parse_alien_job_id
-from core.clouds.alien_sandbox import NO_JOB_EXIT, CentralQueue, demand_command, jobagent_command
+from core.clouds.alien_clients import NO_JOB_EXIT
+from core.clouds.alien_sandbox import CentralQueue, demand_command, jobagent_command
 from core.clouds.sandbox import MotoEC2Server, sandbox_refusal
 from core.config import parse_config
 from core.daemon import Core

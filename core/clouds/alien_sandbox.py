@@ -1,16 +1,14 @@
-"""A sandbox AliEn: a stand-in central task queue, a stand-in JobAgent and the demand command.
+"""A sandbox AliEn: a stand-in central task queue, and the argv of its clients.
 
-Standard library only, so the same file runs as a script wherever the agent runs its pilot:
+    python -m core.clouds.alien_sandbox [--port N]     the central task queue on loopback
 
-    python alien_sandbox.py serve [--port N]          the central task queue on loopback
-    python alien_sandbox.py jobagent --queue URL      one JobAgent run (the agent's pilot_command)
-    python alien_sandbox.py demand --queue URL        waiting jobs (``queue.kind: command``)
-
-The JobAgent asks the central queue for one job, runs it, reports it done and exits 0, having
-printed ``JobAgent: running job <id>`` (the agent's default ``alien.job_id_regex`` finds the id);
-with nothing to do it exits at once with ``NO_JOB_EXIT`` (list it in ``alien.no_job_exit_codes``),
-as the real JobAgent does after its idle TTL. The demand command keeps the ``command`` contract:
-one integer on stdout and exit 0, or a message on stderr and a non-zero exit.
+Its clients are in ``alien_clients.py`` (standard library only, quick to start, as they run
+every cycle and every pilot run): the stand-in JobAgent asks the central queue for one job, runs
+it, reports it done and exits 0, having printed ``JobAgent: running job <id>`` (the agent's
+default ``alien.job_id_regex`` finds the id); with nothing to do it exits at once with
+``NO_JOB_EXIT`` (list it in ``alien.no_job_exit_codes``), as the real JobAgent does after its
+idle TTL. The demand query keeps the ``command`` contract: one integer on stdout and exit 0, or
+a message on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -19,19 +17,14 @@ import argparse
 import contextlib
 import json
 import re
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-NO_JOB_EXIT = 3
 
 
 @dataclass
@@ -195,78 +188,29 @@ class CentralQueue:
         return Handler
 
 
-# ---- the scripts: what the agent's pilot_command and the demand source run ------------------
+# ---- the clients: what the agent's pilot_command and the demand source run ------------------
 
 
 def script_path() -> Path:
-    return Path(__file__).resolve()
+    """The clients' script (a separate, quick-to-start file: it runs every cycle and run)."""
+    return Path(__file__).resolve().with_name("alien_clients.py")
 
 
 def jobagent_command(queue_url: str, python: str = sys.executable) -> list[str]:
     """The stand-in JobAgent as an agent ``pilot_command``."""
-    return [python, str(script_path()), "jobagent", "--queue", queue_url]
+    return [python, "-S", str(script_path()), "jobagent", "--queue", queue_url]
 
 
 def demand_command(queue_url: str, python: str = sys.executable) -> list[str]:
     """The waiting-jobs query as a ``queue.kind: command`` argv."""
-    return [python, str(script_path()), "demand", "--queue", queue_url]
-
-
-def _call(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url,
-        data=data,
-        headers={"Content-Type": "application/json"},
-        method="GET" if data is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as reply:
-        return json.loads(reply.read())
-
-
-def run_jobagent(queue_url: str, agent: str) -> int:
-    base = queue_url.rstrip("/")
-    job = _call(f"{base}/jobs/take", {"agent": agent})["job"]
-    if job is None:
-        print("JobAgent: no matching job, exiting", flush=True)
-        return NO_JOB_EXIT
-    print(f"JobAgent: running job {job['id']}", flush=True)
-    try:
-        code = subprocess.run(job["command"], stdin=subprocess.DEVNULL, check=False).returncode
-    except OSError as exc:
-        print(f"JobAgent: cannot start job {job['id']}: {exc}", flush=True)
-        code = 127
-    _call(f"{base}/jobs/{job['id']}/done", {"exit_code": code})
-    print(f"JobAgent: job {job['id']} ended with exit code {code}", flush=True)
-    return 0
-
-
-def run_demand(queue_url: str) -> int:
-    try:
-        counts = _call(queue_url.rstrip("/") + "/counts", timeout=5.0)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"central queue {queue_url} did not answer: {exc}", file=sys.stderr)
-        return 1
-    print(int(counts["waiting"]))
-    return 0
+    return [python, "-S", str(script_path()), "demand", "--queue", queue_url]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="sandbox AliEn")
-    commands = parser.add_subparsers(dest="what", required=True)
-    serve = commands.add_parser("serve", help="run the central task queue")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=0)
-    for name in ("jobagent", "demand"):
-        sub = commands.add_parser(name)
-        sub.add_argument("--queue", required=True, help="the central queue's URL")
+    parser = argparse.ArgumentParser(description="the sandbox AliEn's central task queue")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.what == "jobagent":
-        import socket
-
-        return run_jobagent(args.queue, socket.gethostname())
-    if args.what == "demand":
-        return run_demand(args.queue)
     queue = CentralQueue(args.host, args.port)
     print(queue.url, flush=True)
     with contextlib.suppress(KeyboardInterrupt):

@@ -179,7 +179,7 @@ class FaultyEndpoint:
 def sandbox_refusal(config: Config) -> str | None:
     """Why a configuration cannot run against the sandbox, whose instances are local
     processes; None when it can. An ``alien`` pilot runs on this machine, so only the
-    sandbox's own stand-in JobAgent is allowed (``alien_sandbox.py jobagent``)."""
+    sandbox's own stand-in JobAgent is allowed (``alien_clients.py jobagent``)."""
     context = config.contextualisation
     if context.template == "alien" and not is_stand_in_jobagent(context.alien.pilot_command):
         return (
@@ -192,8 +192,9 @@ def sandbox_refusal(config: Config) -> str | None:
 
 
 def is_stand_in_jobagent(argv: list[str]) -> bool:
-    """The sandbox AliEn's JobAgent (``<python> <alien_sandbox.py> jobagent ...``)."""
-    return len(argv) >= 3 and argv[1] == str(script_path()) and argv[2] == "jobagent"
+    """The sandbox AliEn's JobAgent (``<python> [-S] <alien_clients.py> jobagent ...``)."""
+    args = [arg for arg in argv[1:] if arg != "-S"]
+    return args[:2] == [str(script_path()), "jobagent"]
 
 
 def sandbox_config(config: Config, endpoint_url: str) -> Config:
