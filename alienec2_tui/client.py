@@ -106,8 +106,11 @@ class AdminClient:
     async def vm(self, vm_id: str) -> dict[str, Any]:
         return await self._call("GET", f"/admin/v1/vms/{vm_id}")
 
-    async def jobs(self, state: str | None = None, limit: int = 200) -> dict[str, Any]:
-        return await self._call("GET", "/admin/v1/jobs", params={"state": state, "limit": limit})
+    async def jobs(
+        self, state: str | None = None, limit: int = 200, kind: str | None = None
+    ) -> dict[str, Any]:
+        params = {"state": state, "limit": limit, "kind": kind}
+        return await self._call("GET", "/admin/v1/jobs", params=params)
 
     async def job(self, job_id: int) -> dict[str, Any]:
         return await self._call("GET", f"/admin/v1/jobs/{job_id}")

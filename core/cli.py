@@ -150,6 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         die_mid_job=args.die_mid_job,
         capacity_error=args.capacity_error,
         timeout_s=args.timeout,
+        alien=args.alien,
     )
     workdir = Path(args.workdir).absolute() if args.workdir else None
     if args.headless:
@@ -380,29 +381,41 @@ def cmd_vms(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
-        reply = await client.jobs(args.state, args.limit)
+        reply = await client.jobs(args.state, args.limit, args.kind)
         if args.json:
             _print_json(reply)
             return 0
         now = reply["now"]
         jobs = sorted(reply["jobs"], key=lambda job: job["id"])
         if not jobs:
-            print("no jobs" + (f" in state {args.state}" if args.state else ""))
+            which = " ".join(
+                part
+                for part in (
+                    f"in state {args.state}" if args.state else "",
+                    f"of kind {args.kind}" if args.kind else "",
+                )
+                if part
+            )
+            print("no jobs" + (f" {which}" if which else ""))
             return 0
+        pilots = any(job.get("kind") == "pilot" for job in jobs)
         rows = [
             (
                 str(job["id"]),
                 job["state"],
                 _dash(job["vm_id"]),
+                job.get("kind", "job"),
                 f"{job['attempt']}/{job['max_attempts']}",
                 _seconds(job["wait_s"]),
                 _run_time(job, now),
                 _dash(job["exit_code"]),
+                *((_dash(job.get("alien_job_id")),) if pilots else ()),
                 shlex.join(job["command"]),
             )
             for job in jobs
         ]
-        _table(("ID", "STATE", "VM", "ATTEMPT", "WAIT", "RUN", "EXIT", "COMMAND"), rows)
+        header = ("ID", "STATE", "VM", "KIND", "ATTEMPT", "WAIT", "RUN", "EXIT")
+        _table((*header, *(("ALIEN",) if pilots else ()), "COMMAND"), rows)
         return 0
 
     return _admin(args, work)
@@ -443,6 +456,11 @@ def _job_fields(job: dict[str, Any], now: float) -> list[tuple[str, str]]:
         ("run time", _run_time(job, now)),
         ("wall time", _seconds(job["wall_time_s"])),
         ("exit code", _dash(job["exit_code"])),
+        *(
+            [("kind", "pilot run"), ("AliEn job", _dash(job.get("alien_job_id")))]
+            if job.get("kind") == "pilot"
+            else []
+        ),
     ]
 
 
@@ -752,6 +770,12 @@ def parser() -> argparse.ArgumentParser:
         "removed unless --workdir is given.",
     )
     demo.add_argument("--headless", action="store_true", help="no console: run jobs, summarise")
+    demo.add_argument(
+        "--alien",
+        action="store_true",
+        help="AliEn mode: the jobs wait in a stand-in AliEn central task queue, the core reads "
+        "its demand with a command, and each VM's agent runs a stand-in JobAgent as its pilot",
+    )
     demo.add_argument("--jobs", type=int, help="jobs to run (headless default 40; else endless)")
     demo.add_argument("--json", action="store_true", help="headless summary as JSON")
     demo.add_argument("--min", type=int, default=1, help="pool min_vms (default 1)")
@@ -823,6 +847,11 @@ def parser() -> argparse.ArgumentParser:
 
     jobs = command("jobs", "list the jobs", "Up to --limit of them, shown by id.", admin)
     jobs.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
+    jobs.add_argument(
+        "--kind",
+        choices=["job", "pilot"],
+        help="only the queue's jobs, or only pilot runs (e.g. AliEn JobAgents)",
+    )
     jobs.add_argument(
         "--limit",
         type=_count(1, 10_000),

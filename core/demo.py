@@ -3,6 +3,11 @@
 moto's EC2 server is the cloud (two "clouds" in front of it, the first one optionally out of
 capacity), the real core runs with its web service, each instance boots as a local agent
 process from its own user data, and a stream of demo jobs keeps the pool busy.
+
+With ``alien`` the jobs go to a stand-in AliEn central task queue instead of the core's own:
+the core reads demand through ``queue.kind: command`` (the sandbox's demand command), boots VMs
+with the ``alien`` template, and each agent runs the stand-in JobAgent as its pilot, which takes
+the jobs from the central queue. The core sees only pilot runs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from alienec2_tui.client import AdminClient
+from core.clouds.alien_clients import NO_JOB_EXIT
+from core.clouds.alien_sandbox import CentralQueue, demand_command, jobagent_command
 from core.clouds.sandbox import (
     SANDBOX_CREDENTIALS,
     SANDBOX_IMAGE,
@@ -34,7 +41,16 @@ from core.clouds.sandbox import (
 )
 from core.config import Config, parse_config
 from core.daemon import Core
-from core.model import REAP_REASONS, SERVING_STATES, VM, Event, EventKind, JobState, VMState
+from core.model import (
+    REAP_REASONS,
+    SERVING_STATES,
+    VM,
+    Event,
+    EventKind,
+    Job,
+    JobState,
+    VMState,
+)
 
 log = logging.getLogger("alienec2.demo")
 
@@ -55,6 +71,7 @@ class DemoOptions:
     failure_rate: float = 0.1
     seed: int = 7
     timeout_s: float = 300.0
+    alien: bool = False  # jobs in a stand-in AliEn central queue, run by JobAgent pilots
 
 
 @dataclass(slots=True)
@@ -78,6 +95,14 @@ class DemoSummary:
     timeout_s: float = 0.0
     timed_out: bool = False
     stopped_by: str | None = None  # the signal that stopped the demo early
+    # AliEn mode: the jobs above are the central queue's; these come from its own record of
+    # how often each job was given to a JobAgent, and from the pilot runs the core recorded.
+    alien: bool = False
+    jobs_taken_once: int | None = None
+    jobs_taken_more_than_once: int | None = None
+    pilot_runs: int | None = None
+    pilot_runs_with_job: int | None = None  # runs whose output named an AliEn job
+    queue_emptied_at: float | None = None  # the central queue's time its last job finished
 
     def text(self) -> str:
         unplanned = self.jobs_failed - self.jobs_failed_on_purpose
@@ -91,6 +116,14 @@ class DemoSummary:
             f"jobs waited {self.mean_wait_s:.2f} s for a VM on average; "
             f"the demo ran {self.runtime_s:.1f} s",
         ]
+        if self.alien:
+            lines[0] = "AliEn central queue " + lines[0]
+            lines.insert(
+                1,
+                f"JobAgents took {self.jobs_taken_once} jobs exactly once and "
+                f"{self.jobs_taken_more_than_once} more than once, in {self.pilot_runs} pilot "
+                f"runs ({self.pilot_runs_with_job} ran a job, the rest found none)",
+            )
         if self.timed_out:
             lines.append(
                 f"timed out after {self.timeout_s:g} s: "
@@ -126,8 +159,37 @@ LEAVING_EVENTS = frozenset(
 )
 
 
-def demo_config(workdir: Path, first_cloud: str, second_cloud: str, opts: DemoOptions) -> Config:
-    """Two sandbox clouds (the first preferred, with a small quota) and short timers."""
+ALIEN_IDLE_RUN_S = 1.0  # a JobAgent run shorter than this found no job (demo jobs run longer)
+ALIEN_PILOT_PAUSE_S = 1.0
+ALIEN_CYCLE_S = 1.0  # each cycle runs the demand command, a Python process: not every 0.5 s
+
+
+def alien_settings(central_url: str) -> dict[str, Any]:
+    """``queue`` and ``contextualisation`` for the stand-in AliEn: what a site writes, with
+    its own JobAgent command and waiting-jobs query in place of the sandbox's."""
+    return {
+        "queue": {"kind": "command", "command": demand_command(central_url), "timeout_s": 10},
+        "contextualisation": {
+            "template": "alien",
+            "alien": {
+                "pilot_command": jobagent_command(central_url),
+                "no_job_exit_codes": [NO_JOB_EXIT],
+                "idle_run_s": ALIEN_IDLE_RUN_S,
+                "pilot_pause_s": ALIEN_PILOT_PAUSE_S,
+            },
+        },
+    }
+
+
+def demo_config(
+    workdir: Path,
+    first_cloud: str,
+    second_cloud: str,
+    opts: DemoOptions,
+    central_url: str | None = None,
+) -> Config:
+    """Two sandbox clouds (the first preferred, with a small quota) and short timers; with
+    ``central_url`` the AliEn mode's demand command and JobAgent pilots."""
     cloud = {
         "region": SANDBOX_REGION,
         "image_id": SANDBOX_IMAGE,
@@ -137,41 +199,48 @@ def demo_config(workdir: Path, first_cloud: str, second_cloud: str, opts: DemoOp
         "backoff_max_s": 20,
         "boot_failures_before_backoff": 5,
     }
+    clouds = [
+        {
+            **cloud,
+            "name": "sandbox-a",
+            "endpoint_url": first_cloud,
+            "priority": 1,
+            "max_instances": max(opts.max_vms // 2, 1),
+        },
+        {
+            **cloud,
+            "name": "sandbox-b",
+            "endpoint_url": second_cloud,
+            "priority": 2,
+            "max_instances": opts.max_vms,
+        },
+    ]
+    pool = {
+        "name": "demo",
+        "min_vms": opts.min_vms,
+        "max_vms": opts.max_vms,
+        "idle_timeout_s": opts.idle_timeout_s,
+        "boot_timeout_s": opts.boot_delay_s + opts.jitter_s + 8,
+        "heartbeat_timeout_s": 5,
+        "cycle_interval_s": ALIEN_CYCLE_S if central_url else 0.5,
+        "reconcile_interval_s": 60,
+        "adaptive_warm": False,
+    }
+    alien = alien_settings(central_url) if central_url else None
     return parse_config(
         {
             "core_id": "demo",
-            "clouds": [
-                {
-                    **cloud,
-                    "name": "sandbox-a",
-                    "endpoint_url": first_cloud,
-                    "priority": 1,
-                    "max_instances": max(opts.max_vms // 2, 1),
-                },
-                {
-                    **cloud,
-                    "name": "sandbox-b",
-                    "endpoint_url": second_cloud,
-                    "priority": 2,
-                    "max_instances": opts.max_vms,
-                },
-            ],
-            "pool": {
-                "name": "demo",
-                "min_vms": opts.min_vms,
-                "max_vms": opts.max_vms,
-                "idle_timeout_s": opts.idle_timeout_s,
-                "boot_timeout_s": opts.boot_delay_s + opts.jitter_s + 8,
-                "heartbeat_timeout_s": 5,
-                "cycle_interval_s": 0.5,
-                "reconcile_interval_s": 60,
-                "adaptive_warm": False,
-            },
-            "queue": {"kind": "builtin", "max_attempts": 3},
+            "clouds": clouds,
+            "pool": pool,
+            "queue": alien["queue"] if alien else {"kind": "builtin", "max_attempts": 3},
             "state": {"path": str(workdir / "state.db"), "synchronous": "normal"},
             "web": {"host": "127.0.0.1", "port": 0},
             "admin": {"socket": str(workdir / "admin.sock")},
-            "contextualisation": {"agent_heartbeat_s": 1, "fetch_wait_s": 20},
+            "contextualisation": {
+                "agent_heartbeat_s": 1,
+                "fetch_wait_s": 20,
+                **(alien["contextualisation"] if alien else {}),
+            },
         }
     )
 
@@ -191,15 +260,29 @@ def demo_job(rng: random.Random, number: int, failure_rate: float) -> dict[str, 
 FAILS_ON_PURPOSE = "DEMO_FAILS_ON_PURPOSE"  # in the environment of the jobs written to fail
 
 
-async def job_stream(client: AdminClient, opts: DemoOptions, stop: asyncio.Event) -> int:
-    """Submit the demo jobs: a burst, then a trickle; endless waves when no count is given."""
+def alien_job(rng: random.Random, number: int, failure_rate: float) -> tuple[list[str], bool]:
+    """An AliEn-like job for the central queue (its argv, and whether it fails on purpose):
+    longer than ``ALIEN_IDLE_RUN_S``, so the JobAgent running it makes its VM busy."""
+    seconds = round(rng.uniform(1.5, 4.0), 1)
+    fails = rng.random() < failure_rate
+    script = f"echo 'ALICE job {number}: simulation, {seconds}s'; sleep {seconds}"
+    if fails:
+        script += f"; echo 'ALICE job {number}: simulated failure' >&2; exit 3"
+    return ["sh", "-c", script], fails
+
+
+Submit = Callable[[random.Random, range], Awaitable[None]]
+
+
+async def job_stream(submit: Submit, opts: DemoOptions, stop: asyncio.Event) -> int:
+    """Submit the demo jobs (numbered from 1): a burst, then a trickle; endless waves when no
+    count is given."""
     rng = random.Random(opts.seed)
     submitted = 0
 
-    async def submit(count: int) -> None:
+    async def more(count: int) -> None:
         nonlocal submitted
-        batch = [demo_job(rng, submitted + i + 1, opts.failure_rate) for i in range(count)]
-        await client.submit_batch(batch)
+        await submit(rng, range(submitted + 1, submitted + count + 1))
         submitted += count
 
     async def pause(seconds: float) -> bool:
@@ -209,16 +292,16 @@ async def job_stream(client: AdminClient, opts: DemoOptions, stop: asyncio.Event
 
     if opts.jobs is not None:
         burst = (opts.jobs * 3) // 5
-        await submit(burst)
+        await more(burst)
         while submitted < opts.jobs and not await pause(0.25):
-            await submit(min(2, opts.jobs - submitted))
+            await more(min(2, opts.jobs - submitted))
         return submitted
     while True:  # waves: a burst, a trickle, a quiet spell for the pool to shrink
-        await submit(rng.randint(15, 30))
+        await more(rng.randint(15, 30))
         for _ in range(rng.randint(10, 20)):
             if await pause(1.0):
                 return submitted
-            await submit(1)
+            await more(1)
         if await pause(opts.idle_timeout_s * 2.5):
             return submitted
 
@@ -233,6 +316,8 @@ class Demo:
         self.stop_requested = asyncio.Event()
         self.stopped_by: signal.Signals | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.central: CentralQueue | None = None  # the AliEn mode's stand-in task queue
+        self.alien_fails_on_purpose: set[int] = set()  # its job ids written to fail
         self._cleanup: list[Callable[[], Any]] = []  # undo what start() did, newest first
         if workdir is None:
             self._cleanup.append(lambda: shutil.rmtree(self.workdir, ignore_errors=True))
@@ -269,10 +354,21 @@ class Demo:
         self.scarce = FaultyEndpoint(self.cloud.url).start()
         self._cleanup.append(self.scarce.stop)
         self.scarce.capacity_error = self.opts.capacity_error
-        self.config = demo_config(self.workdir, self.scarce.url, self.cloud.url, self.opts)
+        if self.opts.alien:
+            self.central = CentralQueue().start()
+            self._cleanup.append(self.central.stop)
+        self.config = demo_config(
+            self.workdir,
+            self.scarce.url,
+            self.cloud.url,
+            self.opts,
+            self.central.url if self.central else None,
+        )
         self.core = Core(self.config)
         await self.core.start()
         self._cleanup.append(self.core.stop)
+        if self.central is not None:
+            self.central.clock = self.core.clock  # its times compare with the core's events
         self.runner = InstanceRunner(
             self.cloud.url,
             self.workdir / "instances",
@@ -286,10 +382,21 @@ class Demo:
         self._tasks.append(asyncio.create_task(self.runner.run(self.stop_requested)))
         self.client = AdminClient(socket_path=str(self.core.admin_socket))
         self._cleanup.append(self.client.aclose)
-        self.jobs_task = asyncio.create_task(
-            job_stream(self.client, self.opts, self.stop_requested)
-        )
+        submit = self._submit_alien if self.central else self._submit_builtin
+        self.jobs_task = asyncio.create_task(job_stream(submit, self.opts, self.stop_requested))
         self._tasks.append(self.jobs_task)
+
+    async def _submit_builtin(self, rng: random.Random, numbers: range) -> None:
+        batch = [demo_job(rng, number, self.opts.failure_rate) for number in numbers]
+        await self.client.submit_batch(batch)
+
+    async def _submit_alien(self, rng: random.Random, numbers: range) -> None:
+        assert self.central is not None
+        for number in numbers:
+            command, fails = alien_job(rng, number, self.opts.failure_rate)
+            job_id = self.central.add(command)
+            if fails:
+                self.alien_fails_on_purpose.add(job_id)
 
     async def stop(self) -> None:
         """Stop the job stream, the core, every instance process and the sandbox cloud."""
@@ -313,6 +420,9 @@ class Demo:
         def finished() -> bool:
             if not self.jobs_task.done() or self.jobs_task.cancelled():
                 return False
+            if self.central is not None:
+                central = self.central.counts()
+                return central["done"] + central["failed"] >= self.jobs_task.result()
             counts = store.job_counts()
             return sum(counts[state] for state in TERMINAL) >= self.jobs_task.result()
 
@@ -335,25 +445,11 @@ class Demo:
     def summary(self, runtime_s: float, all_finished: bool, timed_out: bool = False) -> DemoSummary:
         store = self.core.store
         events = store.events_after(0, limit=1_000_000)
-        terminal_events: dict[int, int] = {}
-        for event in events:
-            if (
-                event.kind in (EventKind.JOB_DONE, EventKind.JOB_FAILED)
-                and event.job_id is not None
-            ):
-                terminal_events[event.job_id] = terminal_events.get(event.job_id, 0) + 1
-        jobs = store.jobs(limit=1_000_000)
-        waits = [j.started_at - j.submitted_at for j in jobs if j.started_at is not None]
-        counts = store.job_counts()
+        records = store.jobs(limit=1_000_000)
         vms = store.vms()
+        jobs = self._alien_jobs(records) if self.central else self._queue_jobs(records, events)
         return DemoSummary(
-            jobs_submitted=len(jobs),
-            jobs_done=counts[JobState.DONE],
-            jobs_failed=counts[JobState.FAILED],
-            jobs_failed_on_purpose=sum(
-                1 for j in jobs if j.state == JobState.FAILED and FAILS_ON_PURPOSE in j.env
-            ),
-            jobs_finished_twice=sum(1 for n in terminal_events.values() if n > 1),
+            **jobs,
             vms_launched=len(vms),
             vms_reaped=sum(
                 1 for e in events if e.kind == EventKind.VM_TERMINATING and e.reason in REAP_REASONS
@@ -362,13 +458,57 @@ class Demo:
             vms_lost=sum(1 for e in events if e.kind == EventKind.VM_LOST),
             peak_vms=peak_serving(vms, events),
             final_vms=self.serving_vms(),
-            mean_wait_s=statistics.fmean(waits) if waits else 0.0,
             runtime_s=runtime_s,
             all_finished=all_finished,
             timeout_s=self.opts.timeout_s,
             timed_out=timed_out,
             stopped_by=self.stopped_by.name if self.stopped_by else None,
         )
+
+    def _queue_jobs(self, records: list[Job], events: list[Event]) -> dict[str, Any]:
+        """The built-in queue's jobs, from the core's store and event log."""
+        terminal_events: dict[int, int] = {}
+        for event in events:
+            if (
+                event.kind in (EventKind.JOB_DONE, EventKind.JOB_FAILED)
+                and event.job_id is not None
+            ):
+                terminal_events[event.job_id] = terminal_events.get(event.job_id, 0) + 1
+        jobs = [j for j in records if j.kind == "job"]
+        waits = [j.started_at - j.submitted_at for j in jobs if j.started_at is not None]
+        return {
+            "jobs_submitted": len(jobs),
+            "jobs_done": sum(1 for j in jobs if j.state == JobState.DONE),
+            "jobs_failed": sum(1 for j in jobs if j.state == JobState.FAILED),
+            "jobs_failed_on_purpose": sum(
+                1 for j in jobs if j.state == JobState.FAILED and FAILS_ON_PURPOSE in j.env
+            ),
+            "jobs_finished_twice": sum(1 for n in terminal_events.values() if n > 1),
+            "mean_wait_s": statistics.fmean(waits) if waits else 0.0,
+        }
+
+    def _alien_jobs(self, records: list[Job]) -> dict[str, Any]:
+        """The central queue's jobs, from its own record; the pilot runs from the core's."""
+        assert self.central is not None
+        jobs = self.central.jobs()
+        waits = [j["taken_at"] - j["submitted_at"] for j in jobs if j["taken_at"] is not None]
+        runs = [j for j in records if j.kind == "pilot"]
+        return {
+            "jobs_submitted": len(jobs),
+            "jobs_done": sum(1 for j in jobs if j["state"] == "done"),
+            "jobs_failed": sum(1 for j in jobs if j["state"] == "failed"),
+            "jobs_failed_on_purpose": sum(
+                1 for j in jobs if j["state"] == "failed" and j["id"] in self.alien_fails_on_purpose
+            ),
+            "jobs_finished_twice": sum(1 for j in jobs if j["taken"] > 1),
+            "mean_wait_s": statistics.fmean(waits) if waits else 0.0,
+            "alien": True,
+            "jobs_taken_once": sum(1 for j in jobs if j["taken"] == 1),
+            "jobs_taken_more_than_once": sum(1 for j in jobs if j["taken"] > 1),
+            "pilot_runs": len(runs),
+            "pilot_runs_with_job": sum(1 for r in runs if r.alien_job_id is not None),
+            "queue_emptied_at": self.central.emptied_at(),
+        }
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)

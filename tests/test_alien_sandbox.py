@@ -12,17 +12,40 @@ from typing import Any
 
 import pytest
 
+from alienec2_tui.client import AdminClient
+from alienec2_tui.widgets.job_table import row_for
 from contextualisation.agent import parse_alien_job_id
-from core.clouds.alien_sandbox import NO_JOB_EXIT, CentralQueue, demand_command, jobagent_command
-from core.clouds.sandbox import MotoEC2Server
-from core.model import VMState
+from core.clouds.alien_clients import NO_JOB_EXIT
+from core.clouds.alien_sandbox import CentralQueue, demand_command, jobagent_command
+from core.clouds.sandbox import MotoEC2Server, sandbox_refusal
+from core.config import parse_config
+from core.daemon import Core
+from core.model import JobState, VMState
+from core.queues import DemandError
+from core.queues.command import CommandQueue
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
+from tests.test_cli import cli
 
 
 @pytest.fixture
 def central() -> Iterator[CentralQueue]:
     with CentralQueue() as queue:
         yield queue
+
+
+async def core_jobs(core: Core, kind: str) -> dict[str, Any]:
+    async with AdminClient(socket_path=str(core.admin_socket)) as client:
+        return await client.jobs(kind=kind, limit=500)
+
+
+async def eventually_running_run(core: Core) -> int:
+    """A pilot run in progress (the idle VM's JobAgents start again every pause)."""
+
+    def running() -> list[int]:
+        return [j.id for j in core.store.jobs(JobState.RUNNING, kind="pilot")]
+
+    await eventually(lambda: bool(running()), timeout=30)
+    return running()[0]
 
 
 def post(url: str, body: dict[str, Any]) -> Any:
@@ -100,3 +123,65 @@ async def test_jobagents_under_a_real_agent_and_core_run_every_central_job_exact
         await eventually(lambda: "code=3 idle=True" in agent.log())
         assert core.store.vm(vm_id).state == VMState.IDLE  # short runs: the VM stays idle
         assert {"slot=0", "slot=1"} <= set(agent.log().replace(" ", "\n").split("\n"))
+
+        # The runs are records: `alienec2 jobs` lists them with the AliEn job each one ran.
+        code, out, _ = await cli(core, "jobs", "--kind", "pilot", "--state", "done")
+        assert code == 0
+        header, *rows = out.splitlines()
+        assert header.split()[:9] == [
+            "ID", "STATE", "VM", "KIND", "ATTEMPT", "WAIT", "RUN", "EXIT", "ALIEN",
+        ]  # fmt: skip
+        cells = [row.split() for row in rows]
+        assert {row[3] for row in cells} == {"pilot"}
+        named = sorted(int(row[8]) for row in cells if row[8] != "-")
+        assert named == ids  # each central job named by exactly one recorded run
+        assert any(row[8] == "-" and row[7] == str(NO_JOB_EXIT) for row in cells)
+        code, out, _ = await cli(core, "jobs", "--kind", "job")
+        assert (code, out.strip()) == (0, "no jobs of kind job")
+        reply = (await core_jobs(core, "pilot"))["jobs"]
+        assert reply and {job["kind"] for job in reply} == {"pilot"}
+        assert (await core_jobs(core, "job"))["jobs"] == []
+
+        # The console's jobs view shows what each run did, not the same JobAgent command line.
+        shown = {row_for(job, 0.0)[-1] for job in reply}
+        assert {f"pilot run: AliEn job {n}" for n in ids} <= shown
+        assert "pilot run" in shown
+
+        # A pilot run cannot be cancelled like a queue job: the core does not run it.
+        running = await eventually_running_run(core)
+        code, _, err = await cli(core, "cancel", str(running))
+        assert code != 0 and "pilot run" in err
+        assert core.store.job(running).state != JobState.CANCELLED
+
+
+def test_sandbox_runs_the_alien_template_only_with_the_stand_in_jobagent() -> None:
+    def config(pilot: list[str]) -> Any:
+        return parse_config(
+            {
+                "clouds": [{"name": "c", "region": "r", "image_id": "ami-1"}],
+                "contextualisation": {"template": "alien", "alien": {"pilot_command": pilot}},
+            }
+        )
+
+    assert sandbox_refusal(config(jobagent_command("http://127.0.0.1:1"))) is None
+    site = sandbox_refusal(config(["/cvmfs/alice.cern.ch/bin/alienv", "JobAgent"]))
+    assert site is not None and "would run the site's JobAgent" in site
+    assert (
+        sandbox_refusal(
+            parse_config({"clouds": [{"name": "c", "region": "r", "image_id": "ami-1"}]})
+        )
+        is None
+    )
+
+
+async def test_the_worked_example_demand_command_meets_the_command_source_contract(
+    central: CentralQueue,
+) -> None:
+    """The README's worked example, through the core's own command source."""
+    for n in range(3):
+        central.add(["true", str(n)])
+    assert await CommandQueue(demand_command(central.url), 10).waiting() == 3
+    central.take("a")
+    assert await CommandQueue(demand_command(central.url), 10).waiting() == 2
+    with pytest.raises(DemandError, match=r"exited with 1: central queue .* did not answer"):
+        await CommandQueue(demand_command("http://127.0.0.1:9"), 10).waiting()

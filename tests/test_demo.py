@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from core.demo import peak_serving
+from core.demo import ALIEN_CYCLE_S, peak_serving
 from core.model import VM, Event, VMState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +68,54 @@ def test_headless_demo_runs_every_job_once_grows_to_max_and_shrinks_to_min(
     assert (workdir / "demo.log").stat().st_size > 0
     assert processes_mentioning(str(workdir)) == []
     assert not (workdir / "instances").exists()
+
+
+@pytest.mark.slow
+def test_alien_demo_runs_every_central_job_once_then_shrinks_to_min_within_idle_timeout(
+    tmp_path: Path,
+) -> None:
+    """The whole AliEn chain: central queue → demand command → launch → alien user data →
+    agent → stand-in JobAgent → job. Counts come from the central queue's own record and the
+    core's store; the shrink is timed from the core's events."""
+    workdir = tmp_path / "demo"
+    idle_timeout_s = 10.0
+    summary = run_demo(workdir, "--alien", "--idle-timeout", str(idle_timeout_s))
+    assert summary["alien"] is True
+    assert summary["jobs_submitted"] == 40
+    assert summary["jobs_taken_once"] == 40  # the central queue counted each hand-out
+    assert summary["jobs_taken_more_than_once"] == 0
+    assert summary["jobs_done"] + summary["jobs_failed"] == 40
+    assert summary["jobs_failed"] == summary["jobs_failed_on_purpose"]
+    assert summary["pilot_runs_with_job"] == 40
+    assert summary["pilot_runs"] > 40  # the JobAgents that found nothing are recorded too
+    assert (summary["vms_lost"], summary["vms_failed"]) == (0, 0)
+    assert summary["peak_vms"] > 1
+    assert summary["final_vms"] == 1
+    assert summary["all_finished"] is True and summary["timed_out"] is False
+
+    with contextlib.closing(sqlite3.connect(workdir / "state.db")) as db:
+        named = [
+            int(row[0])
+            for row in db.execute(
+                "SELECT alien_job_id FROM jobs WHERE kind = 'pilot' AND alien_job_id IS NOT NULL"
+            )
+        ]
+        assert db.execute("SELECT COUNT(*) FROM jobs WHERE kind != 'pilot'").fetchone() == (0,)
+        reaped = [
+            ts
+            for (ts,) in db.execute(
+                "SELECT ts FROM events WHERE kind = 'vm_terminating' AND reason = 'idle_timeout'"
+            )
+        ]
+        other_ends = db.execute(
+            "SELECT COUNT(*) FROM events WHERE kind = 'vm_terminating' AND reason != 'idle_timeout'"
+        ).fetchone()
+    assert sorted(named) == list(range(1, 41))  # each AliEn job named by exactly one run
+    assert len(reaped) == summary["vms_launched"] - 1 and other_ends == (0,)
+    emptied = summary["queue_emptied_at"]
+    assert isinstance(emptied, float)
+    assert max(reaped) - emptied <= idle_timeout_s + 2 * ALIEN_CYCLE_S
+    assert processes_mentioning(str(workdir)) == []
 
 
 @pytest.mark.slow

@@ -55,6 +55,9 @@ class JobDetails(LiveScreen):
             f"exit code {job['exit_code'] if job['exit_code'] is not None else '-'}",
             f"env names: {env}",
         ]
+        if job.get("kind") == "pilot":
+            named = job.get("alien_job_id")
+            lines.append(f"pilot run; AliEn job: {named or 'none named in its output'}")
         if job["reason"]:
             lines.append(f"reason: {job['reason']}")
         self.query_one("#job-facts", Static).update(Text("\n".join(lines)))

@@ -1,4 +1,5 @@
-"""The jobs table: the newest jobs the core reports, with how long they waited and ran."""
+"""The jobs table: the newest jobs the core reports (queue jobs and pilot runs), with how long
+they waited and ran."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ def run_time(job: dict[str, Any], now: float) -> float | None:
     return (job["finished_at"] or now) - job["started_at"]
 
 
+def what_ran(job: dict[str, Any]) -> str:
+    """The command; for a pilot run (an AliEn JobAgent, whose command line is the same every
+    time) what it ran: the AliEn job its output named, if any."""
+    if job.get("kind") != "pilot":
+        return " ".join(job["command"])
+    named = job.get("alien_job_id")
+    return f"pilot run: AliEn job {named}" if named else "pilot run"
+
+
 def row_for(job: dict[str, Any], now: float) -> tuple[str, ...]:
     return (
         str(job["id"]),
@@ -27,7 +37,7 @@ def row_for(job: dict[str, Any], now: float) -> tuple[str, ...]:
         age(job["wait_s"]) if job["wait_s"] is not None else "-",
         age(run_time(job, now)),
         str(job["exit_code"]) if job["exit_code"] is not None else "-",
-        " ".join(job["command"])[:48],
+        what_ran(job)[:48],
     )
 
 
@@ -60,6 +70,7 @@ class JobTable(KeyedTable):
             str(record["id"]),
             record["state"],
             record["vm_id"] or "",
+            what_ran(record),
             " ".join(record["command"]),
         )
 

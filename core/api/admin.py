@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import hmac
 from collections.abc import Sequence
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import Response
@@ -219,10 +219,11 @@ def create_admin_app(
         state: JobState | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 200,
         before: Annotated[int | None, Query(ge=0, le=INT64)] = None,
+        kind: Literal["job", "pilot"] | None = None,
     ) -> dict[str, Any]:
         """Newest first (``before``: an id, to page back); with ``state``, oldest first
-        (``before`` then means after that id)."""
-        jobs = store.jobs(state, limit, before)
+        (``before`` then means after that id). ``kind``: only queue jobs or only pilot runs."""
+        jobs = store.jobs(state, limit, before, kind)
         return {"now": service.clock(), "jobs": [job_view(j) for j in jobs]}
 
     @app.get("/admin/v1/jobs/{job_id}")

@@ -1,16 +1,14 @@
-"""A sandbox AliEn: a stand-in central task queue, a stand-in JobAgent and the demand command.
+"""A sandbox AliEn: a stand-in central task queue, and the argv of its clients.
 
-Standard library only, so the same file runs as a script wherever the agent runs its pilot:
+    python -m core.clouds.alien_sandbox [--port N]     the central task queue on loopback
 
-    python alien_sandbox.py serve [--port N]          the central task queue on loopback
-    python alien_sandbox.py jobagent --queue URL      one JobAgent run (the agent's pilot_command)
-    python alien_sandbox.py demand --queue URL        waiting jobs (``queue.kind: command``)
-
-The JobAgent asks the central queue for one job, runs it, reports it done and exits 0, having
-printed ``JobAgent: running job <id>`` (the agent's default ``alien.job_id_regex`` finds the id);
-with nothing to do it exits at once with ``NO_JOB_EXIT`` (list it in ``alien.no_job_exit_codes``),
-as the real JobAgent does after its idle TTL. The demand command keeps the ``command`` contract:
-one integer on stdout and exit 0, or a message on stderr and a non-zero exit.
+Its clients are in ``alien_clients.py`` (standard library only, quick to start, as they run
+every cycle and every pilot run): the stand-in JobAgent asks the central queue for one job, runs
+it, reports it done and exits 0, having printed ``JobAgent: running job <id>`` (the agent's
+default ``alien.job_id_regex`` finds the id); with nothing to do it exits at once with
+``NO_JOB_EXIT`` (list it in ``alien.no_job_exit_codes``), as the real JobAgent does after its
+idle TTL. The demand query keeps the ``command`` contract: one integer on stdout and exit 0, or
+a message on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -19,17 +17,14 @@ import argparse
 import contextlib
 import json
 import re
-import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-NO_JOB_EXIT = 3
 
 
 @dataclass
@@ -40,6 +35,9 @@ class AlienJob:
     taken: int = 0  # how many times a JobAgent was given it: exactly once, or a bug
     exit_code: int | None = None
     agent: str | None = None
+    submitted_at: float = 0.0
+    taken_at: float | None = None
+    finished_at: float | None = None
     output: str = field(default="", repr=False)
 
     def public(self) -> dict[str, Any]:
@@ -50,13 +48,21 @@ class AlienJob:
             "taken": self.taken,
             "exit_code": self.exit_code,
             "agent": self.agent,
+            "submitted_at": self.submitted_at,
+            "taken_at": self.taken_at,
+            "finished_at": self.finished_at,
         }
 
 
 class CentralQueue:
-    """AliEn's central task queue, as far as a JobAgent sees it: FIFO, each job given once."""
+    """AliEn's central task queue, as far as a JobAgent sees it: FIFO, each job given once.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    Its times come from ``clock`` (the demo passes the core's, so they compare with events)."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.clock = clock
         self._jobs: dict[int, AlienJob] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), self._handler())
@@ -81,7 +87,7 @@ class CentralQueue:
 
     def add(self, command: list[str]) -> int:
         with self._lock:
-            job = AlienJob(len(self._jobs) + 1, list(command))
+            job = AlienJob(len(self._jobs) + 1, list(command), submitted_at=self.clock())
             self._jobs[job.id] = job
             return job.id
 
@@ -91,6 +97,7 @@ class CentralQueue:
                 if job.state == "waiting":
                     job.state, job.agent = "running", agent
                     job.taken += 1
+                    job.taken_at = self.clock()
                     return job
         return None
 
@@ -101,6 +108,7 @@ class CentralQueue:
                 return False
             job.state = "done" if exit_code == 0 else "failed"
             job.exit_code = exit_code
+            job.finished_at = self.clock()
             return True
 
     def counts(self) -> dict[str, int]:
@@ -113,6 +121,14 @@ class CentralQueue:
     def jobs(self) -> list[dict[str, Any]]:
         with self._lock:
             return [job.public() for job in self._jobs.values()]
+
+    def emptied_at(self) -> float | None:
+        """When the last job finished, once none waits or runs; None before that."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+            if not jobs or any(job.finished_at is None for job in jobs):
+                return None
+            return max(job.finished_at for job in jobs if job.finished_at is not None)
 
     # ---- HTTP --------------------------------------------------------------------------------
 
@@ -172,78 +188,29 @@ class CentralQueue:
         return Handler
 
 
-# ---- the scripts: what the agent's pilot_command and the demand source run ------------------
+# ---- the clients: what the agent's pilot_command and the demand source run ------------------
 
 
 def script_path() -> Path:
-    return Path(__file__).resolve()
+    """The clients' script (a separate, quick-to-start file: it runs every cycle and run)."""
+    return Path(__file__).resolve().with_name("alien_clients.py")
 
 
 def jobagent_command(queue_url: str, python: str = sys.executable) -> list[str]:
     """The stand-in JobAgent as an agent ``pilot_command``."""
-    return [python, str(script_path()), "jobagent", "--queue", queue_url]
+    return [python, "-S", str(script_path()), "jobagent", "--queue", queue_url]
 
 
 def demand_command(queue_url: str, python: str = sys.executable) -> list[str]:
     """The waiting-jobs query as a ``queue.kind: command`` argv."""
-    return [python, str(script_path()), "demand", "--queue", queue_url]
-
-
-def _call(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url,
-        data=data,
-        headers={"Content-Type": "application/json"},
-        method="GET" if data is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as reply:
-        return json.loads(reply.read())
-
-
-def run_jobagent(queue_url: str, agent: str) -> int:
-    base = queue_url.rstrip("/")
-    job = _call(f"{base}/jobs/take", {"agent": agent})["job"]
-    if job is None:
-        print("JobAgent: no matching job, exiting", flush=True)
-        return NO_JOB_EXIT
-    print(f"JobAgent: running job {job['id']}", flush=True)
-    try:
-        code = subprocess.run(job["command"], stdin=subprocess.DEVNULL, check=False).returncode
-    except OSError as exc:
-        print(f"JobAgent: cannot start job {job['id']}: {exc}", flush=True)
-        code = 127
-    _call(f"{base}/jobs/{job['id']}/done", {"exit_code": code})
-    print(f"JobAgent: job {job['id']} ended with exit code {code}", flush=True)
-    return 0
-
-
-def run_demand(queue_url: str) -> int:
-    try:
-        counts = _call(queue_url.rstrip("/") + "/counts", timeout=5.0)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"central queue {queue_url} did not answer: {exc}", file=sys.stderr)
-        return 1
-    print(int(counts["waiting"]))
-    return 0
+    return [python, "-S", str(script_path()), "demand", "--queue", queue_url]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="sandbox AliEn")
-    commands = parser.add_subparsers(dest="what", required=True)
-    serve = commands.add_parser("serve", help="run the central task queue")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=0)
-    for name in ("jobagent", "demand"):
-        sub = commands.add_parser(name)
-        sub.add_argument("--queue", required=True, help="the central queue's URL")
+    parser = argparse.ArgumentParser(description="the sandbox AliEn's central task queue")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.what == "jobagent":
-        import socket
-
-        return run_jobagent(args.queue, socket.gethostname())
-    if args.what == "demand":
-        return run_demand(args.queue)
     queue = CentralQueue(args.host, args.port)
     print(queue.url, flush=True)
     with contextlib.suppress(KeyboardInterrupt):

@@ -35,6 +35,7 @@ from typing import Any
 import boto3
 from moto.server import ThreadedMotoServer
 
+from core.clouds.alien_sandbox import script_path
 from core.config import Config
 from core.userdata import read_agent_settings
 
@@ -177,14 +178,23 @@ class FaultyEndpoint:
 
 def sandbox_refusal(config: Config) -> str | None:
     """Why a configuration cannot run against the sandbox, whose instances are local
-    processes running the builtin agent; None when it can."""
-    if config.contextualisation.template != "builtin":
+    processes; None when it can. An ``alien`` pilot runs on this machine, so only the
+    sandbox's own stand-in JobAgent is allowed (``alien_clients.py jobagent``)."""
+    context = config.contextualisation
+    if context.template == "alien" and not is_stand_in_jobagent(context.alien.pilot_command):
         return (
-            f"contextualisation.template: --sandbox boots instances as local processes with "
-            f"the builtin agent; {config.contextualisation.template!r} would run the site's "
-            f"JobAgent command on this machine (use template: builtin to try the pool)"
+            "contextualisation.template: --sandbox boots instances as local processes; "
+            f"the pilot_command {context.alien.pilot_command!r} would run the site's JobAgent "
+            "on this machine (use the sandbox's stand-in JobAgent, as `alienec2 demo --alien` "
+            "does, or template: builtin to try the pool)"
         )
     return None
+
+
+def is_stand_in_jobagent(argv: list[str]) -> bool:
+    """The sandbox AliEn's JobAgent (``<python> [-S] <alien_clients.py> jobagent ...``)."""
+    args = [arg for arg in argv[1:] if arg != "-S"]
+    return args[:2] == [str(script_path()), "jobagent"]
 
 
 def sandbox_config(config: Config, endpoint_url: str) -> Config:
@@ -262,9 +272,10 @@ def _descendants(pid: int) -> list[int]:
 
 class InstanceRunner:
     """The sandbox's hypervisor: each instance EC2 reports running boots, after a boot delay,
-    as a local agent process configured by that instance's own user data. Terminated instances'
-    processes are stopped. Everything lives in ``workdir`` (each agent's pid in
-    ``<instance>/agent.pid``), removed by ``close``."""
+    as a local agent process configured by that instance's own user data (either template:
+    both write the agent settings; with ``alien`` the agent runs their ``pilot_command``).
+    Terminated instances' processes, pilots and jobs included, are stopped. Everything lives
+    in ``workdir`` (each agent's pid in ``<instance>/agent.pid``), removed by ``close``."""
 
     def __init__(
         self,

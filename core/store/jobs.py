@@ -100,19 +100,25 @@ class Jobs(VMs):
         return _job(row)
 
     def jobs(
-        self, state: JobState | None = None, limit: int = 1000, before: int | None = None
+        self,
+        state: JobState | None = None,
+        limit: int = 1000,
+        before: int | None = None,
+        kind: str | None = None,
     ) -> list[Job]:
         """Newest first without a state; oldest first (queue order) with one. ``before``
-        pages backwards through the newest-first listing."""
+        pages backwards through the newest-first listing. ``kind``: only "job" (the queue's)
+        or only "pilot" (pilot runs) records."""
+        of_kind, kinds = ("AND kind = ? ", (kind,)) if kind is not None else ("", ())
         if state is None:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE id < ? ORDER BY id DESC LIMIT ?",
-                (before if before is not None else 2**63 - 1, limit),
+                f"SELECT * FROM jobs WHERE id < ? {of_kind}ORDER BY id DESC LIMIT ?",
+                (before if before is not None else 2**63 - 1, *kinds, limit),
             ).fetchall()
         else:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
-                (state, before if before is not None else 0, limit),
+                f"SELECT * FROM jobs WHERE state = ? AND id > ? {of_kind}ORDER BY id LIMIT ?",
+                (state, before if before is not None else 0, *kinds, limit),
             ).fetchall()
         return [_job(r) for r in rows]
 
@@ -151,7 +157,8 @@ class Jobs(VMs):
             job = self.job(job_id)
             if job.kind == "pilot":
                 raise Conflict(
-                    f"job {job_id} is a pilot run; drain or kill its VM {job.vm_id} instead"
+                    f"job {job_id} is a pilot run, which the core cannot stop: "
+                    f"drain or kill its VM ({job.vm_id})"
                 )
             if job.state not in (JobState.QUEUED, *ACTIVE_JOB_STATES):
                 raise Conflict(f"job {job_id} is {job.state}, it cannot be cancelled")
