@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.demo import ALIEN_CYCLE_S, peak_serving
-from core.model import VM, Event, VMState
+from core.model import REAP_REASONS, VM, Event, VMState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,14 +101,15 @@ def test_alien_demo_runs_every_central_job_once_then_shrinks_to_min_within_idle_
             )
         ]
         assert db.execute("SELECT COUNT(*) FROM jobs WHERE kind != 'pilot'").fetchone() == (0,)
+        reaps = ",".join(f"'{reason}'" for reason in REAP_REASONS)
         reaped = [
             ts
             for (ts,) in db.execute(
-                "SELECT ts FROM events WHERE kind = 'vm_terminating' AND reason = 'idle_timeout'"
+                f"SELECT ts FROM events WHERE kind = 'vm_terminating' AND reason IN ({reaps})"
             )
         ]
         other_ends = db.execute(
-            "SELECT COUNT(*) FROM events WHERE kind = 'vm_terminating' AND reason != 'idle_timeout'"
+            f"SELECT COUNT(*) FROM events WHERE kind = 'vm_terminating' AND reason NOT IN ({reaps})"
         ).fetchone()
     assert sorted(named) == list(range(1, 41))  # each AliEn job named by exactly one run
     assert len(reaped) == summary["vms_launched"] - 1 and other_ends == (0,)

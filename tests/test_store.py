@@ -200,3 +200,27 @@ def test_drain_only_from_idle_or_busy(store: Store) -> None:
         store.drain_vm("i-9", T0)
     store.register_vm("i-9", T0)
     assert store.drain_vm("i-9", T0).state == VMState.DRAINING
+
+
+def test_pilot_runs_go_on_while_their_vm_turns_busy_and_end_when_it_stops_serving(
+    store: Store,
+) -> None:
+    idle_vm(store)
+    vm = store.vm("i-1")
+    run = store.record_run(
+        vm,
+        "i-1/r1",
+        ["jobagent"],
+        T0,
+        finished=False,
+        exit_code=None,
+        output_tail="",
+        alien_job_id=None,
+        idle=None,
+    )
+    store.set_pilot_busy("i-1", True, T0 + 1)
+    assert store.vm("i-1").state == VMState.BUSY
+    assert store.job(run.id).state == JobState.RUNNING
+    store.transition_vm("i-1", VMState.LOST, T0 + 2, "no heartbeat")
+    ended = store.job(run.id)
+    assert ended.state == JobState.FAILED and "lost" in (ended.reason or "")

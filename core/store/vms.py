@@ -80,7 +80,7 @@ class VMs(Database):
                 return vm
             check_vm(vm.state, new)
             columns = vm_columns(new, now, vm.job_id)
-            if columns["job_id"] is None and vm.state not in STOPPED_SERVING_STATES:
+            if new in STOPPED_SERVING_STATES and vm.state not in STOPPED_SERVING_STATES:
                 self._stopped_serving(vm, now, f"vm {vm_id} {new}: {why}", spend_attempt)
             if new in TOKEN_REVOKED_STATES:
                 columns["token_hash"] = None
