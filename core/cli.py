@@ -253,10 +253,23 @@ def _print_status(status: dict[str, Any]) -> None:
     for cloud in status["clouds"]:
         backoff = f"  backoff {cloud['backoff_s']:.0f}s" if cloud["backoff_s"] > 0 else ""
         error = f"  last error: {cloud['last_error']}" if cloud["last_error"] and backoff else ""
+        cost = f"  ${cloud['cost_per_hour']:.2f}/h" if cloud.get("cost_per_hour") else ""
+        market = "  spot" if cloud.get("market") == "spot" else ""
         print(
             f"cloud {cloud['name']}: {cloud['alive']}/{cloud['max_instances']} instances"
-            f"  priority {cloud['priority']}{backoff}{error}"
+            f"  priority {cloud['priority']}{market}{cost}{backoff}{error}"
         )
+        for placement in cloud.get("placements", []):
+            if placement["backoff_s"] > 0:
+                print(
+                    f"  {placement['instance_type'] or 'template'}"
+                    f"/{placement['subnet_id'] or 'default'}:"
+                    f" backoff {placement['backoff_s']:.0f}s  {placement['last_error'] or ''}"
+                )
+    total: dict[str, Any] = status.get("cost_per_hour") or {}
+    if total.get("total") or total.get("max") is not None:
+        cap = f" of max {total['max']:g}" if total.get("max") is not None else ""
+        print(f"cost: ${total.get('total', 0):.2f}/h{cap}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -135,6 +135,7 @@ class Core:
             engine.wake.set,
             engine.launch_keys,
         )
+        self.service.cloud_details = engine.cloud_details
 
         def cycles() -> int:
             return engine.cycles

@@ -31,6 +31,16 @@ class CapacityError(CloudError):
     """The cloud cannot give us instances now (capacity, quota or limit): back off."""
 
 
+class PlacementError(CapacityError):
+    """This instance type in this subnet cannot be had now (no capacity there, or the type is
+    not offered there): another (type, subnet) of the same cloud may still work."""
+
+
+class ThrottledError(CapacityError):
+    """The cloud refused the call for its request rate (RequestLimitExceeded): nothing was
+    done, and the same call may be sent again after a pause."""
+
+
 class InstanceState(enum.StrEnum):
     """What the engine needs to know of an instance, whatever the cloud calls its states."""
 
@@ -45,6 +55,18 @@ class Instance:
     state: InstanceState
     address: str | None = None
     launch_id: str | None = None
+    instance_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a launch goes within one cloud; None: the template's or endpoint's default."""
+
+    instance_type: str | None = None
+    subnet_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.instance_type or 'template'}/{self.subnet_id or 'default'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +75,7 @@ class LaunchRequest:
     count: int
     client_token: str
     user_data: str
+    placement: Placement = Placement()
 
 
 class CloudProvider(Protocol):

@@ -198,7 +198,7 @@ def sandbox_config(config: Config, endpoint_url: str) -> Config:
                 "endpoint_url": endpoint_url,
                 "region": SANDBOX_REGION,
                 "profile": None,
-                "image_id": SANDBOX_IMAGE,
+                "image_id": SANDBOX_IMAGE if cloud.launch_template is None else None,
                 "exact_count": True,
             }
         )
