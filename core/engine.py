@@ -91,7 +91,7 @@ class Engine:
         self._interruptions: dict[tuple[str, str | None], deque[float]] = {}
         self._interrupted_seen: set[str] = set()
         self._vm_types: dict[str, str | None] = {}  # instance type per VM, for prices
-        self._skipped: dict[str, str] = {}  # the last launch_skipped message per cloud
+        self._skipped: dict[str, str] = {}  # per cloud: why launches are being skipped
 
     # ---- runtime settings (admin overrides, durable) -----------------------------------
 
@@ -685,8 +685,9 @@ class Engine:
                 f"{count - affordable} of {count} VMs not launched: ${current:.2f}/h now, "
                 f"${price:g}/h each would pass pool.max_cost_per_hour={cap:g}"
             )
-            if self._skipped.get(cloud) != message:
-                self._skipped[cloud] = message
+            reason = f"{price:g}/{cap:g}"  # told again only when the reason changes
+            if self._skipped.get(cloud) != reason:
+                self._skipped[cloud] = reason
                 self.store.record_event(now, EventKind.LAUNCH_SKIPPED, message, cloud=cloud)
         else:
             self._skipped.pop(cloud, None)
