@@ -271,3 +271,14 @@ async def test_a_launch_that_would_pass_the_cost_cap_is_not_made_and_an_event_sa
     assert len(skipped) == 1  # said once, not every cycle
     assert "4 of 10 VMs not launched" in skipped[0].message
     assert "max_cost_per_hour=0.25" in skipped[0].message
+
+
+def test_aws_endpoints_default_to_adaptive_retries_and_others_to_standard() -> None:
+    from core.clouds.ec2 import EC2Provider
+
+    aws = parse_config({"clouds": [{"name": "aws", "image_id": "ami-1"}]}).clouds[0]
+    other = parse_config(
+        {"clouds": [{"name": "os", "image_id": "ami-1", "endpoint_url": "http://127.0.0.1:1"}]}
+    ).clouds[0]
+    assert EC2Provider(aws, "p", "c")._ec2.meta.config.retries["mode"] == "adaptive"
+    assert EC2Provider(other, "p", "c")._ec2.meta.config.retries["mode"] == "standard"
