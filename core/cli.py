@@ -129,6 +129,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print("error: --timeout must be > 0 seconds", file=sys.stderr)
         return EXIT_CONFIG
+    if not 0 <= args.spot_interrupt <= 1:
+        print("error: --spot-interrupt must be a fraction in [0, 1]", file=sys.stderr)
+        return EXIT_CONFIG
     if not 0 <= args.min <= args.max:
         print(f"error: need 0 <= --min <= --max (got {args.min} and {args.max})", file=sys.stderr)
         return EXIT_CONFIG
@@ -141,6 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         never_boot_fraction=args.never_boot,
         die_mid_job=args.die_mid_job,
         capacity_error=args.capacity_error,
+        spot_interrupt=args.spot_interrupt,
         timeout_s=args.timeout,
     )
     workdir = Path(args.workdir).absolute() if args.workdir else None
@@ -745,6 +749,13 @@ def parser() -> argparse.ArgumentParser:
         "--capacity-error",
         action="store_true",
         help="the preferred cloud answers InsufficientInstanceCapacity",
+    )
+    demo.add_argument(
+        "--spot-interrupt",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="Spot clouds; this fraction of VMs get a termination notice seconds after booting",
     )
     demo.add_argument(
         "--timeout", type=float, default=300.0, help="headless time limit in seconds (default 300)"

@@ -38,6 +38,7 @@ from typing import Any
 import boto3
 from moto.server import ThreadedMotoServer
 
+from core.clouds.imds_stub import IMDSStub
 from core.config import Config
 from core.userdata import read_agent_settings
 
@@ -370,6 +371,12 @@ class Faults:
     never_boot_fraction: float = 0.0  # instances whose agent never starts
     die_mid_job: int = 0  # instances that die (agent and job killed) once they run a job
     seed: int = 1
+    # Spot: this fraction of instances get a termination notice in their IMDS a few seconds
+    # (spot_notice_after_s, plus up to as much again) after they boot, and EC2 reclaims them
+    # spot_reclaim_after_s after the notice (two minutes on AWS).
+    spot_interrupt_fraction: float = 0.0
+    spot_notice_after_s: float = 3.0
+    spot_reclaim_after_s: float = 10.0
 
 
 def _descendants(pid: int) -> list[int]:
@@ -419,9 +426,13 @@ class InstanceRunner:
         self._boot_at: dict[str, float] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._doomed: set[str] = set()
+        self._imds: dict[str, IMDSStub] = {}
+        self._notice_at: dict[str, float] = {}  # Spot notices to announce, when
+        self._reclaim_at: dict[str, float] = {}  # interrupted instances EC2 terminates, when
         self.booted: list[str] = []
         self.never_booted: list[str] = []
         self.died: list[str] = []
+        self.interrupted: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -448,10 +459,27 @@ class InstanceRunner:
                 self._kill(instance_id)
                 self.died.append(instance_id)
                 log.info("event=sandbox_instance_died vm=%s", instance_id)
+        for instance_id, due in list(self._notice_at.items()):
+            if due <= now:
+                del self._notice_at[instance_id]
+                if instance_id in self._imds:
+                    self._imds[instance_id].announce_termination(
+                        in_s=self._faults.spot_reclaim_after_s
+                    )
+                    self.interrupted.append(instance_id)
+                    self._reclaim_at[instance_id] = now + self._faults.spot_reclaim_after_s
+                    log.info("event=sandbox_spot_notice vm=%s", instance_id)
+        reclaim = [i for i, due in self._reclaim_at.items() if due <= now]
+        for instance_id in reclaim:
+            del self._reclaim_at[instance_id]
+        if reclaim:  # EC2 takes the instance back, whatever the core did meanwhile
+            self._ec2.terminate_instances(InstanceIds=reclaim)
 
     def _observe(self, instance_id: str, state: str, now: float) -> None:
         if state in ("shutting-down", "terminated"):
             self._boot_at.pop(instance_id, None)
+            self._notice_at.pop(instance_id, None)
+            self._reclaim_at.pop(instance_id, None)
             if instance_id in self._procs:
                 self._kill(instance_id)
             return
@@ -473,7 +501,16 @@ class InstanceRunner:
     def _boot(self, instance_id: str) -> None:
         reply = self._ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         user_data = base64.b64decode(reply["UserData"]["Value"]).decode()
-        settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **self._overrides)
+        overrides = dict(self._overrides)
+        faults = self._faults
+        if faults.spot_interrupt_fraction > 0:
+            # Every instance gets its own metadata service, as on EC2; some get a notice.
+            imds = self._imds[instance_id] = IMDSStub(instance_id).start()
+            overrides.update(imds_url=imds.url, spot_poll_s=0.5)
+            if self._random.random() < faults.spot_interrupt_fraction:
+                after = faults.spot_notice_after_s * (1 + self._random.random())
+                self._notice_at[instance_id] = time.monotonic() + after
+        settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **overrides)
         with open(self._dir(instance_id) / "agent.log", "ab") as log_file:
             # Its own process group, as on a VM: a signal meant for whoever started the
             # sandbox (a terminal's SIGHUP or SIGINT) is not the instance's business.
@@ -491,6 +528,9 @@ class InstanceRunner:
 
     def _kill(self, instance_id: str) -> None:
         """Power off: the agent and everything it started die at once."""
+        imds = self._imds.pop(instance_id, None)
+        if imds is not None:
+            imds.stop()
         proc = self._procs.pop(instance_id)
         for pid in [*_descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
