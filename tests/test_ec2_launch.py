@@ -282,3 +282,36 @@ def test_aws_endpoints_default_to_adaptive_retries_and_others_to_standard() -> N
     ).clouds[0]
     assert EC2Provider(aws, "p", "c")._ec2.meta.config.retries["mode"] == "adaptive"
     assert EC2Provider(other, "p", "c")._ec2.meta.config.retries["mode"] == "standard"
+
+
+async def test_the_admin_status_reply_shows_placement_backoffs_and_the_cost(
+    moto: MotoEC2Server, faulty: FaultyEndpoint, start_engine: StartEngine
+) -> None:
+    from core.service import PoolService
+
+    faulty.capacity_errors = {"c5.large"}
+    prices = {"c5.large": 0.1, "m5.large": 0.2}
+    engine = await start_engine(
+        [cloud("c", faulty.url, instance_types=["c5.large", "m5.large"], price_per_hour=prices)],
+        pool={"min_vms": 2, "max_cost_per_hour": 5},
+    )
+    await step(engine)
+    service = PoolService(
+        engine.config,
+        engine.store,
+        engine.liveness,
+        engine.clock,
+        engine.wake.set,
+        engine.launch_keys,
+    )
+    service.cloud_details = engine.cloud_details
+
+    status = service.status()
+
+    (entry,) = status["clouds"]
+    assert entry["market"] == "on-demand" and entry["cost_per_hour"] == pytest.approx(0.4)
+    assert [(p["instance_type"], p["backoff_s"] > 0) for p in entry["placements"]] == [
+        ("c5.large", True),
+        ("m5.large", False),
+    ]
+    assert status["cost_per_hour"] == {"total": pytest.approx(0.4), "max": 5}
