@@ -137,6 +137,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print("error: --timeout must be > 0 seconds", file=sys.stderr)
         return EXIT_CONFIG
+    if not 0 <= args.spot_interrupt <= 1:
+        print("error: --spot-interrupt must be a fraction in [0, 1]", file=sys.stderr)
+        return EXIT_CONFIG
     if not 0 <= args.min <= args.max:
         print(f"error: need 0 <= --min <= --max (got {args.min} and {args.max})", file=sys.stderr)
         return EXIT_CONFIG
@@ -149,6 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         never_boot_fraction=args.never_boot,
         die_mid_job=args.die_mid_job,
         capacity_error=args.capacity_error,
+        spot_interrupt=args.spot_interrupt,
         timeout_s=args.timeout,
         alien=args.alien,
     )
@@ -274,10 +278,23 @@ def _print_status(status: dict[str, Any]) -> None:
     for cloud in status["clouds"]:
         backoff = f"  backoff {cloud['backoff_s']:.0f}s" if cloud["backoff_s"] > 0 else ""
         error = f"  last error: {cloud['last_error']}" if cloud["last_error"] and backoff else ""
+        cost = f"  ${cloud['cost_per_hour']:.2f}/h" if cloud.get("cost_per_hour") else ""
+        market = "  spot" if cloud.get("market") == "spot" else ""
         print(
             f"cloud {cloud['name']}: {cloud['alive']}/{cloud['max_instances']} instances"
-            f"  priority {cloud['priority']}{backoff}{error}"
+            f"  priority {cloud['priority']}{market}{cost}{backoff}{error}"
         )
+        for placement in cloud.get("placements", []):
+            if placement["backoff_s"] > 0:
+                print(
+                    f"  {placement['instance_type'] or 'template'}"
+                    f"/{placement['subnet_id'] or 'default'}:"
+                    f" backoff {placement['backoff_s']:.0f}s  {placement['last_error'] or ''}"
+                )
+    total: dict[str, Any] = status.get("cost_per_hour") or {}
+    if total.get("total") or total.get("max") is not None:
+        cap = f" of max {total['max']:g}" if total.get("max") is not None else ""
+        print(f"cost: ${total.get('total', 0):.2f}/h{cap}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -792,6 +809,13 @@ def parser() -> argparse.ArgumentParser:
         "--capacity-error",
         action="store_true",
         help="the preferred cloud answers InsufficientInstanceCapacity",
+    )
+    demo.add_argument(
+        "--spot-interrupt",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="Spot clouds; this fraction of VMs get a termination notice seconds after booting",
     )
     demo.add_argument(
         "--timeout", type=float, default=300.0, help="headless time limit in seconds (default 300)"

@@ -37,6 +37,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LaunchTemplateConfig(_Section):
+    """An EC2 launch template, named or by id; what it sets need not be repeated here."""
+
+    name: Annotated[str, Field(min_length=1)] | None = None
+    id: Annotated[str, Field(min_length=1)] | None = None
+    version: str = "$Default"  # a number, $Default or $Latest
+
+    @model_validator(mode="after")
+    def _one_of_name_or_id(self) -> LaunchTemplateConfig:
+        if (self.name is None) == (self.id is None):
+            raise ValueError("give exactly one of name or id")
+        return self
+
+
+DEFAULT_INSTANCE_TYPE = "t3.medium"
+
+
 class CloudConfig(_Section):
     """One EC2-compatible endpoint the pool may launch into."""
 
@@ -44,16 +61,33 @@ class CloudConfig(_Section):
     endpoint_url: str | None = None
     region: str = "us-east-1"
     profile: str | None = None
-    image_id: Annotated[str, Field(min_length=1)]
-    instance_type: str = "t3.medium"
+    image_id: Annotated[str, Field(min_length=1)] | None = None
+    instance_type: str | None = None  # the one-type form of instance_types
+    # Tried in order: a capacity or unsupported-type error moves to the next in the same cycle.
+    instance_types: list[Annotated[str, Field(min_length=1)]] = []
+    launch_template: LaunchTemplateConfig | None = None
+    market: Literal["on-demand", "spot"] = "on-demand"
+    spot_max_price: Annotated[float, Field(gt=0)] | None = None  # $/h; None: the on-demand price
+    # Spot interruptions of one (cloud, type) within the window that back the type off.
+    spot_interruptions_before_backoff: Annotated[int, Field(ge=1)] = 3
+    spot_interruption_window_s: Annotated[float, Field(gt=0)] = 600.0
+    # $/h per instance type: {type: price} or {type: {on-demand: p, spot: p}}.
+    price_per_hour: dict[str, float | dict[Literal["on-demand", "spot"], float]] = {}
+    iam_instance_profile: str | None = None  # a name, or an ARN (arn:...)
+    root_volume_size_gb: Annotated[int, Field(ge=1)] | None = None
+    root_volume_type: Literal["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"] | None = None
+    root_device_name: str = "/dev/xvda"
+    imds_tokens: Literal["required", "optional"] = "required"  # "required": IMDSv2 only
     key_name: str | None = None
     security_group_ids: list[str] = []
-    subnet_id: str | None = None
+    subnet_id: str | None = None  # the one-subnet form of subnet_ids
+    subnet_ids: list[Annotated[str, Field(min_length=1)]] = []
     max_instances: Annotated[int, Field(ge=0)] = 100
     priority: int = 100
     tags: dict[str, str] = {}
     exact_count: bool = False
-    retry_mode: Literal["standard", "adaptive"] = "standard"
+    # None: adaptive (a client-side rate limiter) on AWS, standard on other endpoints.
+    retry_mode: Literal["standard", "adaptive"] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 5  # total attempts per call
     read_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     call_timeout_s: Annotated[float, Field(gt=0)] = 300.0
@@ -89,6 +123,55 @@ class CloudConfig(_Section):
             raise ValueError(f"must be >= backoff_initial_s (got {value:g} < {initial:g})")
         return value
 
+    @model_validator(mode="after")
+    def _launch_settings(self) -> CloudConfig:
+        """Name conflicts between the one-value and list forms, and with a template."""
+        errors = []
+        if self.instance_type is not None and self.instance_types:
+            errors.append("instance_type and instance_types: give one or the other")
+        if self.subnet_id is not None and self.subnet_ids:
+            errors.append("subnet_id and subnet_ids: give one or the other")
+        if self.launch_template is None and self.image_id is None:
+            errors.append("image_id: required key is missing (or give a launch_template)")
+        if self.launch_template is not None and self.image_id is not None:
+            errors.append("launch_template and image_id: the template names the image")
+        if self.spot_max_price is not None and self.market != "spot":
+            errors.append("spot_max_price: only for market: spot")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def types(self) -> list[str | None]:
+        """Instance types in the order tried; None: the launch template's own type."""
+        if self.instance_types:
+            return list(self.instance_types)
+        if self.instance_type is not None:
+            return [self.instance_type]
+        return [None] if self.launch_template is not None else [DEFAULT_INSTANCE_TYPE]
+
+    @property
+    def subnets(self) -> list[str | None]:
+        """Subnets in the order tried; None: the endpoint's (or template's) default."""
+        if self.subnet_ids:
+            return list(self.subnet_ids)
+        return [self.subnet_id]
+
+    @property
+    def effective_retry_mode(self) -> Literal["standard", "adaptive"]:
+        if self.retry_mode is not None:
+            return self.retry_mode
+        return "adaptive" if self.endpoint_url is None else "standard"
+
+    def price(self, instance_type: str | None) -> float:
+        """$/h of one instance of this type in this cloud's market; 0 when not configured."""
+        entry = self.price_per_hour.get(instance_type or "")
+        if entry is None:
+            return 0.0
+        if isinstance(entry, dict):
+            return float(entry.get(self.market, 0.0))
+        return float(entry)
+
 
 class PoolConfig(_Section):
     """Bounds and timers of the VM pool; see the scaling policy in DESIGN.md."""
@@ -110,6 +193,8 @@ class PoolConfig(_Section):
     warm_margin: Annotated[float, Field(ge=0)] = 1.0
     max_lifetime_s: Annotated[float, Field(ge=0)] = 0.0  # 0: VMs live as long as needed
     max_replace_per_cycle: Annotated[int, Field(ge=1)] = 1
+    # $/h the pool may run at (from clouds[].price_per_hour); None: no cap.
+    max_cost_per_hour: Annotated[float, Field(ge=0)] | None = None
 
     @field_validator("max_vms")
     @classmethod

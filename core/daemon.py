@@ -141,6 +141,7 @@ class Core:
             engine.wake.set,
             engine.launch_keys,
         )
+        self.service.cloud_details = engine.cloud_details
 
         agent_app = create_agent_app(
             self.service, self.changes, config.web, config.contextualisation.agent_heartbeat_s

@@ -49,6 +49,7 @@ from core.model import (
     EventKind,
     Job,
     JobState,
+    Reason,
     VMState,
 )
 
@@ -68,6 +69,7 @@ class DemoOptions:
     never_boot_fraction: float = 0.0
     die_mid_job: int = 0
     capacity_error: bool = False
+    spot_interrupt: float = 0.0  # fraction of VMs that get a Spot termination notice
     failure_rate: float = 0.1
     seed: int = 7
     timeout_s: float = 300.0
@@ -103,6 +105,8 @@ class DemoSummary:
     pilot_runs: int | None = None
     pilot_runs_with_job: int | None = None  # runs whose output named an AliEn job
     queue_emptied_at: float | None = None  # the central queue's time its last job finished
+    vms_interrupted: int = 0  # VMs the core marked interrupted (a Spot termination notice)
+    jobs_requeued_by_interruption: int = 0
 
     def text(self) -> str:
         unplanned = self.jobs_failed - self.jobs_failed_on_purpose
@@ -112,7 +116,8 @@ class DemoSummary:
             f"{unplanned} failed otherwise, {self.jobs_finished_twice} finished twice",
             f"vms: {self.vms_launched} launched, at most {self.peak_vms} at once, "
             f"{self.vms_reaped} reaped when idle, {self.vms_failed} failed to boot, "
-            f"{self.vms_lost} lost; {self.final_vms} left",
+            f"{self.vms_lost} lost, {self.vms_interrupted} interrupted (Spot; "
+            f"{self.jobs_requeued_by_interruption} jobs requeued); {self.final_vms} left",
             f"jobs waited {self.mean_wait_s:.2f} s for a VM on average; "
             f"the demo ran {self.runtime_s:.1f} s",
         ]
@@ -198,6 +203,7 @@ def demo_config(
         "backoff_initial_s": 5,
         "backoff_max_s": 20,
         "boot_failures_before_backoff": 5,
+        "market": "spot" if opts.spot_interrupt > 0 else "on-demand",
     }
     clouds = [
         {
@@ -374,7 +380,12 @@ class Demo:
             self.workdir / "instances",
             boot_delay_s=self.opts.boot_delay_s,
             jitter_s=self.opts.jitter_s,
-            faults=Faults(self.opts.never_boot_fraction, self.opts.die_mid_job, self.opts.seed),
+            faults=Faults(
+                self.opts.never_boot_fraction,
+                self.opts.die_mid_job,
+                self.opts.seed,
+                spot_interrupt_fraction=self.opts.spot_interrupt,
+            ),
             # Sandbox agents run jobs as the demo's own user: no alienec2-job account here.
             agent_overrides={"max_backoff_s": 2},
         )
@@ -456,6 +467,12 @@ class Demo:
             ),
             vms_failed=sum(1 for e in events if e.kind == EventKind.VM_FAILED),
             vms_lost=sum(1 for e in events if e.kind == EventKind.VM_LOST),
+            vms_interrupted=sum(1 for e in events if e.kind == EventKind.VM_INTERRUPTED),
+            jobs_requeued_by_interruption=sum(
+                1
+                for e in events
+                if e.kind == EventKind.JOB_REQUEUED and e.reason == Reason.SPOT_TERMINATION
+            ),
             peak_vms=peak_serving(vms, events),
             final_vms=self.serving_vms(),
             runtime_s=runtime_s,

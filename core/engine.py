@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import uuid
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -29,6 +31,9 @@ from core.clouds import (
     Instance,
     InstanceState,
     LaunchRequest,
+    Placement,
+    PlacementError,
+    ThrottledError,
 )
 from core.config import CloudConfig, Config
 from core.liveness import Liveness
@@ -44,6 +49,29 @@ Clock = Callable[[], float]
 BASELINE_REFRESH_S = 60.0  # the day's average arrival rate is recounted this often
 HEARTBEAT_SAVE_S = 5.0  # in-memory heartbeats are written this often
 LIVENESS_SAVED_SETTING = "liveness_saved_at"
+# What a VM is launched with: a change of any of these makes running VMs outdated (a rollout).
+# Prices, quotas, priorities, timers and backoffs change nothing on a VM.
+LAUNCH_SETTINGS = frozenset(
+    {
+        "endpoint_url",
+        "region",
+        "image_id",
+        "instance_type",
+        "instance_types",
+        "launch_template",
+        "market",
+        "iam_instance_profile",
+        "root_volume_size_gb",
+        "root_volume_type",
+        "root_device_name",
+        "imds_tokens",
+        "key_name",
+        "security_group_ids",
+        "subnet_id",
+        "subnet_ids",
+        "tags",
+    }
+)
 START_RECONCILE_S = 30.0  # the start-up reconcile waits this long for a cloud; slow ones go on
 PRUNE_EVERY_S = 60.0  # history older than state.retention_days is pruned this often
 PRUNE_BATCH = 500  # rows per pruning transaction: short writes between agents' requests
@@ -92,6 +120,14 @@ class Engine:
         self.max_sleep_s = math.inf  # the longest wait between cycles (watchdog)
         self.wake = asyncio.Event()  # set to run the next cycle now (e.g. a job was submitted)
         self._baseline = (-math.inf, 0.0)  # (counted at, jobs per second over warm_history_s)
+        # Per cloud and placement (type, subnet): (backoff level, until, last error). In
+        # memory: after a restart every placement is tried again, which costs one refusal each.
+        self._placement_backoff: dict[str, dict[Placement, tuple[int, float, str]]] = {}
+        # Spot interruptions per (cloud, instance type): when they were seen, in the window.
+        self._interruptions: dict[tuple[str, str | None], deque[float]] = {}
+        self._interrupted_seen: set[str] = set()
+        self._vm_types: dict[str, str | None] = {}  # instance type per VM, for prices
+        self._skipped: dict[str, str] = {}  # per cloud: why launches are being skipped
 
     # ---- runtime settings (admin overrides, durable) -----------------------------------
 
@@ -207,6 +243,7 @@ class Engine:
                 now, EventKind.DEMAND_ERROR, f"{exc}; no scaling change this cycle"
             )
             waiting = None
+        self._count_interruptions(now)
         actions, decision = policy.explain(self.snapshot(now), waiting, now, self.settings())
         self.decisions.append(decision)
         self._act(actions, now)
@@ -253,7 +290,10 @@ class Engine:
                 name=cloud.name,
                 priority=cloud.priority,
                 max_instances=cloud.max_instances,
-                backoff_until=self.store.cloud_status(cloud.name).backoff_until,
+                backoff_until=max(
+                    self.store.cloud_status(cloud.name).backoff_until,
+                    self._placements_reopen_at(cloud, now),
+                ),
                 launch_in_flight=cloud.name in self._launching or cloud.name in pending,
                 pending=pending.get(cloud.name, 0),
                 billing_period_s=cloud.billing_period_s,
@@ -319,6 +359,8 @@ class Engine:
 
     def _apply_instance_state(self, instance: Instance, now: float) -> None:
         vm = self.store.vm(instance.id)
+        if instance.instance_type is not None:
+            self._vm_types[vm.id] = instance.instance_type
         if instance.state == InstanceState.GONE and vm.state in ALIVE_STATES:
             self.store.transition_vm(
                 vm.id, VMState.TERMINATED, now, "the cloud reports it gone", Reason.CLOUD_GONE
@@ -354,6 +396,7 @@ class Engine:
                     self.store.adopt_vm(
                         instance.id, cloud, instance.launch_id or "unknown", instance.address, now
                     )
+                    self._vm_types[instance.id] = instance.instance_type
                 else:  # terminated in our books, running in the cloud: it bills
                     zombies.append(instance.id)
         if zombies:
@@ -404,8 +447,10 @@ class Engine:
             case policy.Launch(cloud=cloud, count=count, reason=reason):
                 # Health actions come first and may just have put this cloud in backoff.
                 if not self._stopping and store.cloud_status(cloud).backoff_until <= now:
-                    launch = self._new_launch(cloud, count, now, reason)
-                    self._spawn(self._launching, cloud, self._run_launch(launch))
+                    count = self._affordable(cloud, count, now)
+                    if count > 0:
+                        launch = self._new_launch(cloud, count, now, reason)
+                        self._spawn(self._launching, cloud, self._run_launch(launch))
             case policy.Fail(vm_id=vm_id, reason=reason):
                 with store.transaction():
                     vm = store.transition_vm(
@@ -445,7 +490,7 @@ class Engine:
         ...) and the contextualisation. A VM whose launch was sent with another is outdated."""
         config = self._cloud_config(cloud)
         parts = {
-            "cloud": config.model_dump(mode="json", exclude={"max_instances", "priority"}),
+            "cloud": config.model_dump(mode="json", include=LAUNCH_SETTINGS),
             "contextualisation": self.config.contextualisation.model_dump(mode="json"),
         }
         text = json.dumps(parts, sort_keys=True)
@@ -467,6 +512,9 @@ class Engine:
         )
 
     async def _run_launch(self, launch: Launch) -> None:
+        """Send the launch to the cloud's first (type, subnet) not in backoff; a capacity or
+        unsupported-type refusal backs that placement off and tries the next one at once.
+        Only when every placement refused does the cloud itself back off."""
         provider = self.providers[launch.cloud]
         try:
             request = self._request(launch)
@@ -474,19 +522,47 @@ class Engine:
             # Nothing was sent: the launch fails where an admin sees it, the cloud stays usable.
             self.store.fail_launch(launch.id, f"cannot prepare the launch: {exc}", self.clock())
             return
-        try:
-            instances = await asyncio.to_thread(provider.launch, request)
-        except CloudError as exc:
-            now = self.clock()
-            if exc.refused:
-                # The cloud refused the request (a 4xx answer): nothing was launched.
-                self.store.fail_launch(launch.id, str(exc), now)
-            # Otherwise (a timeout, a lost connection, a server error) the cloud may have
-            # acted: the intent stays pending and is resolved by its tag once the backoff ends.
-            self._back_off(launch.cloud, exc, now)
+        config = self._cloud_config(launch.cloud)
+        refused: CloudError = CapacityError("every instance type and subnet is in backoff")
+        placements = self.placements(config)
+        for index, placement in enumerate(placements):
+            if self._placement_until(launch.cloud, placement) > self.clock():
+                continue
+            # Each placement is its own request to EC2, so its own idempotency token.
+            token = launch.client_token + (f"-{index}" if index else "")
+            attempt = dataclasses.replace(request, placement=placement, client_token=token)
+            try:
+                instances = await asyncio.to_thread(provider.launch, attempt)
+            except PlacementError as exc:
+                if len(placements) == 1:
+                    refused = exc
+                    break
+                self._back_off_placement(launch.cloud, placement, exc, self.clock())
+                refused = exc
+                continue
+            except CloudError as exc:
+                now = self.clock()
+                if exc.refused:
+                    # The cloud refused the request (a 4xx answer): nothing was launched.
+                    self.store.fail_launch(launch.id, str(exc), now)
+                # Otherwise (a timeout, a lost connection, a server error) the cloud may have
+                # acted: the intent stays pending and is resolved by its tag after the backoff.
+                self._back_off(launch.cloud, exc, now)
+                return
+            self._launched(launch, placement, instances)
             return
         now = self.clock()
+        self.store.fail_launch(launch.id, str(refused), now)
+        self._back_off(launch.cloud, refused, now)
+
+    def _launched(self, launch: Launch, placement: Placement, instances: list[Instance]) -> None:
+        now = self.clock()
+        for instance in instances:
+            self._vm_types[instance.id] = instance.instance_type or placement.instance_type
+        # Fewer instances than asked (EC2 fulfils partially) is not an error: the policy sees
+        # the shortfall next cycle and launches it.
         self.store.complete_launch(launch.id, [(i.id, i.address) for i in instances], now)
+        self._placement_backoff.get(launch.cloud, {}).pop(placement, None)
         status = self.store.cloud_status(launch.cloud)
         if status.backoff_level:
             status.backoff_level, status.backoff_until, status.last_error = 0, 0.0, None
@@ -510,6 +586,8 @@ class Engine:
             self._back_off(launch.cloud, exc, self.clock())
             return
         if found:
+            for instance in found:
+                self._vm_types[instance.id] = instance.instance_type
             self.store.complete_launch(launch.id, [(i.id, i.address) for i in found], self.clock())
             return
         await self._run_launch(launch)
@@ -602,13 +680,23 @@ class Engine:
     def _back_off(self, cloud: str, error: CloudError, now: float) -> None:
         config = self._cloud_config(cloud)
         status = self.store.cloud_status(cloud)
-        delay = policy.backoff_delay(
-            status.backoff_level, config.backoff_initial_s, config.backoff_max_s
+        # A throttled call did nothing and may be sent again soon: the short backoff.
+        initial = (
+            config.call_backoff_initial_s
+            if isinstance(error, ThrottledError)
+            else config.backoff_initial_s
         )
+        delay = policy.backoff_delay(status.backoff_level, initial, config.backoff_max_s)
         status.backoff_level += 1
         status.backoff_until = now + delay
         status.last_error = str(error)
-        kind = "capacity" if isinstance(error, CapacityError) else "error"
+        kind = (
+            "throttled"
+            if isinstance(error, ThrottledError)
+            else "capacity"
+            if isinstance(error, CapacityError)
+            else "error"
+        )
         self.store.save_cloud_status(
             status, now, (EventKind.CLOUD_BACKOFF, f"{kind}: {error}; no launches for {delay:g}s")
         )
@@ -627,6 +715,130 @@ class Engine:
         self._back_off(
             cloud, CloudError(f"{config.boot_failures_before_backoff} VMs failed to boot"), now
         )
+
+    # ---- placements (instance type x subnet) and Spot interruptions ---------------------
+
+    @staticmethod
+    def placements(config: CloudConfig) -> list[Placement]:
+        """Every (type, subnet) of a cloud, in the order tried: types first, then subnets."""
+        return [Placement(t, n) for t in config.types for n in config.subnets]
+
+    def _placement_until(self, cloud: str, placement: Placement) -> float:
+        return self._placement_backoff.get(cloud, {}).get(placement, (0, 0.0, ""))[1]
+
+    def _placements_reopen_at(self, config: CloudConfig, now: float) -> float:
+        """When the first of a cloud's placements leaves backoff; 0 while one is open."""
+        untils = [self._placement_until(config.name, p) for p in self.placements(config)]
+        return 0.0 if min(untils) <= now else min(untils)
+
+    def _back_off_placement(
+        self, cloud: str, placement: Placement, error: CloudError, now: float
+    ) -> None:
+        config = self._cloud_config(cloud)
+        backoffs = self._placement_backoff.setdefault(cloud, {})
+        level = backoffs.get(placement, (0, 0.0, ""))[0]
+        delay = policy.backoff_delay(level, config.backoff_initial_s, config.backoff_max_s)
+        backoffs[placement] = (level + 1, now + delay, str(error))
+        self.store.record_event(
+            now,
+            EventKind.PLACEMENT_BACKOFF,
+            f"{placement}: {error}; not tried for {delay:g}s",
+            cloud=cloud,
+        )
+
+    def _count_interruptions(self, now: float) -> None:
+        """Spot interruptions per (cloud, type): too many within the window back that type off
+        in that cloud, so launches go to its other types or to other clouds."""
+        interrupted = self.store.vms([VMState.INTERRUPTED])
+        for vm in interrupted:
+            if vm.id in self._interrupted_seen or vm.cloud not in self.providers:
+                continue
+            config = self._cloud_config(vm.cloud)
+            kind = self._vm_types.get(vm.id)
+            times = self._interruptions.setdefault((vm.cloud, kind), deque())
+            times.append(now)
+            while times and times[0] < now - config.spot_interruption_window_s:
+                times.popleft()
+            if len(times) >= config.spot_interruptions_before_backoff:
+                times.clear()
+                error = CapacityError(
+                    f"{config.spot_interruptions_before_backoff} spot interruptions within "
+                    f"{config.spot_interruption_window_s:g}s"
+                )
+                for placement in self.placements(config):
+                    if placement.instance_type == kind or kind is None:
+                        self._back_off_placement(vm.cloud, placement, error, now)
+        self._interrupted_seen = {vm.id for vm in interrupted}
+
+    # ---- cost ---------------------------------------------------------------------------
+
+    def cost_per_hour(self) -> dict[str, float]:
+        """$/h per cloud of the VMs alive and the launches pending, from price_per_hour."""
+        costs = {cloud.name: 0.0 for cloud in self.config.clouds}
+        configs = {cloud.name: cloud for cloud in self.config.clouds}
+        types: dict[str, str | None] = {}
+        for vm in self.store.vms(ALIVE_STATES):
+            config = configs.get(vm.cloud)
+            if config is None:
+                continue
+            kind = self._vm_types.get(vm.id, config.types[0])
+            types[vm.id] = kind
+            costs[vm.cloud] += config.price(kind)
+        self._vm_types = types  # forget VMs no longer alive
+        for cloud, pending in self.store.pending_counts().items():
+            if cloud in configs:
+                costs[cloud] += pending * configs[cloud].price(configs[cloud].types[0])
+        return costs
+
+    def _affordable(self, cloud: str, count: int, now: float) -> int:
+        """How many of ``count`` VMs fit under pool.max_cost_per_hour; the rest are not
+        launched, and an event says why (once, until the reason changes)."""
+        cap = self.config.pool.max_cost_per_hour
+        config = self._cloud_config(cloud)
+        open_types = [
+            p.instance_type
+            for p in self.placements(config)
+            if self._placement_until(cloud, p) <= now
+        ]
+        price = config.price(open_types[0] if open_types else config.types[0])
+        if cap is None or price <= 0:
+            return count
+        current = sum(self.cost_per_hour().values())
+        affordable = max(min(count, math.floor((cap - current) / price + 1e-9)), 0)
+        if affordable < count:
+            message = (
+                f"{count - affordable} of {count} VMs not launched: ${current:.2f}/h now, "
+                f"${price:g}/h each would pass pool.max_cost_per_hour={cap:g}"
+            )
+            reason = f"{price:g}/{cap:g}"  # told again only when the reason changes
+            if self._skipped.get(cloud) != reason:
+                self._skipped[cloud] = reason
+                self.store.record_event(now, EventKind.LAUNCH_SKIPPED, message, cloud=cloud)
+        else:
+            self._skipped.pop(cloud, None)
+        return affordable
+
+    def cloud_details(self) -> dict[str, dict[str, Any]]:
+        """Per cloud, for the admin status: market, $/h and each placement's backoff."""
+        now = self.clock()
+        costs = self.cost_per_hour()
+        details: dict[str, dict[str, Any]] = {}
+        for config in self.config.clouds:
+            backoffs = self._placement_backoff.get(config.name, {})
+            details[config.name] = {
+                "market": config.market,
+                "cost_per_hour": round(costs.get(config.name, 0.0), 4),
+                "placements": [
+                    {
+                        "instance_type": p.instance_type,
+                        "subnet_id": p.subnet_id,
+                        "backoff_s": max(backoffs.get(p, (0, 0.0, ""))[1] - now, 0.0),
+                        "last_error": backoffs[p][2] if p in backoffs else None,
+                    }
+                    for p in self.placements(config)
+                ],
+            }
+        return details
 
     # ---- tasks --------------------------------------------------------------------------
 

@@ -120,6 +120,8 @@ class EventKind(enum.StrEnum):
     LAUNCH_REQUESTED = "launch_requested"
     LAUNCH_DONE = "launch_done"
     LAUNCH_FAILED = "launch_failed"
+    LAUNCH_SKIPPED = "launch_skipped"  # not made: it would pass pool.max_cost_per_hour
+    PLACEMENT_BACKOFF = "placement_backoff"  # one (instance type, subnet) of a cloud rests
     CLOUD_BACKOFF = "cloud_backoff"
     CLOUD_RECOVERED = "cloud_recovered"
     RECONCILE_FAILED = "reconcile_failed"

@@ -99,6 +99,8 @@ class PoolService:
         self.clock = clock
         self._wake = wake
         self._keys = launch_keys
+        # Per cloud: market, $/h and placement backoffs, which the engine keeps in memory.
+        self.cloud_details: Callable[[], dict[str, dict[str, Any]]] = dict
 
     # ---- agents -------------------------------------------------------------------------
 
@@ -336,6 +338,7 @@ class PoolService:
         for vm in store.vms(ALIVE_STATES):
             alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
         clouds = []
+        details = self.cloud_details()
         for cloud in self.config.clouds:
             cloud_status = store.cloud_status(cloud.name)
             clouds.append(
@@ -346,8 +349,16 @@ class PoolService:
                     "alive": alive.get(cloud.name, 0),
                     "backoff_s": max(cloud_status.backoff_until - now, 0.0),
                     "last_error": cloud_status.last_error,
+                    "market": cloud.market,
+                    "cost_per_hour": 0.0,
+                    "placements": [],
+                    **details.get(cloud.name, {}),
                 }
             )
+        cost = {
+            "total": round(sum(c["cost_per_hour"] for c in clouds), 4),
+            "max": self.config.pool.max_cost_per_hour,
+        }
         return {
             "now": now,
             "core_id": self.config.core_id,
@@ -363,5 +374,6 @@ class PoolService:
                 "jobs": {str(state): n for state, n in store.job_counts().items()},
             },
             "clouds": clouds,
+            "cost_per_hour": cost,
             "last_seq": store.last_seq(),
         }

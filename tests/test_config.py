@@ -52,7 +52,7 @@ def test_example_config_is_valid_and_documents_every_option() -> None:
 def test_minimal_config_gets_documented_defaults() -> None:
     config = parse_config(MINIMAL)
     assert (config.pool.min_vms, config.pool.max_vms) == (0, 10)
-    assert config.clouds[0].retry_mode == "standard"
+    assert config.clouds[0].effective_retry_mode == "adaptive"  # AWS: no endpoint_url
     assert config.state.path == "/var/lib/alienec2/state.db"
 
 

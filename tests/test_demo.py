@@ -354,3 +354,29 @@ def test_console_demo_stopped_by_a_signal_restores_the_terminal(
         assert list(scratch.iterdir()) == []
     finally:
         tmux("kill-server")
+
+
+@pytest.mark.slow
+def test_demo_with_spot_interruptions_finishes_every_job_exactly_once(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    summary = run_demo(workdir, "--spot-interrupt", "0.5")
+    assert summary["jobs_done"] + summary["jobs_failed"] == 40
+    assert summary["jobs_failed"] == summary["jobs_failed_on_purpose"]
+    assert summary["jobs_finished_twice"] == 0
+    assert summary["vms_interrupted"] >= 1
+    assert summary["final_vms"] == 1
+    assert processes_mentioning(str(workdir)) == []
+    with sqlite3.connect(workdir / "state.db") as db:
+        # From the core's records: one terminal event per job, and no attempt spent on a
+        # Spot interruption (demo jobs that fail on purpose are the only failures).
+        per_job = db.execute(
+            "SELECT job_id, COUNT(*) FROM events WHERE kind IN ('job_done', 'job_failed') "
+            "GROUP BY job_id"
+        ).fetchall()
+        assert len(per_job) == 40 and {n for _, n in per_job} == {1}
+        interrupted = db.execute(
+            "SELECT DISTINCT vm_id FROM events WHERE kind = 'vm_interrupted'"
+        ).fetchall()
+        for (vm_id,) in interrupted:
+            (state,) = db.execute("SELECT state FROM vms WHERE id = ?", (vm_id,)).fetchone()
+            assert state == "terminated"

@@ -31,7 +31,21 @@ class CloudError(Exception):
 
 
 class CapacityError(CloudError):
-    """The cloud cannot give us instances now (capacity, quota or limit): back off."""
+    """The cloud cannot give us instances now (capacity, quota or limit): back off. EC2
+    answers some of these as server errors, but all say it did not act."""
+
+    def __init__(self, message: str, code: str | None = None, refused: bool = True) -> None:
+        super().__init__(message, code, refused)
+
+
+class PlacementError(CapacityError):
+    """This instance type in this subnet cannot be had now (no capacity there, or the type is
+    not offered there): another (type, subnet) of the same cloud may still work."""
+
+
+class ThrottledError(CapacityError):
+    """The cloud refused the call for its request rate (RequestLimitExceeded): nothing was
+    done, and the same call may be sent again after a pause."""
 
 
 class InstanceState(enum.StrEnum):
@@ -48,6 +62,18 @@ class Instance:
     state: InstanceState
     address: str | None = None
     launch_id: str | None = None
+    instance_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a launch goes within one cloud; None: the template's or endpoint's default."""
+
+    instance_type: str | None = None
+    subnet_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.instance_type or 'template'}/{self.subnet_id or 'default'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +82,7 @@ class LaunchRequest:
     count: int
     client_token: str
     user_data: str
+    placement: Placement = Placement()
 
 
 class CloudProvider(Protocol):

@@ -20,6 +20,8 @@ from core.clouds import (
     Instance,
     InstanceState,
     LaunchRequest,
+    PlacementError,
+    ThrottledError,
 )
 from core.config import CloudConfig
 
@@ -33,13 +35,24 @@ CAPACITY_CODES = frozenset(
         "InstanceLimitExceeded",
         "VcpuLimitExceeded",
         "MaxSpotInstanceCountExceeded",
-        "RequestLimitExceeded",
-        "Unsupported",
-        "InsufficientFreeAddressesInSubnet",
         "ResourceLimitExceeded",
         "LimitExceeded",
+        "SpotMaxPriceTooLow",
     }
 )
+# Capacity codes that concern one instance type in one subnet (zone), not the whole cloud.
+PLACEMENT_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "InsufficientReservedInstanceCapacity",
+        "Unsupported",
+        "InsufficientFreeAddressesInSubnet",
+        "SpotMaxPriceTooLow",
+    }
+)
+THROTTLE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException"})
 _NOT_FOUND_ID = re.compile(r"i-[0-9a-f]+")
 DESCRIBE_CHUNK = 200  # ids per instance-id filter; keeps requests small on every endpoint
 
@@ -50,9 +63,13 @@ def _translate(exc: Exception) -> CloudError:
         code = str(error.get("Code", "Unknown")).removeprefix("Server.").removeprefix("Client.")
         message = f"{code}: {error.get('Message', '')}".rstrip(": ")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+        if code in PLACEMENT_CODES:
+            return PlacementError(message, code)
+        if code in THROTTLE_CODES:
+            return ThrottledError(message, code)
         if code in CAPACITY_CODES:
             # EC2 answers these as server errors (5xx), but they say it did not act.
-            return CapacityError(message, code, refused=True)
+            return CapacityError(message, code)
         return CloudError(message, code, refused=400 <= int(status) < 500)
     return CloudError(f"{type(exc).__name__}: {exc}")
 
@@ -75,6 +92,7 @@ def _instance(raw: dict[str, Any]) -> Instance:
         state=_STATES.get(raw.get("State", {}).get("Name", "pending"), InstanceState.PENDING),
         address=raw.get("PrivateIpAddress") or raw.get("PublicIpAddress"),
         launch_id=tags.get(TAG_LAUNCH),
+        instance_type=raw.get("InstanceType"),
     )
 
 
@@ -96,7 +114,7 @@ class EC2Provider:
                 "ec2",
                 endpoint_url=cloud.endpoint_url,
                 config=BotoConfig(
-                    retries={"mode": cloud.retry_mode, "total_max_attempts": attempts},
+                    retries={"mode": cloud.effective_retry_mode, "total_max_attempts": attempts},
                     connect_timeout=10,
                     read_timeout=cloud.read_timeout_s,
                     max_pool_connections=10,
@@ -136,9 +154,8 @@ class EC2Provider:
             {"Key": "Name", "Value": f"alienec2-{self._pool}"},
             *({"Key": k, "Value": v} for k, v in cloud.tags.items()),
         ]
+        placement = request.placement
         params: dict[str, Any] = {
-            "ImageId": cloud.image_id,
-            "InstanceType": cloud.instance_type,
             # Real EC2 gives what it can (>= 1); moto launches MinCount, so exact_count asks N.
             "MinCount": request.count if cloud.exact_count else 1,
             "MaxCount": request.count,
@@ -146,14 +163,45 @@ class EC2Provider:
             "UserData": request.user_data,
             "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
             "InstanceInitiatedShutdownBehavior": "terminate",
-            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            "MetadataOptions": {"HttpTokens": cloud.imds_tokens, "HttpEndpoint": "enabled"},
         }
+        if cloud.launch_template is not None:
+            template = cloud.launch_template
+            spec = {"LaunchTemplateName": template.name} if template.name else {}
+            if template.id:
+                spec = {"LaunchTemplateId": template.id}
+            params["LaunchTemplate"] = {**spec, "Version": template.version}
+        if cloud.image_id:
+            params["ImageId"] = cloud.image_id
+        if placement.instance_type:
+            params["InstanceType"] = placement.instance_type
+        if placement.subnet_id:
+            params["SubnetId"] = placement.subnet_id
         if cloud.key_name:
             params["KeyName"] = cloud.key_name
         if cloud.security_group_ids:
             params["SecurityGroupIds"] = cloud.security_group_ids
-        if cloud.subnet_id:
-            params["SubnetId"] = cloud.subnet_id
+        if cloud.iam_instance_profile:
+            profile = cloud.iam_instance_profile
+            params["IamInstanceProfile"] = (
+                {"Arn": profile} if profile.startswith("arn:") else {"Name": profile}
+            )
+        if cloud.root_volume_size_gb or cloud.root_volume_type:
+            ebs: dict[str, Any] = {"DeleteOnTermination": True}
+            if cloud.root_volume_size_gb:
+                ebs["VolumeSize"] = cloud.root_volume_size_gb
+            if cloud.root_volume_type:
+                ebs["VolumeType"] = cloud.root_volume_type
+            params["BlockDeviceMappings"] = [{"DeviceName": cloud.root_device_name, "Ebs": ebs}]
+        if cloud.market == "spot":
+            # One-time requests that terminate on interruption: the pool replaces capacity.
+            options: dict[str, Any] = {
+                "SpotInstanceType": "one-time",
+                "InstanceInterruptionBehavior": "terminate",
+            }
+            if cloud.spot_max_price is not None:
+                options["MaxPrice"] = f"{cloud.spot_max_price:.4f}"
+            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
         try:
             reply = self._launcher.run_instances(**params)
         except (ClientError, BotoCoreError) as exc:

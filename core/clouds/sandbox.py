@@ -1,8 +1,10 @@
 """The sandbox cloud: moto's EC2 server on loopback, and a fault-injecting EC2 endpoint.
 
 boto3 talks HTTP to these exactly as to AWS. ``FaultyEndpoint`` sits in front of an EC2
-endpoint and can answer RunInstances with InsufficientInstanceCapacity, or forward it and hold
-the answer back (to crash a core between the cloud acting and the core hearing of it). It also
+endpoint and can answer RunInstances with InsufficientInstanceCapacity (for every launch, or for
+some instance types or subnets), or forward it and hold the answer back (to crash a core between
+the cloud acting and the core hearing of it). It also behaves as EC2 does where moto does not:
+request throttling by token buckets, eventually consistent listings, partial fulfilment. It
 counts the EC2 actions it sees, which is the cloud-side view of our API economy.
 """
 
@@ -24,8 +26,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -36,6 +39,7 @@ import boto3
 from moto.server import ThreadedMotoServer
 
 from core.clouds.alien_sandbox import script_path
+from core.clouds.imds_stub import IMDSStub
 from core.config import Config
 from core.userdata import read_agent_settings
 
@@ -89,12 +93,76 @@ _CAPACITY_ERROR = (
 )
 
 
+_THROTTLED = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+    "<Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>"
+    "</Error></Errors><RequestID>sandbox-throttle</RequestID></Response>"
+)
+_NOT_FOUND = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+    "<Code>InvalidInstanceID.NotFound</Code><Message>The instance IDs '{ids}' do not exist"
+    "</Message></Error></Errors><RequestID>sandbox-eventual</RequestID></Response>"
+)
+
+# AWS's documented request token buckets per account and region: (burst, refill per second).
+EC2_BUCKETS = {"RunInstances": (5.0, 2.0), "mutating": (50.0, 5.0), "non-mutating": (100.0, 20.0)}
+
+
+def bucket_of(action: str) -> str:
+    if action == "RunInstances":
+        return action
+    return "non-mutating" if action.startswith(("Describe", "Get", "List")) else "mutating"
+
+
+class TokenBuckets:
+    """EC2's request throttling: each call takes a token of its bucket, refilled at a fixed
+    rate up to the burst; an empty bucket means RequestLimitExceeded. Time comes from
+    ``clock`` so tests can move it."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sizes: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.sizes = dict(sizes or EC2_BUCKETS)
+        now = clock()
+        self._state = {name: (burst, now) for name, (burst, _) in self.sizes.items()}
+
+    def take(self, action: str) -> bool:
+        name = bucket_of(action)
+        burst, rate = self.sizes[name]
+        tokens, since = self._state[name]
+        now = self.clock()
+        tokens = min(burst, tokens + max(now - since, 0.0) * rate)
+        if tokens < 1.0:
+            self._state[name] = (tokens, now)
+            return False
+        self._state[name] = (tokens - 1.0, now)
+        return True
+
+
+def _tag(element: ET.Element) -> str:
+    return element.tag.rsplit("}", 1)[-1]
+
+
 class FaultyEndpoint:
     """An EC2 endpoint that forwards to ``upstream`` and injects faults on demand."""
 
     def __init__(self, upstream: str, host: str = "127.0.0.1") -> None:
         self.upstream = upstream.rstrip("/")
         self.capacity_error = False
+        # RunInstances naming one of these instance types or subnets has no capacity.
+        self.capacity_errors: set[str] = set()
+        self.throttle: TokenBuckets | None = None  # None: never throttled (moto's way)
+        self.refused: Counter[str] = Counter()  # calls answered RequestLimitExceeded
+        # Eventual consistency: instances are absent from Describe answers for this long after
+        # RunInstances (asked for by id: InvalidInstanceID.NotFound), on ``clock``'s time.
+        self.hide_new_instances_s = 0.0
+        self.clock: Callable[[], float] = time.monotonic
+        self._launched_at: dict[str, float] = {}
+        # Partial fulfilment: RunInstances launches at most this many (None: all asked).
+        self.fulfil_at_most: int | None = None
         self.hold_run_instances = False
         self.drop_run_instances_answer = False  # forward it, then close without answering
         self.failing_actions: set[str] = set()  # answered with a 503 and not forwarded
@@ -126,15 +194,38 @@ class FaultyEndpoint:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 action = urllib.parse.parse_qs(body.decode()).get("Action", ["?"])[0]
+                params = urllib.parse.parse_qs(body.decode())
                 with endpoint._lock:
                     endpoint.calls[action] += 1
-                if action == "RunInstances" and endpoint.capacity_error:
+                    throttled = endpoint.throttle is not None and not endpoint.throttle.take(action)
+                    if throttled:
+                        endpoint.refused[action] += 1
+                if throttled:
+                    self._reply(503, _THROTTLED.encode(), "text/xml")
+                    return
+                if action == "RunInstances" and (
+                    endpoint.capacity_error
+                    or endpoint.capacity_errors
+                    & {*params.get("InstanceType", []), *params.get("SubnetId", [])}
+                ):
                     self._reply(500, _CAPACITY_ERROR.encode(), "text/xml")
+                    return
+                if action == "RunInstances" and endpoint.fulfil_at_most is not None:
+                    body = endpoint._fewer(params)
+                hidden = endpoint._hidden() if action == "DescribeInstances" else set()
+                asked = {v for k, vs in params.items() if k.startswith("InstanceId.") for v in vs}
+                if asked & hidden:
+                    message = _NOT_FOUND.format(ids=", ".join(sorted(asked & hidden)))
+                    self._reply(400, message.encode(), "text/xml")
                     return
                 if action in endpoint.failing_actions:
                     self._reply(503, _UNAVAILABLE.encode(), "text/xml")
                     return
                 status, payload, content_type = endpoint._forward(self.path, body, self.headers)
+                if action == "RunInstances" and status == 200:
+                    endpoint._note_launched(payload)
+                if hidden and status == 200:
+                    payload = endpoint._without(payload, hidden)
                 if action == "RunInstances" and endpoint.drop_run_instances_answer:
                     self.close_connection = True
                     self.connection.shutdown(2)  # the cloud acted; its answer is lost
@@ -155,6 +246,49 @@ class FaultyEndpoint:
                     pass  # the client died while we held its answer: that was the point
 
         return Handler
+
+    def _fewer(self, params: dict[str, list[str]]) -> bytes:
+        """The RunInstances request asking for at most ``fulfil_at_most`` instances."""
+        most = str(self.fulfil_at_most)
+        for key in ("MinCount", "MaxCount"):
+            if key in params and int(params[key][0]) > int(most):
+                params[key] = [most]
+        return urllib.parse.urlencode(params, doseq=True).encode()
+
+    def _note_launched(self, payload: bytes) -> None:
+        if not self.hide_new_instances_s:
+            return
+        now = self.clock()
+        root = ET.fromstring(payload)
+        with self._lock:
+            for element in root.iter():
+                if _tag(element) == "instanceId" and element.text:
+                    self._launched_at[element.text] = now
+
+    def _hidden(self) -> set[str]:
+        """Instances launched too recently to be listed yet."""
+        now = self.clock()
+        with self._lock:
+            return {
+                i for i, at in self._launched_at.items() if now - at < self.hide_new_instances_s
+            }
+
+    @staticmethod
+    def _without(payload: bytes, hidden: set[str]) -> bytes:
+        """A DescribeInstances answer without the hidden instances (and emptied reservations)."""
+        root = ET.fromstring(payload)
+        namespace = root.tag[1:].split("}", 1)[0] if root.tag.startswith("{") else ""
+        ET.register_namespace("", namespace)
+        for reservations in [e for e in root.iter() if _tag(e) == "reservationSet"]:
+            for reservation in list(reservations):
+                for instances in [e for e in reservation if _tag(e) == "instancesSet"]:
+                    for item in list(instances):
+                        ids = [e.text for e in item if _tag(e) == "instanceId"]
+                        if ids and ids[0] in hidden:
+                            instances.remove(item)
+                    if not len(instances):
+                        reservations.remove(reservation)
+        return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
     def _forward(self, path: str, body: bytes, headers: object) -> tuple[int, bytes, str]:
         keep = {
@@ -208,7 +342,7 @@ def sandbox_config(config: Config, endpoint_url: str) -> Config:
                 "endpoint_url": endpoint_url,
                 "region": SANDBOX_REGION,
                 "profile": None,
-                "image_id": SANDBOX_IMAGE,
+                "image_id": SANDBOX_IMAGE if cloud.launch_template is None else None,
                 "exact_count": True,
             }
         )
@@ -250,6 +384,12 @@ class Faults:
     never_boot_fraction: float = 0.0  # instances whose agent never starts
     die_mid_job: int = 0  # instances that die (agent and job killed) once they run a job
     seed: int = 1
+    # Spot: this fraction of instances get a termination notice in their IMDS a few seconds
+    # (spot_notice_after_s, plus up to as much again) after they boot, and EC2 reclaims them
+    # spot_reclaim_after_s after the notice (two minutes on AWS).
+    spot_interrupt_fraction: float = 0.0
+    spot_notice_after_s: float = 3.0
+    spot_reclaim_after_s: float = 10.0
 
 
 def _descendants(pid: int) -> list[int]:
@@ -300,9 +440,13 @@ class InstanceRunner:
         self._boot_at: dict[str, float] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._doomed: set[str] = set()
+        self._imds: dict[str, IMDSStub] = {}
+        self._notice_at: dict[str, float] = {}  # Spot notices to announce, when
+        self._reclaim_at: dict[str, float] = {}  # interrupted instances EC2 terminates, when
         self.booted: list[str] = []
         self.never_booted: list[str] = []
         self.died: list[str] = []
+        self.interrupted: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -329,10 +473,27 @@ class InstanceRunner:
                 self._kill(instance_id)
                 self.died.append(instance_id)
                 log.info("event=sandbox_instance_died vm=%s", instance_id)
+        for instance_id, due in list(self._notice_at.items()):
+            if due <= now:
+                del self._notice_at[instance_id]
+                if instance_id in self._imds:
+                    self._imds[instance_id].announce_termination(
+                        in_s=self._faults.spot_reclaim_after_s
+                    )
+                    self.interrupted.append(instance_id)
+                    self._reclaim_at[instance_id] = now + self._faults.spot_reclaim_after_s
+                    log.info("event=sandbox_spot_notice vm=%s", instance_id)
+        reclaim = [i for i, due in self._reclaim_at.items() if due <= now]
+        for instance_id in reclaim:
+            del self._reclaim_at[instance_id]
+        if reclaim:  # EC2 takes the instance back, whatever the core did meanwhile
+            self._ec2.terminate_instances(InstanceIds=reclaim)
 
     def _observe(self, instance_id: str, state: str, now: float) -> None:
         if state in ("shutting-down", "terminated"):
             self._boot_at.pop(instance_id, None)
+            self._notice_at.pop(instance_id, None)
+            self._reclaim_at.pop(instance_id, None)
             if instance_id in self._procs:
                 self._kill(instance_id)
             return
@@ -354,7 +515,16 @@ class InstanceRunner:
     def _boot(self, instance_id: str) -> None:
         reply = self._ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         user_data = base64.b64decode(reply["UserData"]["Value"]).decode()
-        settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **self._overrides)
+        overrides = dict(self._overrides)
+        faults = self._faults
+        if faults.spot_interrupt_fraction > 0:
+            # Every instance gets its own metadata service, as on EC2; some get a notice.
+            imds = self._imds[instance_id] = IMDSStub(instance_id).start()
+            overrides.update(imds_url=imds.url, spot_poll_s=0.5)
+            if self._random.random() < faults.spot_interrupt_fraction:
+                after = faults.spot_notice_after_s * (1 + self._random.random())
+                self._notice_at[instance_id] = time.monotonic() + after
+        settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **overrides)
         with open(self._dir(instance_id) / "agent.log", "ab") as log_file:
             # Its own process group, as on a VM: a signal meant for whoever started the
             # sandbox (a terminal's SIGHUP or SIGINT) is not the instance's business.
@@ -372,6 +542,9 @@ class InstanceRunner:
 
     def _kill(self, instance_id: str) -> None:
         """Power off: the agent and everything it started die at once."""
+        imds = self._imds.pop(instance_id, None)
+        if imds is not None:
+            imds.stop()
         proc = self._procs.pop(instance_id)
         for pid in [*_descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
