@@ -490,7 +490,7 @@ class Engine:
         ...) and the contextualisation. A VM whose launch was sent with another is outdated."""
         config = self._cloud_config(cloud)
         parts = {
-            "cloud": config.model_dump(mode="json", include=LAUNCH_SETTINGS),
+            "cloud": config.model_dump(mode="json", include=set(LAUNCH_SETTINGS)),
             "contextualisation": self.config.contextualisation.model_dump(mode="json"),
         }
         text = json.dumps(parts, sort_keys=True)
