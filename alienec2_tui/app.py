@@ -380,6 +380,7 @@ class ConsoleApp(App[None]):
 
 
 async def demo_console(demo: Demo) -> None:
-    """The console of `alienec2 demo`; quitting it stops the whole demo."""
+    """The console of `alienec2 demo`; quitting it stops the whole demo. The demo owns the
+    signals: it stops its agents and the core, then the console."""
     async with AdminClient(socket_path=str(demo.core.admin_socket)) as client:
-        await ConsoleApp(client).run_async()
+        await ConsoleApp(client, catch_signals=False).run_async()

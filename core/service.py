@@ -249,6 +249,14 @@ class PoolService:
     # ---- admins -------------------------------------------------------------------------
 
     def submit(self, specs: list[JobSpec]) -> list[int]:
+        """Queue jobs on the built-in queue; with another demand source no agent would ever
+        fetch them, so they are refused."""
+        kind = self.config.queue.kind
+        if kind != "builtin":
+            raise Invalid(
+                f"queue.kind is {kind}: jobs come from the site's own queue, not from submit "
+                "(submit needs queue.kind: builtin)"
+            )
         ids = self.store.submit_jobs(specs, self.clock())
         self._wake()
         return ids
@@ -372,6 +380,7 @@ class PoolService:
             "queue": {
                 "kind": self.config.queue.kind,
                 "jobs": {str(state): n for state, n in store.job_counts().items()},
+                "pilot_runs": {str(s): n for s, n in store.job_counts("pilot").items()},
             },
             "clouds": clouds,
             "cost_per_hour": cost,

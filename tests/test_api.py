@@ -388,3 +388,16 @@ async def test_agent_connections_have_nodelay_so_responses_are_not_held_for_acks
     writer.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_submit_is_refused_when_jobs_come_from_another_queue(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    queue = {"kind": "command", "command": ["sh", "-c", "echo 0"]}
+    async with running_core(core_config(tmp_path, moto.url, queue=queue)) as running:
+        async with AdminClient(socket_path=str(running.admin_socket)) as client:
+            with pytest.raises(AdminError, match=r"queue\.kind is command"):
+                await client.submit(["true"])
+            status = await client.status()
+        assert running.store.job_counts()[JobState.QUEUED] == 0
+        assert set(status["queue"]["pilot_runs"]) == {state.value for state in JobState}

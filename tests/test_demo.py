@@ -171,7 +171,7 @@ def test_interactive_demo_opens_the_console_and_quitting_stops_everything(
             raise AssertionError(f"{text!r} never appeared:\n{screen}")
 
         screen = screen_shows("sandbox-b")
-        assert "pool demo min 1 max 8" in screen
+        assert "demo min 1 max 8" in screen
         screen_shows("busy     ")  # agents booted from their user data are running jobs
         assert processes_mentioning(str(workdir / "instances"))
         tmux("send-keys", "-t", "demo", "q")

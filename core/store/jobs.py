@@ -122,9 +122,12 @@ class Jobs(VMs):
             ).fetchall()
         return [_job(r) for r in rows]
 
-    def job_counts(self) -> dict[JobState, int]:
+    def job_counts(self, kind: str = "job") -> dict[JobState, int]:
+        """Records by state: the queue's jobs, or (``kind="pilot"``) the pilot runs."""
         counts = dict.fromkeys(JobState, 0)
-        for row in self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+        for row in self._db.execute(
+            "SELECT state, COUNT(*) AS n FROM jobs WHERE kind = ? GROUP BY state", (kind,)
+        ):
             counts[JobState(row["state"])] = row["n"]
         return counts
 
