@@ -115,6 +115,7 @@ class Engine:
         self._cloud_configs = {cloud.name: cloud for cloud in config.clouds}
         self._stopping = False
         self.cycles = 0
+        self.outdated = 0  # VMs launched with settings since changed (the last snapshot's)
         self.on_ready: Callable[[], None] = lambda: None  # after the start-up reconcile
         self.on_cycle: Callable[[], None] = lambda: None  # after each cycle (watchdog)
         self.max_sleep_s = math.inf  # the longest wait between cycles (watchdog)
@@ -305,6 +306,7 @@ class Engine:
         pool = self.config.pool
         recent, _ = self.store.submitted_since(now - pool.arrival_window_s)
         last_minute, first = self.store.submitted_since(now - policy.BURST_WINDOW_S)
+        self.outdated = sum(1 for vm in vms if vm.outdated)
         return policy.Snapshot(
             vms=vms,
             clouds=clouds,

@@ -505,3 +505,42 @@ def test_job_flow_counts_only_the_window_and_only_up_to_the_seq_given(store: Sto
     assert job_flow(store, since, last)[start + 179 * 60]["submitted"] == 1
     assert job_flow(store, since, store.last_seq())[start + 179 * 60]["submitted"] == 2
     assert job_flow(store, start + 10_000 * 60, store.last_seq()) == {}
+
+
+async def test_header_shows_outdated_vms_spot_reclaims_resting_placements_and_the_cost() -> None:
+    from textual.app import App, ComposeResult
+
+    class HeaderOnly(App[None]):
+        def compose(self) -> ComposeResult:
+            yield PoolHeader()
+
+    status = {
+        "pool": {
+            "name": "p",
+            "min_vms": 0,
+            "max_vms": 9,
+            "paused": False,
+            "vms": {"idle": 2, "interrupted": 1},
+            "outdated": 3,
+        },
+        "queue": {"jobs": {"queued": 1}},
+        "clouds": [
+            {
+                "name": "aws",
+                "alive": 3,
+                "max_instances": 9,
+                "backoff_s": 0,
+                "placements": [{"instance_type": "c5.xlarge", "backoff_s": 30}],
+            }
+        ],
+        "cost_per_hour": {"total": 1.25, "max": 5.0},
+    }
+    app = HeaderOnly()
+    async with app.run_test(size=(160, 10)):
+        header = app.query_one(PoolHeader)
+        header.connection = "connected"
+        header.status = status
+        text = header.render().plain
+    assert "interrupted 1" in text and "outdated 3" in text
+    assert "$1.25/5/h" in text
+    assert "aws 3/9 1 type/subnet resting" in text

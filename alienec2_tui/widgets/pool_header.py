@@ -46,6 +46,17 @@ class PoolHeader(Static):
             style = STATE_STYLES.get(state, "") if count else "dim"
             label = SHORT.get(state, state) if narrow else state
             text.append(f"{label} {count}{' ' if narrow else '  '}", style=style)
+        # Shown only when there are some: rollouts, Spot reclaims, the cost.
+        interrupted = pool["vms"].get("interrupted", 0)
+        if interrupted:
+            label = "intr" if narrow else "interrupted"
+            text.append(f"{label} {interrupted}  ", style=STATE_STYLES["interrupted"])
+        if pool.get("outdated"):
+            text.append(f"outdated {pool['outdated']}  ", style="magenta")
+        cost = status.get("cost_per_hour") or {}
+        if cost.get("total"):
+            cap = f"/{cost['max']:g}" if cost.get("max") is not None else ""
+            text.append(f"${cost['total']:.2f}{cap}/h  ", style="bold")
         text.append("\n")
         text.append("jobs  ", style="bold")
         running = jobs.get("running", 0) + jobs.get("assigned", 0)
@@ -62,6 +73,10 @@ class PoolHeader(Static):
         for cloud in status["clouds"]:
             style = "bold red" if cloud in backoff else "dim"
             note = f" backoff {cloud['backoff_s']:.0f}s" if cloud in backoff else ""
+            resting = [p for p in cloud.get("placements", []) if p.get("backoff_s", 0) > 0]
+            if resting and cloud not in backoff:
+                note = f" {len(resting)} type/subnet resting"
+                style = "yellow"
             text.append(
                 f"  {cloud['name']} {cloud['alive']}/{cloud['max_instances']}{note}", style=style
             )

@@ -91,6 +91,10 @@ class EngineView(Protocol):
     def decisions(self) -> Sequence[Any]:  # policy.Decision records, oldest first
         ...
 
+    @property
+    def outdated(self) -> int:  # VMs a rollout will replace
+        ...
+
 
 def create_admin_app(
     service: PoolService,
@@ -148,8 +152,10 @@ def create_admin_app(
     @app.get("/admin/v1/status")
     async def get_status(request: Request) -> dict[str, Any]:
         latest = engine.decisions[-1] if engine.decisions else None
+        status = service.status()
+        status["pool"]["outdated"] = engine.outdated
         return {
-            **service.status(),
+            **status,
             "agents_waiting": changes.jobs.waiting,
             "access": request.state.access,
             "last_decision": latest.reason if latest is not None else None,
