@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import random
@@ -41,14 +42,42 @@ WAIT_S = 20  # the agent's long poll
 JOB_RUN_S = (0.5, 3.0)  # a job runs this long (uniform), between its two reports
 CORE_CPUS = {0}
 LOAD_CPUS = {1}
-SOURCES = 64  # client source addresses (127.0.1.x): 28k ephemeral ports each
+PROBE_SOURCE = 1_000_000  # the probe's address, apart from every agent's
+
+
+class Source:
+    """A VM's own address (127.x.y.z) and the next port it connects from.
+
+    The core closes each connection first (``Connection: close``), so the core keeps it in
+    TIME_WAIT for a minute; a new connection from the same address and port in that minute
+    meets it and waits a 1 s SYN retransmission. Real VMs have an address each and the kernel
+    spreads their ports; here each agent gets its own loopback address and steps through ports
+    so none is reused within a run (binding port 0 hands back the port just closed)."""
+
+    def __init__(self, n: int) -> None:
+        self.address = f"127.{1 + n // 65536}.{n // 256 % 256}.{n % 256 or 255}"
+        self.port = 20000 + n % 1000
+
+    def next(self) -> tuple[str, int]:
+        self.port = self.port + 1 if self.port < 60999 else 20000
+        return self.address, self.port
 
 
 async def request(
-    port: int, path: str, body: dict[str, Any] | None, token: str = "", source: str = "127.0.0.1"
+    port: int, path: str, body: dict[str, Any] | None, token: str, source: Source
 ) -> tuple[int, Any]:
     """One POST on its own connection (``Connection: close``, as urllib sends)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    for _ in range(10):
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=source.next()
+            )
+            break
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    else:
+        raise OSError(errno.EADDRINUSE, "no free source port")
     try:
         payload = json.dumps(body).encode() if body is not None else b""
         head = (
@@ -68,7 +97,7 @@ async def request(
 class Agent:
     """One simulated VM: its heartbeat loop and its fetch-run-report loop."""
 
-    def __init__(self, port: int, token: str, source: str, rng: random.Random) -> None:
+    def __init__(self, port: int, token: str, source: Source, rng: random.Random) -> None:
         self.port = port
         self.token = token
         self.source = source
@@ -128,10 +157,7 @@ class Agent:
 async def generate(port: int, tokens: list[str], first: int, spread_s: float) -> None:
     """A generator process: its agents run until a line on stdin; their samples go to stdout."""
     rng = random.Random(first)
-    agents = [
-        Agent(port, token, f"127.0.1.{(first + n) % SOURCES + 1}", rng)
-        for n, token in enumerate(tokens)
-    ]
+    agents = [Agent(port, token, Source(first + n), rng) for n, token in enumerate(tokens)]
     tasks = [asyncio.create_task(a.heartbeats()) for a in agents]
     tasks += [asyncio.create_task(a.work(spread_s)) for a in agents]
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -153,13 +179,14 @@ async def probe(port: int, token: str) -> None:
     """The probe: heartbeat, fetch (no wait) and the reports of any job it gets, one round
     trip at a time, every 50 ms until a line on stdin; samples to stdout."""
     samples: list[tuple[float, float]] = []
+    source = Source(PROBE_SOURCE)
     stopped = asyncio.ensure_future(
         asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     )
 
     async def timed(path: str, body: dict[str, Any]) -> Any:
         started = time.perf_counter()
-        status, reply = await request(port, path, body, token)
+        status, reply = await request(port, path, body, token, source)
         samples.append((time.time(), time.perf_counter() - started))
         if status != 200:
             raise RuntimeError(f"probe: {path} answered {status}: {reply}")
@@ -243,9 +270,10 @@ async def register_all(core: CoreProcess, bodies: list[dict[str, str]]) -> list[
     slots = asyncio.Semaphore(32)
 
     async def one(n: int, body: dict[str, str]) -> None:
+        source = Source(n)
         async with slots:
             for _ in range(300):
-                status, reply = await request(core.port, "/agent/v1/register", body)
+                status, reply = await request(core.port, "/agent/v1/register", body, "", source)
                 if status == 200:
                     tokens[n] = reply["token"]
                     return
