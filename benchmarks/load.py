@@ -13,8 +13,8 @@ core's database: none lost, none assigned twice.
 The agents run in several generator processes of our own (asyncio, raw HTTP/1.1 over streams;
 ``--generators``): a generator must cost little per request, as it shares two cores with the
 core. The **probe** is one more agent in its own process (heartbeat, fetch, reports in a loop,
-each round trip timed): what one VM sees. The core is pinned to CPU 0, the generators, the
-probe and moto to CPU 1 (``--no-pin`` lets the kernel choose).
+each round trip timed): what one VM sees. By default the kernel spreads the processes over
+both cores; ``--pin`` puts the core on CPU 0 and the generators, the probe and moto on CPU 1.
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ async def one_step(
 
 
 async def measure(args: argparse.Namespace) -> None:
-    pin = not args.no_pin
+    pin = args.pin
     print(
         f"load average {os.getloadavg()[0]:.2f}; core on CPUs {sorted(CORE_CPUS) if pin else 'any'}"
         f", generators ({args.generators}), probe and moto on {sorted(LOAD_CPUS) if pin else 'any'}"
@@ -415,7 +415,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=25.0)
     parser.add_argument("--generators", type=int, default=3)
     parser.add_argument("--jobs-per-s", type=float, default=20.0)
-    parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument(
+        "--pin", action="store_true", help="core on CPU 0, everything else on CPU 1 (taskset)"
+    )
     args = parser.parse_args()
     args.steps.sort()
     asyncio.run(measure(args))
