@@ -45,9 +45,7 @@ class KeyedTable(DataTable[Any]):
         return (self.key_of(record),)
 
     def cell(self, column: str, value: str) -> Text | str:
-        # Text, not str: the table would parse every str cell as Rich markup (a tenth of the
-        # first paint of 10,000 rows), and a value is never markup.
-        return state_text(value) if column == "state" else Text(value)
+        return state_text(value) if column == "state" else value
 
     # ---- behaviour ---------------------------------------------------------------------
 
