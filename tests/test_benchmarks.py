@@ -124,3 +124,22 @@ def test_dominance_needs_both_p95_and_vm_hours_no_worse() -> None:
         pool=policy_sim.Pool(0, 1, 1),
     )
     assert policy_sim.dominance(trace) == {"cheap": None, "slow": "alienec2 m1 hist"}
+
+
+@pytest.mark.slow
+def test_load_benchmark_runs_a_tiny_fleet_and_loses_no_job() -> None:
+    """A smoke test of the load benchmark's plumbing (generators, probe, checks); no latency
+    is asserted."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "load.py"
+    args = ["--steps", "5", "--seconds", "2", "--warmup", "2", "--generators", "2"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=110
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    row = lines[-2].split()
+    assert row[0] == "5"
+    assert (row[9], row[10]) == ("0", "0")  # jobs lost, jobs assigned twice
+    assert lines[-1].startswith("largest N with probe p99 < 50 ms: ")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
 import stat
 from collections.abc import Iterator
@@ -44,7 +45,21 @@ class EmbeddedServer(uvicorn.Server):
         await super().serve(sockets)
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one: every parked long poll holds a
+    socket, and a soft limit of 1,024 (many distributions' default) would refuse the 1,000th
+    agent. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
 def tcp_socket(host: str, port: int) -> socket.socket:
+    raise_open_files_limit()  # at start, before the agents come
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only for
     # such sockets, and without it a two-part response waits ~40 ms for a delayed ACK.
