@@ -48,6 +48,7 @@ Clock = Callable[[], float]
 
 BASELINE_REFRESH_S = 60.0  # the day's average arrival rate is recounted this often
 HEARTBEAT_SAVE_S = 5.0  # in-memory heartbeats are written this often
+WAKE_GAP_S = 1.0  # the least time between two cycles, however often the engine is woken
 LIVENESS_SAVED_SETTING = "liveness_saved_at"
 # What a VM is launched with: a change of any of these makes running VMs outdated (a rollout).
 # Prices, quotas, priorities, timers and backoffs change nothing on a VM.
@@ -169,16 +170,21 @@ class Engine:
         await self.start()
         self.on_ready()
         saver = asyncio.create_task(self._save_liveness_until(stop))
-        sleep_s = min(self.config.pool.cycle_interval_s, self.max_sleep_s)
         while not stop.is_set():
+            sleep_s = min(self.config.pool.cycle_interval_s, self.max_sleep_s)  # reloadable
+            gap_s = min(WAKE_GAP_S, sleep_s)
+            self.wake.clear()  # a wake during the cycle or the gap runs the next one
             try:
                 await self.cycle()
             except Exception:
                 log.exception("event=cycle_error")
             self.on_cycle()
-            self.wake.clear()
+            # Every submission and report wakes the engine, and a cycle reads the whole fleet:
+            # at most one cycle per gap, or at 20 jobs/s the fleet is re-read continuously.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), gap_s)
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-            await asyncio.wait(waiters, timeout=sleep_s, return_when="FIRST_COMPLETED")
+            await asyncio.wait(waiters, timeout=sleep_s - gap_s, return_when="FIRST_COMPLETED")
             for waiter in waiters:
                 waiter.cancel()
         await saver
