@@ -511,6 +511,7 @@ class Engine:
             launch.id,
             launch_secret(self.launch_keys.for_launch(launch.created_at), launch.id),
             contextualisation,
+            slots=self.config.pool.slots_per_vm,
         )
         return LaunchRequest(
             launch_id=launch.id,
