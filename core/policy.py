@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from core.model import ALIVE_STATES, HEARTBEATING_STATES, SERVING_STATES, Reason, VMState
 
@@ -391,7 +392,7 @@ def explain(
     live = serving + pending
     lead_s = _lead_s(snapshot, settings)
     warm = warm_target(snapshot, settings)
-    record = dict(
+    record: dict[str, Any] = dict(
         at=now,
         waiting=waiting,
         idle=len(idle),
@@ -405,7 +406,7 @@ def explain(
     )
     if waiting is None or settings.paused:
         why = "demand unknown: health rules only" if waiting is None else "scaling paused"
-        return actions, Decision(**record, reason=why)  # type: ignore[arg-type]
+        return actions, Decision(**record, reason=why)
 
     # Slots short of the waiting jobs and the warm target, rounded up to whole VMs.
     short = waiting + warm - free - starting * slots
@@ -423,7 +424,7 @@ def explain(
         if skipped:
             reason += "; skipped " + ", ".join(f"{name} ({why})" for name, why in skipped)
         return actions, Decision(
-            **record,  # type: ignore[arg-type]
+            **record,
             launched=launched,
             skipped=tuple(skipped),
             reason=reason,
@@ -487,7 +488,7 @@ def explain(
         reapable -= 1
         terminated += 1
     reason = f"terminate {terminated}: {need}" if terminated else f"no change: {need}"
-    return actions, Decision(**record, terminated=terminated, reason=reason)  # type: ignore[arg-type]
+    return actions, Decision(**record, terminated=terminated, reason=reason)
 
 
 def _launch_reason(

@@ -121,8 +121,10 @@ class LimitedH11Protocol(H11Protocol):
         self._request_cycle: object = None
         self._admitted = self.limits.admit(self)
         if not self._admitted:
+            # BaseTransport has no abort(); the server's transports are TCP ones, which do.
             transport.abort()  # type: ignore[attr-defined]
             return
+        # uvicorn types its parameter as a TCP transport, asyncio's protocol as the base one.
         super().connection_made(transport)  # type: ignore[arg-type]
         self._await_request()
 
@@ -343,5 +345,6 @@ def throttle_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
         else:
             loop.default_exception_handler(context)
 
+    # A mark on the function, so a second install can tell it is already ours.
     handler.throttles_accept_errors = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handler)

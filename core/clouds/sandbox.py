@@ -290,10 +290,10 @@ class FaultyEndpoint:
                         reservations.remove(reservation)
         return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
-    def _forward(self, path: str, body: bytes, headers: object) -> tuple[int, bytes, str]:
+    def _forward(self, path: str, body: bytes, headers: Any) -> tuple[int, bytes, str]:
         keep = {
             k: v
-            for k, v in headers.items()  # type: ignore[attr-defined]
+            for k, v in headers.items()
             if k.lower() not in ("host", "content-length", "connection")
         }
         request = urllib.request.Request(self.upstream + path, data=body, headers=keep)
