@@ -5,6 +5,7 @@ given back (alternate screen off, cursor on, mouse off)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -96,13 +97,32 @@ class Terminal:
         return screen.split("console-exited=")[1].split()[0]
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc."""
+    found, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(child) for child in children]
+        frontier += [int(child) for child in children]
+    return found
+
+
 @pytest.fixture
 async def terminal() -> AsyncIterator[Terminal]:
     term = Terminal()
     try:
         yield term
     finally:
+        shell = await term.show("pane_pid")
+        left = descendants(int(shell)) if shell.isdigit() else []
         await term.tmux("kill-server")
+        for pid in left:  # a console that outlived its terminal must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
