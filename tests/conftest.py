@@ -8,7 +8,7 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from core.clouds.sandbox import (
     prepare_agent,
 )
 from core.config import Config, parse_config
-from core.daemon import Core
+from core.daemon import Core, build_engine
+from core.engine import Engine
 from core.store import Store
 
 os.environ.update(SANDBOX_CREDENTIALS)
@@ -124,6 +125,33 @@ def make_config(tmp_path: Path, clouds: list[dict[str, Any]], **sections: Any) -
     data["pool"] = pool
     data.update(sections)
     return parse_config(data)
+
+
+StartEngine = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+async def start_engine_on(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StartEngine]:
+    """Start engines on the test's clock from a list of clouds (and config sections); each
+    store opened is closed afterwards."""
+    stores: list[Store] = []
+
+    async def start(clouds: list[dict[str, Any]], **sections: Any) -> Engine:
+        config = make_config(tmp_path, clouds, **sections)
+        stores.append(Store(config.state.path))
+        engine = build_engine(config, stores[-1], clock)
+        await engine.start()
+        return engine
+
+    yield start
+    for store in stores:
+        store.close()
+
+
+async def step(engine: Engine) -> None:
+    """One cycle, then wait for the cloud calls it started."""
+    await engine.cycle()
+    await engine.settle()
 
 
 @pytest.fixture

@@ -5,42 +5,20 @@ the endpoint's buckets and listings run on the test's clock."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
-
 import pytest
 from botocore.exceptions import ClientError
 
 from core.clouds.sandbox import FaultyEndpoint, MotoEC2Server, TokenBuckets
-from core.daemon import build_engine
-from core.engine import Engine
 from core.model import LaunchState, VMState
 from core.store import Store
-from tests.conftest import ManualClock, cloud, ec2_client, instances_in_cloud, make_config
-
-StartEngine = Callable[..., Awaitable[Engine]]
-
-
-@pytest.fixture
-async def start_engine(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StartEngine]:
-    stores: list[Store] = []
-
-    async def start(clouds: list[dict[str, Any]], **sections: Any) -> Engine:
-        config = make_config(tmp_path, clouds, **sections)
-        stores.append(Store(config.state.path))
-        engine = build_engine(config, stores[-1], clock)
-        await engine.start()
-        return engine
-
-    yield start
-    for store in stores:
-        store.close()
-
-
-async def step(engine: Engine) -> None:
-    await engine.cycle()
-    await engine.settle()
+from tests.conftest import (
+    ManualClock,
+    StartEngine,
+    cloud,
+    ec2_client,
+    instances_in_cloud,
+    step,
+)
 
 
 def launch_states(store: Store) -> dict[str, int]:
@@ -49,7 +27,7 @@ def launch_states(store: Store) -> dict[str, int]:
 
 
 async def test_throttled_run_instances_loses_and_doubles_nothing_and_the_pool_converges(
-    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine: StartEngine
+    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine_on: StartEngine
 ) -> None:
     # Twelve clouds on one account and region share its buckets: a cycle's twelve
     # RunInstances calls meet a burst of 5 refilled at 2/s.
@@ -57,7 +35,7 @@ async def test_throttled_run_instances_loses_and_doubles_nothing_and_the_pool_co
     clouds = [
         cloud(f"c{n}", faulty.url, max_instances=5, call_backoff_initial_s=1) for n in range(12)
     ]
-    engine = await start_engine(clouds, pool={"min_vms": 60, "max_vms": 60})
+    engine = await start_engine_on(clouds, pool={"min_vms": 60, "max_vms": 60})
     store = engine.store
 
     cycles = 0
@@ -88,11 +66,11 @@ async def test_throttled_run_instances_loses_and_doubles_nothing_and_the_pool_co
 
 
 async def test_instances_not_yet_listed_are_neither_vanished_nor_launched_again(
-    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine: StartEngine
+    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine_on: StartEngine
 ) -> None:
     faulty.clock = clock
     faulty.hide_new_instances_s = 30  # AWS: up to 30 s
-    engine = await start_engine(
+    engine = await start_engine_on(
         [cloud("c", faulty.url)], pool={"min_vms": 3, "reconcile_interval_s": 5}
     )
     store = engine.store
@@ -126,10 +104,10 @@ async def test_asking_for_hidden_instances_by_id_answers_not_found(
 
 
 async def test_a_partly_fulfilled_launch_has_its_shortfall_launched_next_cycle(
-    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine: StartEngine
+    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine_on: StartEngine
 ) -> None:
     faulty.fulfil_at_most = 2
-    engine = await start_engine([cloud("c", faulty.url)], pool={"min_vms": 5})
+    engine = await start_engine_on([cloud("c", faulty.url)], pool={"min_vms": 5})
     store = engine.store
 
     await step(engine)

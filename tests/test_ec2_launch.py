@@ -4,8 +4,6 @@ EC2 server over HTTP, with the fault endpoint refusing what a test names."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -13,34 +11,8 @@ import pytest
 
 from core.clouds.sandbox import SANDBOX_REGION, FaultyEndpoint, MotoEC2Server
 from core.config import ConfigError, parse_config
-from core.daemon import build_engine
-from core.engine import Engine
 from core.model import EventKind, VMState
-from core.store import Store
-from tests.conftest import ManualClock, cloud, ec2_client, make_config
-
-StartEngine = Callable[..., Awaitable[Engine]]
-
-
-@pytest.fixture
-async def start_engine(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StartEngine]:
-    stores: list[Store] = []
-
-    async def start(clouds: list[dict[str, Any]], **sections: Any) -> Engine:
-        config = make_config(tmp_path, clouds, **sections)
-        stores.append(Store(config.state.path))
-        engine = build_engine(config, stores[-1], clock)
-        await engine.start()
-        return engine
-
-    yield start
-    for store in stores:
-        store.close()
-
-
-async def step(engine: Engine) -> None:
-    await engine.cycle()
-    await engine.settle()
+from tests.conftest import ManualClock, StartEngine, cloud, ec2_client, step
 
 
 def instances(url: str) -> list[dict[str, Any]]:
@@ -61,10 +33,10 @@ def subnets(url: str, count: int) -> list[str]:
 
 
 async def test_a_type_without_capacity_falls_back_to_the_next_type_in_the_same_cycle(
-    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine: StartEngine
+    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine_on: StartEngine
 ) -> None:
     faulty.capacity_errors = {"c5.large"}
-    engine = await start_engine(
+    engine = await start_engine_on(
         [cloud("c", faulty.url, instance_types=["c5.large", "m5.large"])], pool={"min_vms": 3}
     )
 
@@ -95,11 +67,11 @@ async def test_a_type_without_capacity_falls_back_to_the_next_type_in_the_same_c
 
 
 async def test_a_subnet_without_capacity_falls_back_to_the_next_subnet(
-    moto: MotoEC2Server, faulty: FaultyEndpoint, start_engine: StartEngine
+    moto: MotoEC2Server, faulty: FaultyEndpoint, start_engine_on: StartEngine
 ) -> None:
     first, second = subnets(moto.url, 2)
     faulty.capacity_errors = {first}
-    engine = await start_engine([cloud("c", faulty.url, subnet_ids=[first, second])])
+    engine = await start_engine_on([cloud("c", faulty.url, subnet_ids=[first, second])])
     engine.store.submit_job(["true"], 0)
 
     await step(engine)
@@ -113,10 +85,10 @@ async def test_a_subnet_without_capacity_falls_back_to_the_next_subnet(
 
 
 async def test_when_every_type_and_subnet_refuses_the_cloud_backs_off_and_the_next_cloud_serves(
-    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine: StartEngine
+    moto: MotoEC2Server, faulty: FaultyEndpoint, clock: ManualClock, start_engine_on: StartEngine
 ) -> None:
     faulty.capacity_errors = {"c5.large", "m5.large"}
-    engine = await start_engine(
+    engine = await start_engine_on(
         [
             cloud("scarce", faulty.url, priority=1, instance_types=["c5.large", "m5.large"]),
             cloud("spare", moto.url, priority=2),
@@ -155,7 +127,7 @@ def test_check_config_names_conflicting_launch_settings() -> None:
 
 
 async def test_a_launch_template_supplies_image_and_type_and_cloud_keys_override(
-    moto: MotoEC2Server, start_engine: StartEngine
+    moto: MotoEC2Server, start_engine_on: StartEngine
 ) -> None:
     ec2 = ec2_client(moto.url)
     ec2.create_launch_template(
@@ -164,7 +136,7 @@ async def test_a_launch_template_supplies_image_and_type_and_cloud_keys_override
     )
     spec = cloud("c", moto.url, launch_template={"name": "worker", "version": "$Latest"})
     del spec["image_id"]
-    engine = await start_engine([spec], pool={"min_vms": 1})
+    engine = await start_engine_on([spec], pool={"min_vms": 1})
 
     await step(engine)
 
@@ -174,7 +146,7 @@ async def test_a_launch_template_supplies_image_and_type_and_cloud_keys_override
 
 
 async def test_iam_profile_root_volume_and_imds_settings_reach_the_instance(
-    moto: MotoEC2Server, start_engine: StartEngine
+    moto: MotoEC2Server, start_engine_on: StartEngine
 ) -> None:
     iam = boto3.client("iam", endpoint_url=moto.url, region_name=SANDBOX_REGION)
     iam.create_instance_profile(InstanceProfileName="worker")
@@ -186,7 +158,7 @@ async def test_iam_profile_root_volume_and_imds_settings_reach_the_instance(
         root_volume_type="gp3",
         imds_tokens="optional",
     )
-    engine = await start_engine([spec], pool={"min_vms": 1})
+    engine = await start_engine_on([spec], pool={"min_vms": 1})
 
     await step(engine)
 
@@ -199,9 +171,9 @@ async def test_iam_profile_root_volume_and_imds_settings_reach_the_instance(
 
 
 async def test_a_spot_cloud_launches_one_time_spot_instances(
-    moto: MotoEC2Server, start_engine: StartEngine
+    moto: MotoEC2Server, start_engine_on: StartEngine
 ) -> None:
-    engine = await start_engine(
+    engine = await start_engine_on(
         [cloud("c", moto.url, market="spot", spot_max_price=0.05)], pool={"min_vms": 2}
     )
 
@@ -214,9 +186,9 @@ async def test_a_spot_cloud_launches_one_time_spot_instances(
 
 
 async def test_repeated_spot_interruptions_of_a_type_back_it_off_and_launches_use_the_next(
-    moto: MotoEC2Server, clock: ManualClock, start_engine: StartEngine
+    moto: MotoEC2Server, clock: ManualClock, start_engine_on: StartEngine
 ) -> None:
-    engine = await start_engine(
+    engine = await start_engine_on(
         [
             cloud(
                 "c",
@@ -251,10 +223,10 @@ async def test_repeated_spot_interruptions_of_a_type_back_it_off_and_launches_us
 
 
 async def test_a_launch_that_would_pass_the_cost_cap_is_not_made_and_an_event_says_why(
-    moto: MotoEC2Server, clock: ManualClock, start_engine: StartEngine
+    moto: MotoEC2Server, clock: ManualClock, start_engine_on: StartEngine
 ) -> None:
     prices = {"c5.large": {"on-demand": 0.10, "spot": 0.04}}
-    engine = await start_engine(
+    engine = await start_engine_on(
         [cloud("c", moto.url, instance_types=["c5.large"], market="spot", price_per_hour=prices)],
         pool={"max_vms": 20, "max_cost_per_hour": 0.25},
     )
@@ -285,13 +257,13 @@ def test_aws_endpoints_default_to_adaptive_retries_and_others_to_standard() -> N
 
 
 async def test_the_admin_status_reply_shows_placement_backoffs_and_the_cost(
-    moto: MotoEC2Server, faulty: FaultyEndpoint, start_engine: StartEngine
+    moto: MotoEC2Server, faulty: FaultyEndpoint, start_engine_on: StartEngine
 ) -> None:
     from core.service import PoolService
 
     faulty.capacity_errors = {"c5.large"}
     prices = {"c5.large": 0.1, "m5.large": 0.2}
-    engine = await start_engine(
+    engine = await start_engine_on(
         [cloud("c", faulty.url, instance_types=["c5.large", "m5.large"], price_per_hour=prices)],
         pool={"min_vms": 2, "max_cost_per_hour": 5},
     )
