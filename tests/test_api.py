@@ -73,8 +73,10 @@ async def test_instance_registers_once_and_a_second_registration_is_refused(
     core: Core, http: httpx.AsyncClient, moto: MotoEC2Server
 ) -> None:
     vm_id, _ = await wait_for_vms(core, 2)
-    token = await register(http, moto.url, vm_id)
-    assert len(token) >= 32
+    reply = await http.post("/agent/v1/register", json=registration(moto.url, vm_id))
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["token"]) >= 32
+    assert reply.json()["slots"] == 1  # pool.slots_per_vm: the agent's loops
     assert core.store.vm(vm_id).state == VMState.IDLE
 
     again = await http.post("/agent/v1/register", json=registration(moto.url, vm_id))

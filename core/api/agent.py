@@ -135,7 +135,12 @@ def create_agent_app(
     async def register(body: RegisterRequest) -> dict[str, Any]:
         """Trade the launch secret for a VM token, once per instance of that launch."""
         done = service.register(body.instance_id, body.launch_id, body.launch_secret)
-        return {"vm_id": done.vm.id, "token": done.token, "heartbeat_s": heartbeat_s}
+        return {
+            "vm_id": done.vm.id,
+            "token": done.token,
+            "heartbeat_s": heartbeat_s,
+            "slots": service.config.pool.slots_per_vm,  # the agent's fetch or pilot loops
+        }
 
     @app.post("/agent/v1/heartbeat")
     async def heartbeat(vm: CurrentVM, body: HeartbeatRequest | None = None) -> dict[str, Any]:
