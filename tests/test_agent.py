@@ -346,7 +346,7 @@ def test_slots_run_jobs_side_by_side_and_heartbeats_list_them_all(
     tmp_path: Path, stand_in: StandInCore, stand_in_agent: Callable[..., StandInAgent]
 ) -> None:
     go = tmp_path / "go"
-    stand_in.set(slots=2)  # the register reply's slots (the real core does not send it yet)
+    stand_in.set(slots=2)  # the register reply's slots
     for job_id in (1, 2):
         stand_in.add_job(job_id, ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.02; done"])
     stand_in_agent(stand_in)

@@ -111,12 +111,12 @@ async def test_jobagents_under_a_real_agent_and_core_run_every_central_job_exact
     config = core_config(
         tmp_path,
         moto.url,
-        pool={"min_vms": 1},
+        pool={"min_vms": 1, "slots_per_vm": 2},  # two JobAgents side by side
         contextualisation={"template": "alien", "alien": alien},
     )
     async with running_core(config) as core:
         [vm_id] = await wait_for_vms(core, 1)
-        agent = agents(vm_id, slots=2)  # two JobAgents side by side
+        agent = agents(vm_id)  # the register reply sets its slots
         await eventually(lambda: central.counts()["done"] == len(ids), timeout=60)
         assert sorted(int(line) for line in out.read_text().split()) == list(range(8))
         assert all(job["taken"] == 1 for job in central.jobs())
