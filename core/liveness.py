@@ -25,6 +25,11 @@ class Liveness:
             return stored
         return at if stored is None else max(at, stored)
 
+    def since(self, at: float) -> dict[str, float]:
+        """The heartbeats received at or after ``at``: a console's small delta of a fleet
+        whose heartbeats are never events."""
+        return {vm_id: t for vm_id, t in self.seen.items() if t >= at}
+
     def forget(self, vm_id: str) -> None:
         self.seen.pop(vm_id, None)
         self._unsaved.pop(vm_id, None)

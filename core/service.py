@@ -18,6 +18,7 @@ from core.model import (
     ALIVE_STATES,
     STOPPED_SERVING_STATES,
     VM,
+    Event,
     Job,
     JobState,
     Launch,
@@ -333,6 +334,28 @@ class PoolService:
     def _live(self, vm: VM) -> VM:
         vm.last_heartbeat = self.liveness.last_heartbeat(vm.id, vm.last_heartbeat)
         return vm
+
+    def changed(self, events: list[Event]) -> tuple[dict[str, VM | None], dict[int, Job | None]]:
+        """The VMs and jobs these events name, as they are now (None: gone): what an event
+        follower applies. Read after the events, so they are never older than the events."""
+        vms: dict[str, VM | None] = {}
+        jobs: dict[int, Job | None] = {}
+        for event in events:
+            if event.vm_id is not None and event.vm_id not in vms:
+                try:
+                    vms[event.vm_id] = self.vm(event.vm_id)
+                except NotFound:
+                    vms[event.vm_id] = None
+            if event.job_id is not None and event.job_id not in jobs:
+                try:
+                    jobs[event.job_id] = self.store.job(event.job_id)
+                except NotFound:
+                    jobs[event.job_id] = None
+        return vms, jobs
+
+    def heartbeats_since(self, at: float) -> dict[str, float]:
+        """Last heartbeats received at or after ``at`` (they live in memory, not in events)."""
+        return self.liveness.since(at)
 
     def job_detail(self, job_id: int) -> dict[str, Any]:
         job = self.store.job(job_id)

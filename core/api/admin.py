@@ -149,8 +149,7 @@ def create_admin_app(
     async def prometheus() -> Response:
         return Response(metrics.render(service), media_type="text/plain; version=0.0.4")
 
-    @app.get("/admin/v1/status")
-    async def get_status(request: Request) -> dict[str, Any]:
+    def full_status(request: Request) -> dict[str, Any]:
         latest = engine.decisions[-1] if engine.decisions else None
         status = service.status()
         status["pool"]["outdated"] = engine.outdated
@@ -159,6 +158,41 @@ def create_admin_app(
             "agents_waiting": changes.jobs.waiting,
             "access": request.state.access,
             "last_decision": latest.reason if latest is not None else None,
+        }
+
+    @app.get("/admin/v1/status")
+    async def get_status(request: Request) -> dict[str, Any]:
+        return full_status(request)
+
+    @app.get("/admin/v1/snapshot")
+    async def snapshot(
+        request: Request, jobs: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 50
+    ) -> dict[str, Any]:
+        """Status, every VM not terminated and the newest ``jobs`` jobs, consistent with event
+        ``seq``: nothing before it is missing, and a follower that applies the events after it
+        (``/events?after=seq&records=true``) stays current. ``started_at`` changes when the
+        core restarts (heartbeat times do not survive a restart: take a new snapshot)."""
+        seq = store.last_seq()  # first: whatever the reads below see is at least this recent
+        return {
+            "seq": seq,
+            "started_at": service.liveness.started_at,
+            "status": full_status(request),
+            "now": service.clock(),
+            "vms": [as_dict(vm) for vm in service.vms(ALIVE_STATES)],
+            "jobs": [job_view(j) for j in store.jobs(None, jobs, None, None)] if jobs else [],
+        }
+
+    @app.get("/admin/v1/heartbeats")
+    async def heartbeats(
+        since: Annotated[float, Query(ge=0, le=1e12, allow_inf_nan=False)] = 0,
+    ) -> dict[str, Any]:
+        """Last heartbeats received at or after ``since`` (a core time: pass the previous
+        answer's ``now``), by VM id. Heartbeats are not events; this is the follower's delta."""
+        now = service.clock()
+        return {
+            "now": now,
+            "started_at": service.liveness.started_at,
+            "heartbeats": service.heartbeats_since(since),
         }
 
     @app.get("/admin/v1/decisions")
@@ -258,10 +292,13 @@ def create_admin_app(
         after: Annotated[int, Query(ge=0, le=INT64)] = 0,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
+        records: bool = False,
     ) -> dict[str, Any]:
         """Events with seq > ``after``; waits up to ``wait`` seconds for the first one.
         ``first_seq`` is the oldest event kept: a follower whose ``after`` is below it missed
-        pruned events and should take a fresh snapshot."""
+        pruned events and should take a fresh snapshot. ``records``: also the VMs and jobs
+        the events name, as they are now (null: gone), by id, so a follower applies the
+        changes without reading the fleet again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -269,11 +306,17 @@ def create_admin_app(
             remaining = deadline - loop.time()
             if found or remaining <= 0 or changes.closing:
                 last = found[-1].seq if found else after
-                return {
+                reply: dict[str, Any] = {
                     "events": [as_dict(e) for e in found],
                     "last_seq": last,
                     "first_seq": store.first_seq(),
                 }
+                if records:
+                    vms, jobs = service.changed(found)
+                    reply["now"] = service.clock()
+                    reply["vms"] = {k: as_dict(v) if v else None for k, v in vms.items()}
+                    reply["jobs"] = {str(k): job_view(j) if j else None for k, j in jobs.items()}
+                return reply
             await changes.events.wait(remaining)
 
     @app.get("/admin/v1/flow")

@@ -113,6 +113,15 @@ class Launches(VMs):
                 )
                 if cur.rowcount:
                     added.append(instance_id)
+                    # Every VM enters the log when it enters the pool: an event follower (the
+                    # console) learns of it without re-reading the fleet.
+                    self._event(
+                        now,
+                        EventKind.VM_REQUESTED,
+                        f"launched by {launch_id}",
+                        vm_id=instance_id,
+                        cloud=launch.cloud,
+                    )
             ids = [i for i, _ in instances]
             self._db.execute(
                 "UPDATE launches SET state = ?, instance_ids = ? WHERE id = ?",
