@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,7 +19,7 @@ from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input
+from textual.widgets import Footer, Input
 
 from alienec2_tui.client import AdminClient, AdminError, CoreUnreachable
 from alienec2_tui.keys import APP_KEYS, MUTATING, ROW_ACTIONS, bindings
@@ -36,9 +37,11 @@ from alienec2_tui.widgets.vm_table import VMTable
 if TYPE_CHECKING:
     from core.demo import Demo
 
-RECENT_JOBS = 50  # the job-flow panel's list, fetched on every refresh
-JOBS_VIEW_LIMIT = 500  # the jobs view's, fetched instead while it is shown
+RECENT_JOBS = 50  # the job-flow panel's list
+JOBS_VIEW_LIMIT = 500  # the jobs view's: the newest jobs, kept current from events
 BACKLOG_EVENTS = 500  # events shown in the log on attach
+STATUS_EVERY_S = 5.0  # the status without an event: cloud backoffs count down, costs move
+HEARTBEAT_EVERY_S = 5.0  # heartbeat times, which are not events
 MUTATING_KEYS = frozenset(k for key in APP_KEYS if key.mutating for k in key.keys.split(","))
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
@@ -64,9 +67,20 @@ class ConsoleApp(App[None]):
         self.refresh_s = refresh_s
         self.readonly = readonly
         self.catch_signals = catch_signals
+        self.heartbeat_every_s = max(refresh_s, HEARTBEAT_EVERY_S)
         self.status: dict[str, Any] | None = None
-        self.now = 0.0
-        self.last_seq = 0
+        self.now = 0.0  # the core's clock at its last answer, received at _now_at
+        self._now_at = 0.0
+        self.last_seq = 0  # the model holds every change up to this event
+        self.started_at = 0.0  # the core process's start: another one means a new snapshot
+        self.jobs: dict[int, dict[str, Any]] = {}
+        self.status_due = False
+        self._status_at = 0.0
+        self._refreshing = False
+        self._heartbeats_at = (0.0, 0.0)  # (core time asked from, monotonic time asked)
+        self._logged_seq = 0
+        self.snapshots = 0  # snapshots taken: one at attach, then one per gap or restart
+        self.snapshots_for_gaps = 0
         self.connected = False
         self.view = "vms"
 
@@ -92,8 +106,8 @@ class ConsoleApp(App[None]):
             loop = asyncio.get_running_loop()
             for signum in SIGNALS:
                 loop.add_signal_handler(signum, self.exit)
-        self.poll()
-        self.follow_events()
+        self.follow()
+        self.set_interval(self.refresh_s, self.tick)
 
     def on_unmount(self) -> None:
         if self.catch_signals:
@@ -102,78 +116,185 @@ class ConsoleApp(App[None]):
                 loop.remove_signal_handler(signum)
 
     # ---- data from the core -----------------------------------------------------------
+    #
+    # One snapshot (status, VMs, jobs) consistent with an event sequence number, then the
+    # event stream from there: each event comes with the VMs and jobs it names as they are
+    # now, which replace the console's copies. A gap (events pruned before they were read,
+    # the core restarted or gone) means a fresh snapshot. Heartbeats are not events: their
+    # times come as a small delta every HEARTBEAT_EVERY_S, and the ages are counted here.
 
     def _set_connection(self, text: str) -> None:
         self.connected = text == "connected"
         self.query_one(PoolHeader).connection = text
 
-    @work(exclusive=True, group="poll")
-    async def poll(self) -> None:
-        """Status, VMs and recent jobs every ``refresh_s``; shows and survives a dead core."""
-        with contextlib.suppress(NoMatches):  # the app quit while a call was on its way
-            await self._poll()
+    def core_now(self) -> float:
+        """The core's clock, as of its last answer plus the time since."""
+        return self.now + (time.monotonic() - self._now_at) if self.now else 0.0
 
-    async def _poll(self) -> None:
+    def _at(self, now: float) -> None:
+        self.now, self._now_at = now, time.monotonic()
+
+    @work(exclusive=True, group="follow")
+    async def follow(self) -> None:
+        """Snapshot, then follow the event stream; shows and survives a dead core."""
+        with contextlib.suppress(NoMatches):  # the app quit while a call was on its way
+            await self._follow()
+
+    async def _follow(self) -> None:
         backoff = self.refresh_s
         while True:
-            jobs_view = self.view == "jobs"
             try:
-                status = await self.client.status()
-                vms = await self.client.vms()
-                jobs = await self.client.jobs(limit=JOBS_VIEW_LIMIT if jobs_view else RECENT_JOBS)
+                await self._snapshot()
+                backoff = self.refresh_s
+                while await self._next_events():
+                    pass
+                self.snapshots_for_gaps += 1
             except CoreUnreachable:
                 self._set_connection(f"disconnected — retrying every {backoff:.0f}s")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
-                continue
             except AdminError as exc:
                 self._set_connection(f"core error: {exc.message}")
                 await asyncio.sleep(backoff)
-                continue
-            backoff = self.refresh_s
-            self.status, self.now = status, status["now"]
-            if status.get("access") == "readonly" and not self.readonly:
-                self.set_readonly()
-            self._set_connection("connected")
-            self.query_one(PoolHeader).status = status
-            table = self.query_one(VMTable)
-            table.show(vms["vms"], vms["now"])
-            if status.get("last_decision"):  # the latest scaling decision, with its numbers
-                table.border_subtitle = f"why: {status['last_decision']}"
-            if jobs_view:
-                self.query_one(JobTable).show(jobs["jobs"], jobs["now"])
-            flow = self.query_one(JobFlow)
-            flow.query_one(JobTable).show(jobs["jobs"][:RECENT_JOBS], jobs["now"])
-            flow.refresh_flow(status["now"])
-            await asyncio.sleep(self.refresh_s)
 
-    @work(exclusive=True, group="events")
-    async def follow_events(self) -> None:
-        """Tail the event stream, resuming after the last sequence seen (nothing is missed
-        across a reconnect). The job-flow panel starts from the core's per-minute counts."""
-        with contextlib.suppress(NoMatches):  # the app quit while a call was on its way
-            await self._follow_events()
+    async def _snapshot(self) -> None:
+        snap = await self.client.snapshot(jobs=JOBS_VIEW_LIMIT)
+        flow = await self.client.flow(60)
+        seq = snap["seq"]
+        first = max(seq - BACKLOG_EVENTS, self.last_seq, 0)
+        backlog = await self.client.events(after=first, limit=max(min(seq - first, 1000), 1))
+        self.snapshots += 1
+        self.started_at = snap["started_at"]
+        self._at(snap["now"])
+        self.last_seq = seq
+        self._show_status(snap["status"])
+        self._set_connection("connected")
+        self.query_one(VMTable).show(snap["vms"], snap["now"])
+        self.jobs = {job["id"]: job for job in snap["jobs"]}
+        self.query_one(JobTable).show(snap["jobs"], snap["now"])
+        self._show_recent_jobs()
+        panel = self.query_one(JobFlow)
+        panel.seed(flow)
+        self._log_events([e for e in backlog["events"] if e["seq"] <= seq])
+        self._heartbeats_at = (snap["now"], time.monotonic())
+        panel.refresh_flow(snap["now"])
 
-    async def _follow_events(self) -> None:
+    async def _next_events(self) -> bool:
+        """Apply the next events; False when they cannot be applied (a gap): snapshot again."""
+        reply = await self.client.events(after=self.last_seq, wait=10, records=True)
+        if reply.get("first_seq", 0) > self.last_seq + 1:
+            return False  # events after our sequence were pruned before we read them
+        events = reply["events"]
+        if not events:
+            return True
+        self.last_seq = reply["last_seq"]
+        self._at(reply["now"])
+        vms = reply.get("vms", {})
+        self.query_one(VMTable).update(
+            [vm for vm in vms.values() if vm and vm["state"] != "terminated"],
+            removed=[key for key, vm in vms.items() if not vm or vm["state"] == "terminated"],
+        )
+        self._apply_jobs(reply.get("jobs", {}))
+        self._log_events(events)
+        self.status_due = True
+        return True
+
+    def _apply_jobs(self, changed: dict[str, dict[str, Any] | None]) -> None:
+        """Keep the newest JOBS_VIEW_LIMIT jobs, as the snapshot listed them."""
+        if not changed:
+            return
+        oldest = min(self.jobs) if len(self.jobs) >= JOBS_VIEW_LIMIT else 0
+        updated, removed = [], []
+        for key, job in changed.items():
+            job_id = int(key)
+            if job is None:
+                if self.jobs.pop(job_id, None) is not None:
+                    removed.append(key)
+            elif job_id > oldest or job_id in self.jobs:
+                self.jobs[job_id] = job
+                updated.append(job)
+        for job_id in sorted(self.jobs)[: max(len(self.jobs) - JOBS_VIEW_LIMIT, 0)]:
+            del self.jobs[job_id]
+            removed.append(str(job_id))
+        self.query_one(JobTable).update(updated, removed=removed)
+        self._show_recent_jobs()
+
+    def _show_recent_jobs(self) -> None:
+        newest = sorted(self.jobs, reverse=True)[:RECENT_JOBS]
+        recent = self.query_one(JobFlow).query_one(JobTable)
+        recent.show([self.jobs[job_id] for job_id in newest], self.now)
+
+    def _log_events(self, events: list[dict[str, Any]]) -> None:
+        new = [e for e in events if e["seq"] > self._logged_seq]
+        if not new:
+            return
+        self._logged_seq = new[-1]["seq"]
+        self.query_one(LogPanel).add_events(new)
+        panel = self.query_one(JobFlow)
+        panel.add_events(new)
+        if self.now:
+            panel.refresh_flow(self.core_now())
+
+    def _show_status(self, status: dict[str, Any]) -> None:
+        self.status = status
+        if status.get("access") == "readonly" and not self.readonly:
+            self.set_readonly()
+        self.query_one(PoolHeader).status = status
+        if status.get("last_decision"):  # the latest scaling decision, with its numbers
+            self.query_one(VMTable).set_note(f"why: {status['last_decision']}")
+
+    def tick(self) -> None:
+        """Every ``refresh_s``: ages move on here; the status and heartbeats are asked for
+        when due."""
+        if not self.now:
+            return
+        now = self.core_now()
+        with contextlib.suppress(NoMatches):  # the app is closing
+            for table in self.query(KeyedTable):
+                table.set_now(now)
+            self.query_one(JobFlow).refresh_flow(now)
+        self.refresh_status()
+
+    @work(group="status")
+    async def refresh_status(self) -> None:
+        """The status when an event may have changed it (or every STATUS_EVERY_S: backoffs
+        and costs change without events), and the heartbeats received since last asked.
+        One at a time: a slow answer is waited for, not cancelled by the next tick."""
+        if self._refreshing:
+            return
+        self._refreshing = True
         try:
-            flow = await self.client.flow(60)
-            self.query_one(JobFlow).seed(flow)
-            self.last_seq = max(flow["last_seq"] - BACKLOG_EVENTS, 0)
-        except (CoreUnreachable, AdminError):
-            self.last_seq = 0
-        while True:
-            try:
-                reply = await self.client.events(after=self.last_seq, wait=10)
-            except (CoreUnreachable, AdminError):
-                await asyncio.sleep(self.refresh_s)
-                continue
-            if reply["events"]:
-                self.last_seq = reply["last_seq"]
-                self.query_one(LogPanel).add_events(reply["events"])
-                panel = self.query_one(JobFlow)
-                panel.add_events(reply["events"])
-                if self.now:
-                    panel.refresh_flow(self.now)
+            with contextlib.suppress(NoMatches, CoreUnreachable, AdminError):
+                await self._refresh_status()
+        finally:
+            self._refreshing = False
+
+    async def _refresh_status(self) -> None:
+        since, asked = self._heartbeats_at
+        if since and time.monotonic() - asked >= self.heartbeat_every_s:
+            reply = await self.client.heartbeats(since)
+            if reply["started_at"] != self.started_at:
+                self.follow()  # a restarted core: its heartbeats and ours do not compare
+                return
+            self._heartbeats_at = (reply["now"], time.monotonic())
+            self._apply_heartbeats(reply["heartbeats"])
+        if self.status_due or time.monotonic() - self._status_at >= STATUS_EVERY_S:
+            self.status_due = False
+            self._status_at = time.monotonic()
+            status = await self.client.status()
+            if status["last_seq"] < self.last_seq:
+                self.follow()  # the core's log went back (a restored state file)
+                return
+            self._show_status(status)
+
+    def _apply_heartbeats(self, beats: dict[str, float]) -> None:
+        table = self.query_one(VMTable)
+        changed = []
+        for vm_id, at in beats.items():
+            vm = table.records.get(vm_id)
+            if vm is not None and at > (vm["last_heartbeat"] or 0):
+                changed.append({**vm, "last_heartbeat": at})
+        table.update(changed)
 
     # ---- which keys apply ---------------------------------------------------------------
 
@@ -207,7 +328,8 @@ class ConsoleApp(App[None]):
         except CoreUnreachable as exc:
             self.notify(str(exc), title=f"{what} failed", severity="error", markup=False)
             return None
-        self.poll()  # show the effect now, not at the next refresh
+        self.status_due = True  # its event brings the rows; the header follows now
+        self.refresh_status()
         return result
 
     def table(self) -> KeyedTable:
@@ -246,7 +368,8 @@ class ConsoleApp(App[None]):
             except CoreUnreachable as exc:
                 return str(exc)
             self.notify(f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
-            self.poll()
+            self.status_due = True
+            self.refresh_status()
             return None
 
         self.push_screen(ResizeDialog(pool["min_vms"], pool["max_vms"], apply))
@@ -307,7 +430,6 @@ class ConsoleApp(App[None]):
             self.query_one(VMTable).display = view == "vms"
             self.query_one(JobTable).display = view == "jobs"
             self.refresh_bindings()
-            self.poll()  # the jobs view fetches more jobs: at once, not at the next refresh
         box = self.query_one("#filter", Input)
         box.display = bool(self.table().filter_text)
         box.value = self.table().filter_text
@@ -348,14 +470,14 @@ class ConsoleApp(App[None]):
         column = self.table().cycle_sort()
         self.notify(f"sorted by {column}", timeout=1.5)
 
-    @on(DataTable.RowSelected, "#vms")
-    def vm_details(self, event: DataTable.RowSelected) -> None:
-        vm_id = str(event.row_key.value)
+    @on(KeyedTable.RowSelected, "#vms")
+    def vm_details(self, event: KeyedTable.RowSelected) -> None:
+        vm_id = event.key
         self.push_screen(VMDetails(vm_id, lambda: self.client.vm(vm_id), self.refresh_s))
 
-    @on(DataTable.RowSelected, "#jobs, #recent-jobs")
-    def job_details(self, event: DataTable.RowSelected) -> None:
-        job_id = int(str(event.row_key.value))
+    @on(KeyedTable.RowSelected, "#jobs, #recent-jobs")
+    def job_details(self, event: KeyedTable.RowSelected) -> None:
+        job_id = int(event.key)
         self.push_screen(
             JobDetails(job_id, lambda: self.client.job(job_id), self.refresh_s, lambda: self.now)
         )

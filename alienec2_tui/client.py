@@ -115,14 +115,23 @@ class AdminClient:
     async def job(self, job_id: int) -> dict[str, Any]:
         return await self._call("GET", f"/admin/v1/jobs/{job_id}")
 
-    async def events(self, after: int = 0, wait: float = 0, limit: int = 1000) -> dict[str, Any]:
-        """Events after a sequence number; long-polls up to ``wait`` seconds for new ones."""
-        return await self._call(
-            "GET",
-            "/admin/v1/events",
-            params={"after": after, "wait": wait, "limit": limit},
-            timeout=wait + 10,
-        )
+    async def snapshot(self, jobs: int = 50) -> dict[str, Any]:
+        """Status, VMs and the newest ``jobs`` jobs, consistent with event ``seq``."""
+        return await self._call("GET", "/admin/v1/snapshot", params={"jobs": jobs})
+
+    async def events(
+        self, after: int = 0, wait: float = 0, limit: int = 1000, records: bool = False
+    ) -> dict[str, Any]:
+        """Events after a sequence number; long-polls up to ``wait`` seconds for new ones.
+        ``records``: with the VMs and jobs they name, as they are now."""
+        params: dict[str, Any] = {"after": after, "wait": wait, "limit": limit}
+        if records:
+            params["records"] = "true"
+        return await self._call("GET", "/admin/v1/events", params=params, timeout=wait + 10)
+
+    async def heartbeats(self, since: float) -> dict[str, Any]:
+        """Last heartbeats received at or after ``since`` (core time), by VM id."""
+        return await self._call("GET", "/admin/v1/heartbeats", params={"since": since})
 
     async def flow(self, minutes: int = 60) -> dict[str, Any]:
         """Job events per minute over the last ``minutes``, oldest first."""

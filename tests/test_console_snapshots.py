@@ -114,6 +114,19 @@ class FixedCore(AdminClient):
             "last_seq": 2000,
         }
 
+    async def snapshot(self, jobs: int = 50) -> dict[str, Any]:
+        return {
+            "seq": 1119,
+            "started_at": NOW - 3600,
+            "now": NOW,
+            "status": await self.status(),
+            "vms": (await self.vms())["vms"],
+            "jobs": (await self.jobs())["jobs"],
+        }
+
+    async def heartbeats(self, since: float) -> dict[str, Any]:
+        return {"now": NOW, "started_at": NOW - 3600, "heartbeats": {}}
+
     async def vms(self, state: str | None = None) -> dict[str, Any]:
         return {"now": NOW, "vms": [vm(n + 1, s) for n, s in enumerate(STATES)]}
 
@@ -140,10 +153,12 @@ class FixedCore(AdminClient):
             ],
         }
 
-    async def events(self, after: int = 0, wait: float = 0, limit: int = 1000) -> dict[str, Any]:
+    async def events(
+        self, after: int = 0, wait: float = 0, limit: int = 1000, records: bool = False
+    ) -> dict[str, Any]:
         if self._events_sent:
             await asyncio.sleep(wait)
-            return {"events": [], "last_seq": after}
+            return {"events": [], "last_seq": after, "first_seq": 1000}
         self._events_sent = True
         kinds = ["job_queued", "job_running", "job_done", "vm_idle", "launch_done"]
         events = [
@@ -158,7 +173,7 @@ class FixedCore(AdminClient):
             }
             for i in range(120)
         ]
-        return {"events": events, "last_seq": events[-1]["seq"]}
+        return {"events": events, "last_seq": events[-1]["seq"], "first_seq": 1000}
 
 
 @pytest.fixture(autouse=True)

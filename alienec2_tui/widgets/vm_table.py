@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from rich.text import Text
-
-from alienec2_tui.widgets.format import age, state_text
+from alienec2_tui.widgets.format import age
 from alienec2_tui.widgets.keyed_table import KeyedTable
 
 COLUMNS = ("id", "state", "job", "idle", "cloud", "uptime", "heartbeat", "address")
@@ -29,11 +27,6 @@ def row_for(vm: dict[str, Any], now: float) -> tuple[str, ...]:
         age(heartbeat),
         vm["address"] or "-",
     )
-
-
-def cell(column: str, value: str) -> Text | str:
-    """What the table shows for a value: states in their colour."""
-    return state_text(value) if column == "state" else value
 
 
 class VMTable(KeyedTable):
