@@ -44,8 +44,9 @@ class Events(Database):
         return [_event(r) for r in reversed(rows)]
 
     def last_seq(self) -> int:
-        seq: int = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        return seq
+        """The latest sequence number given out, even if pruning has emptied the log since."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return int(row[0]) if row else 0
 
     def latest_time(self) -> float:
         """The latest time the state records (the clock never starts behind it)."""
@@ -56,9 +57,10 @@ class Events(Database):
         return float(row[0])
 
     def first_seq(self) -> int:
-        """The oldest event still kept (pruning removes from the start)."""
-        seq: int = self._db.execute("SELECT COALESCE(MIN(seq), 0) FROM events").fetchone()[0]
-        return seq
+        """The oldest event still kept (pruning removes from the start); with none kept, the
+        next one's, so a follower behind a fully pruned log still sees its gap."""
+        seq = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
+        return int(seq) if seq is not None else self.last_seq() + 1
 
     def flow(
         self, since: float, kinds: tuple[str, ...], last_seq: int
