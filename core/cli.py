@@ -309,6 +309,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _admin(args, work)
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        _print_json(await client.snapshot(jobs=args.jobs))
+        return 0
+
+    return _admin(args, work)
+
+
 def cmd_why(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         reply = await client.decisions(args.last)
@@ -842,6 +850,19 @@ def parser() -> argparse.ArgumentParser:
     status = command("status", "the pool at a glance", parents=admin)
     status.add_argument("--json", action="store_true", help="the full status as JSON")
     status.set_defaults(run=cmd_status)
+
+    snapshot = command(
+        "snapshot",
+        "what the console starts from, as JSON",
+        "Status, every VM not terminated and the newest jobs in one document, with the event "
+        "sequence number it is consistent with: `alienec2 events --after SEQ --follow` "
+        "continues from it.",
+        admin,
+    )
+    snapshot.add_argument(
+        "--jobs", type=_count(0, 1000), default=50, metavar="N", help="newest jobs (default 50)"
+    )
+    snapshot.set_defaults(run=cmd_snapshot)
 
     why = command(
         "why",

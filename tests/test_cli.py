@@ -70,6 +70,12 @@ async def test_status_submit_cancel_resize_pause_from_the_command_line(
         status = json.loads(out)
         assert status["pool"]["max_vms"] == 4
         assert status["queue"]["jobs"]["cancelled"] == 1
+        code, out, _ = await cli(core, "snapshot", "--jobs", "2")
+        assert code == 0
+        snapshot = json.loads(out)  # what the console starts from, with the seq it follows
+        assert snapshot["seq"] == core.store.last_seq()
+        assert snapshot["status"]["pool"]["max_vms"] == 4
+        assert [job["id"] for job in snapshot["jobs"]] == [3, 2]
 
 
 async def test_drain_and_kill_from_the_command_line(tmp_path: Path, moto: MotoEC2Server) -> None:
