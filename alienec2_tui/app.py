@@ -236,10 +236,12 @@ class ConsoleApp(App[None]):
             panel.refresh_flow(self.core_now())
 
     def _show_status(self, status: dict[str, Any]) -> None:
+        unchanged = self.status is not None and {**self.status, "now": 0} == {**status, "now": 0}
         self.status = status
         if status.get("access") == "readonly" and not self.readonly:
             self.set_readonly()
-        self.query_one(PoolHeader).status = status
+        if not unchanged:  # the header is repainted only when it has something new to say
+            self.query_one(PoolHeader).status = status
         if status.get("last_decision"):  # the latest scaling decision, with its numbers
             self.query_one(VMTable).set_note(f"why: {status['last_decision']}")
 

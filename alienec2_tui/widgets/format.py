@@ -18,13 +18,18 @@ STATE_STYLES = {
 }
 
 
-def age(seconds: float | None) -> str:
-    """Coarse ages (12s, 4m, 3h, 2d): coarse on purpose, so cells change rarely."""
+TABLE_STEP_S = 5  # the tables' seconds: heartbeat times arrive every 5 s (HEARTBEAT_EVERY_S)
+
+
+def age(seconds: float | None, step: int = 1) -> str:
+    """Coarse ages (12s, 4m, 3h, 2d): coarse on purpose, so cells change rarely. ``step``:
+    seconds shown in steps of this many (a table of ages ticking every second repaints every
+    row every second, which an SSH session pays for)."""
     if seconds is None:
         return "-"
     seconds = max(seconds, 0)
     if seconds < 60:
-        return f"{seconds:.0f}s"
+        return f"{seconds // step * step:.0f}s" if step > 1 else f"{seconds:.0f}s"
     if seconds < 3600:
         return f"{seconds // 60:.0f}m"
     if seconds < 86400:

@@ -78,5 +78,11 @@ class JobFlow(Vertical):
             series = [self.minutes.get(first + 60 * i, {}).get(name, 0) for i in range(MINUTES)]
             data = [sum(series[i : i + per_cell]) for i in range(0, MINUTES, per_cell)]
             self.query_one(f"#spark-{name}", Sparkline).data = data
-            self.query_one(f"#rate-{name}", Label).update(f"{series[-1]}/m")
-        self.query_one("#flow-axis", Static).update(axis(cells))
+            self._update(self.query_one(f"#rate-{name}", Label), f"{series[-1]}/m")
+        self._update(self.query_one("#flow-axis", Static), axis(cells))
+
+    @staticmethod
+    def _update(widget: Static, text: str) -> None:
+        """Only a changed text is repainted: over SSH every repaint is paid for."""
+        if str(widget.content) != text:
+            widget.update(text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from alienec2_tui.widgets.format import age
+from alienec2_tui.widgets.format import TABLE_STEP_S, age
 from alienec2_tui.widgets.keyed_table import KeyedTable
 
 COLUMNS = ("id", "state", "vm", "attempts", "wait", "run", "exit", "command")
@@ -35,7 +35,7 @@ def row_for(job: dict[str, Any], now: float) -> tuple[str, ...]:
         job["vm_id"] or "-",
         f"{job['attempt']}/{job['max_attempts']}",
         age(job["wait_s"]) if job["wait_s"] is not None else "-",
-        age(run_time(job, now)),
+        age(run_time(job, now), TABLE_STEP_S),
         str(job["exit_code"]) if job["exit_code"] is not None else "-",
         what_ran(job)[:48],
     )

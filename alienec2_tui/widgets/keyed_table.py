@@ -159,30 +159,34 @@ class KeyedTable(ScrollView, can_focus=True):
         if reorder:
             self._reorder(fit=changed)
         elif changed:
-            self._fit(changed)
-            self.refresh()
+            self._repaint_changed()
         return len(changed)
 
     def set_now(self, now: float) -> None:
-        """Time moved on: repaint just the cells of the rows on screen whose text changed
-        (ages), not the table."""
+        """Time moved on: repaint just the cells whose text changed (ages), not the table."""
         self.now = now
+        self._repaint_changed()
+
+    def _repaint_changed(self) -> None:
+        """Repaint the cells of the rows on screen whose text differs from what was drawn."""
         scroll_x = self.scroll_offset.x
         starts = self._column_starts()
         for line, (key, drawn) in list(self._painted.items()):
             record = self.records.get(key)
             if record is None:
                 continue
-            row = self.row_for(record, now)
+            row = self.row_for(record, self.now)
             if row == drawn:
                 continue
             if self._fit([record]):
                 self.refresh()
                 return
-            for index, (before, after) in enumerate(zip(drawn, row, strict=True)):
-                if before != after:
-                    width = self._widths[index] + 2 * PAD
-                    self.refresh(Region(starts[index] - scroll_x, line, width, 1))
+            # One region per line, from its first changed cell to its last: the terminal is
+            # written once per line, not once per cell.
+            changed = [i for i, (a, b) in enumerate(zip(drawn, row, strict=True)) if a != b]
+            left = starts[changed[0]]
+            right = starts[changed[-1]] + self._widths[changed[-1]] + 2 * PAD
+            self.refresh(Region(left - scroll_x, line, right - left, 1))
 
     def _reorder(self, fit: Iterable[dict[str, Any]] = ()) -> None:
         selected = self.selected_key()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from alienec2_tui.widgets.format import age
+from alienec2_tui.widgets.format import TABLE_STEP_S, age
 from alienec2_tui.widgets.keyed_table import KeyedTable
 
 COLUMNS = ("id", "state", "job", "idle", "cloud", "uptime", "heartbeat", "address")
@@ -21,10 +21,10 @@ def row_for(vm: dict[str, Any], now: float) -> tuple[str, ...]:
         vm["id"],
         vm["state"],
         str(vm["job_id"]) if vm["job_id"] is not None else "-",
-        age(idle),
+        age(idle, TABLE_STEP_S),
         vm["cloud"],
         age(now - vm["launched_at"]),
-        age(heartbeat),
+        age(heartbeat, TABLE_STEP_S),
         vm["address"] or "-",
     )
 
