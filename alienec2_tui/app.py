@@ -99,7 +99,7 @@ class ConsoleApp(App[None]):
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
-        self.query_one(JobTable).display = False
+        self.query_one("#jobs", JobTable).display = False
         self.query_one(PoolHeader).readonly = self.readonly
         self.query_one(VMTable).focus()
         if self.catch_signals:
@@ -171,7 +171,7 @@ class ConsoleApp(App[None]):
         self._set_connection("connected")
         self.query_one(VMTable).show(snap["vms"], snap["now"])
         self.jobs = {job["id"]: job for job in snap["jobs"]}
-        self.query_one(JobTable).show(snap["jobs"], snap["now"])
+        self.query_one("#jobs", JobTable).show(snap["jobs"], snap["now"])
         self._show_recent_jobs()
         panel = self.query_one(JobFlow)
         panel.seed(flow)
@@ -216,7 +216,7 @@ class ConsoleApp(App[None]):
         for job_id in sorted(self.jobs)[: max(len(self.jobs) - JOBS_VIEW_LIMIT, 0)]:
             del self.jobs[job_id]
             removed.append(str(job_id))
-        self.query_one(JobTable).update(updated, removed=removed)
+        self.query_one("#jobs", JobTable).update(updated, removed=removed)
         self._show_recent_jobs()
 
     def _show_recent_jobs(self) -> None:
@@ -336,7 +336,7 @@ class ConsoleApp(App[None]):
 
     def table(self) -> KeyedTable:
         """The table of the current view."""
-        return self.query_one(VMTable) if self.view == "vms" else self.query_one(JobTable)
+        return self.query_one(VMTable) if self.view == "vms" else self.query_one("#jobs", JobTable)
 
     def _selected(self) -> dict[str, Any] | None:
         vm = self.query_one(VMTable).selected_vm()
@@ -430,7 +430,7 @@ class ConsoleApp(App[None]):
         if self.view != view:
             self.view = view
             self.query_one(VMTable).display = view == "vms"
-            self.query_one(JobTable).display = view == "jobs"
+            self.query_one("#jobs", JobTable).display = view == "jobs"
             self.refresh_bindings()
         box = self.query_one("#filter", Input)
         box.display = bool(self.table().filter_text)
@@ -481,7 +481,7 @@ class ConsoleApp(App[None]):
     def job_details(self, event: KeyedTable.RowSelected) -> None:
         job_id = int(event.key)
         self.push_screen(
-            JobDetails(job_id, lambda: self.client.job(job_id), self.refresh_s, lambda: self.now)
+            JobDetails(job_id, lambda: self.client.job(job_id), self.refresh_s, self.core_now)
         )
 
     def action_logs(self) -> None:
