@@ -109,8 +109,7 @@ async def heartbeat(port: int, tokens: list[str]) -> None:
 
 async def main_async(counts: list[int], seconds: float) -> None:
     print(
-        f"{'VMs':>6} {'before: per second':>19} {'after: snapshot':>16} "
-        f"{'after: per second':>18}"
+        f"{'VMs':>6} {'before: per second':>19} {'after: snapshot':>16} {'after: per second':>18}"
     )
     for count in counts:
         core = CoreProcess(vms=count, cycle_interval_s=15.0, tag_index=True)

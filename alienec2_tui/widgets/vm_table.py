@@ -23,7 +23,7 @@ def row_for(vm: dict[str, Any], now: float) -> tuple[str, ...]:
         str(vm["job_id"]) if vm["job_id"] is not None else "-",
         age(idle, TABLE_STEP_S),
         vm["cloud"],
-        age(now - vm["launched_at"]),
+        age(now - vm["launched_at"], TABLE_STEP_S),
         age(heartbeat, TABLE_STEP_S),
         vm["address"] or "-",
     )
