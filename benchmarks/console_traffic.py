@@ -112,7 +112,9 @@ async def main_async(counts: list[int], seconds: float) -> None:
         f"{'VMs':>6} {'before: per second':>19} {'after: snapshot':>16} {'after: per second':>18}"
     )
     for count in counts:
-        core = CoreProcess(vms=count, cycle_interval_s=15.0, tag_index=True)
+        core = CoreProcess(
+            vms=count, cycle_interval_s=15.0, tag_index=True, launch_timeout_s=300 + count / 10
+        )
         beats = None
         try:
             before = sum((await refresh_bytes(core)).values())

@@ -85,6 +85,7 @@ class CoreProcess:
         cycle_interval_s: float = 1.0,
         tag_index: bool = False,
         cpus: set[int] | None = None,
+        launch_timeout_s: float | None = None,
     ) -> None:
         """``cpus``: pin the core's process to these CPUs (its share of the machine);
         ``tag_index``: moto with an O(1) tag lookup, for fleets of thousands."""
@@ -95,6 +96,8 @@ class CoreProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.cycle_interval_s = cycle_interval_s
         self.cpus = cpus
+        # Listing 10,000 instances in moto takes minutes on a loaded machine.
+        self.launch_timeout_s = launch_timeout_s
         try:
             self._start(vms, heartbeat_s)
         except BaseException:
@@ -157,7 +160,7 @@ class CoreProcess:
         if self.cpus is not None:
             os.sched_setaffinity(self.proc.pid, self.cpus)
         self.ec2 = boto3.client("ec2", endpoint_url=self.cloud.url, region_name=SANDBOX_REGION)
-        deadline = time.monotonic() + 120 + vms / 100
+        deadline = time.monotonic() + (self.launch_timeout_s or 120 + vms / 100)
         while len(self.instances()) < vms:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("the core did not launch its instances")
