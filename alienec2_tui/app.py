@@ -1,7 +1,8 @@
 """The alienec2 console: live pool operation over SSH, keyboard first.
 
 The app composes widgets and turns keys into admin API calls; everything it shows comes from
-the core through ``AdminClient``. It holds no state the core does not have.
+the core through ``AdminClient``: one snapshot, kept current from the event stream. It holds no
+state the core does not have.
 """
 
 from __future__ import annotations
