@@ -233,6 +233,7 @@ class Slot:
         self.index = index
         self.job_id: int | None = None
         self.run_started: float | None = None  # monotonic start of the current pilot run
+        self.named_job = False  # the current pilot run's output has named an AliEn job
         self.cancel = threading.Event()
         self.runs = 0
 
@@ -331,12 +332,13 @@ class Agent:
         return bool(self.settings["pilot_command"])
 
     def is_busy(self) -> bool:
-        """Busy: a job runs, or (pilot mode) a pilot run has outlasted ``idle_run_s``."""
+        """Busy: a job runs, or (pilot mode) a pilot run has named the job it took or has
+        outlasted ``idle_run_s``: a VM reaped as idle then would kill a grid job."""
         if not self.pilot_mode():
             return any(slot.job_id is not None for slot in self.slots)
         now, idle_run_s = time.monotonic(), float(self.settings["idle_run_s"])
         return any(
-            slot.run_started is not None and now - slot.run_started > idle_run_s
+            slot.run_started is not None and (slot.named_job or now - slot.run_started > idle_run_s)
             for slot in self.slots
         )
 
@@ -496,12 +498,15 @@ class Agent:
         except OSError as exc:
             return Outcome(EXIT_NOT_FOUND, f"cannot start {command[0]!r}: {exc.strerror or exc}")
 
+        received = [0]  # bytes read so far: the run loop looks for a job id when it grows
+
         def read() -> None:
             size = 0
             assert child.stdout is not None
             for chunk in iter(lambda: child.stdout.read1(4096), b""):  # type: ignore[union-attr]
                 tail.append(chunk)
                 size += len(chunk)
+                received[0] += len(chunk)
                 while size - len(tail[0]) >= limit:
                     size -= len(tail.popleft())
 
@@ -510,6 +515,8 @@ class Agent:
         started = time.monotonic()
         deadline = started + wall_time_s if wall_time_s else None
         long_at = started + float(self.settings["idle_run_s"]) if self.pilot_mode() else None
+        watch_job_id = self.pilot_mode() and slot is not None
+        seen = 0
         grace = float(self.settings["kill_grace_s"])
         note, ending = "", ""
         while child.poll() is None:
@@ -527,6 +534,12 @@ class Agent:
                 if long_at is not None and time.monotonic() > long_at:
                     long_at = None
                     self.wake.set()  # a long pilot run: the VM is busy from now on
+                if watch_job_id and slot is not None and received[0] != seen:
+                    seen = received[0]
+                    output = b"".join(tail).decode(errors="replace")
+                    if parse_alien_job_id(output, self.settings["alien_job_id_regex"]):
+                        watch_job_id, slot.named_job = False, True
+                        self.wake.set()  # the JobAgent took a grid job: busy, tell the core now
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=0.2)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -651,7 +664,7 @@ class Agent:
                 outcome = self.execute(command, {}, None, workdir, slot)
             finally:
                 duration = time.monotonic() - slot.run_started
-                slot.run_started = None
+                slot.run_started, slot.named_job = None, False
             shutil.rmtree(self.jobs_dir / workdir, ignore_errors=True)
             idle = run_is_idle(duration, outcome.exit_code, self.settings)
             alien_job_id = parse_alien_job_id(outcome.tail, self.settings["alien_job_id_regex"])

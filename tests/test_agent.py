@@ -366,7 +366,7 @@ def test_short_pilot_runs_keep_the_vm_idle_and_a_long_run_is_busy_throughout(
     long, go = tmp_path / "long", tmp_path / "go"
     pilot = (
         f'if [ -e {long} ]; then echo "JobAgent: running job 77"; '
-        f"while [ ! -e {go} ]; do sleep 0.02; done; exit 0; fi; echo no job; exit 3"
+        f"while [ ! -e {go} ]; do sleep 0.02; done; sleep 1.1; exit 0; fi; echo no job; exit 3"
     )
     stand_in_agent(
         stand_in,
@@ -384,13 +384,31 @@ def test_short_pilot_runs_keep_the_vm_idle_and_a_long_run_is_busy_throughout(
     assert short["run"] in {b["run"] for b in starts} and short["slot"] == 0
     assert not any(b["busy"] for b in stand_in.bodies("/agent/v1/heartbeat"))
 
-    long.touch()  # from the next run on, the pilot finds a job and works until ``go``
+    long.touch()  # from the next run on, the pilot finds a job and works until ``go`` and 1.1 s
     stand_in.wait_for(lambda: any(b["busy"] for b in stand_in.bodies("/agent/v1/heartbeat")))
     go.touch()
     stand_in.wait_for(lambda: any(b["alien_job_id"] == "77" for b in finished()))
     [busy_run] = [b for b in finished() if b["alien_job_id"] == "77"]
     assert (busy_run["exit_code"], busy_run["idle"]) == (0, False)
     assert busy_run["duration_s"] > 1.0
+
+
+def test_a_pilot_run_that_names_its_grid_job_is_busy_at_once_not_after_idle_run_s(
+    tmp_path: Path, stand_in: StandInCore, stand_in_agent: Callable[..., StandInAgent]
+) -> None:
+    """A JobAgent that took a job must not look idle for its first ``idle_run_s``: the core
+    would reap the VM and kill the grid job."""
+    go = tmp_path / "go"
+    pilot = f'echo "JobAgent: running job 12"; while [ ! -e {go} ]; do sleep 0.02; done'
+    stand_in_agent(stand_in, pilot_command=["sh", "-c", pilot], pilot_pause_s=60, idle_run_s=3600)
+    heartbeats = lambda: stand_in.bodies("/agent/v1/heartbeat")  # noqa: E731
+    stand_in.wait_for(lambda: any(b["busy"] for b in heartbeats()))
+    assert not [b for b in stand_in.bodies("/agent/v1/runs") if b["status"] == "finished"]
+    go.touch()
+    stand_in.wait_for(
+        lambda: any(b["status"] == "finished" for b in stand_in.bodies("/agent/v1/runs"))
+    )
+    stand_in.wait_for(lambda: heartbeats()[-1]["busy"] is False)
 
 
 def test_spot_rebalance_holds_new_jobs_and_termination_kills_the_job_and_ends_the_agent(
