@@ -10,13 +10,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from core.demo import ALIEN_CYCLE_S, peak_serving
 from core.model import REAP_REASONS, VM, Event, VMState
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,13 +162,11 @@ def test_interactive_demo_opens_the_console_and_quitting_stops_everything(
     try:
 
         def screen_shows(text: str, timeout: float = 60) -> str:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            def shown() -> str:
                 screen = tmux("capture-pane", "-t", "demo", "-p")
-                if text in screen:
-                    return screen
-                time.sleep(0.1)
-            raise AssertionError(f"{text!r} never appeared:\n{screen}")
+                return screen if text in screen else ""
+
+            return wait_until(shown, timeout, f"{text!r} on screen")
 
         screen = screen_shows("sandbox-b")
         assert "demo min 1 max 8" in screen
@@ -177,10 +175,11 @@ def test_interactive_demo_opens_the_console_and_quitting_stops_everything(
         tmux("send-keys", "-t", "demo", "q")
         screen_shows("demo stopped")
         assert processes_mentioning(str(workdir / "instances")) == []
-        deadline = time.monotonic() + 15
-        while left := [p for p in processes_mentioning(str(workdir)) if "sleep 60" not in p]:
-            assert time.monotonic() < deadline, f"left behind: {left}"
-            time.sleep(0.1)
+        wait_until(
+            lambda: not [p for p in processes_mentioning(str(workdir)) if "sleep 60" not in p],
+            15,
+            "no process of the demo left",
+        )
     finally:
         tmux("kill-server")
 
@@ -247,10 +246,11 @@ def processes_under(path: Path) -> list[str]:
 
 def agent_pids(scratch: Path, count: int, timeout: float = 60) -> list[int]:
     """The pids of the first ``count`` agents the demo booted, as recorded in its workdir."""
-    deadline = time.monotonic() + timeout
-    while len(files := list(scratch.glob("**/instances/*/agent.pid"))) < count:
-        assert time.monotonic() < deadline, f"only {len(files)} agents booted"
-        time.sleep(0.1)
+    files = wait_until(
+        lambda: len(found := list(scratch.glob("**/instances/*/agent.pid"))) >= count and found,
+        timeout,
+        f"{count} agents booted",
+    )
     return [int(f.read_text()) for f in files]
 
 
@@ -338,10 +338,12 @@ def test_console_demo_stopped_by_a_signal_restores_the_terminal(
         [demo] = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
         assert pane("#{alternate_on} #{cursor_flag}") == "1 0"  # the console is up
         os.kill(int(demo), signum)
-        deadline = time.monotonic() + 60
-        while "demo-exit=" not in (screen := tmux("capture-pane", "-p", "-t", "demo")):
-            assert time.monotonic() < deadline, f"the demo did not exit:\n{screen}"
-            time.sleep(0.1)
+
+        def exited() -> str:
+            screen = tmux("capture-pane", "-p", "-t", "demo")
+            return screen if "demo-exit=" in screen else ""
+
+        screen = wait_until(exited, 60, "the demo's exit")
         assert f"demo-exit={128 + signum}" in screen
         assert pane("#{alternate_on} #{cursor_flag} #{mouse_any_flag}") == "0 1 0"
         assert [p for p in pids if alive(p)] == []

@@ -34,6 +34,7 @@ from tests.conftest import (
     instances_in_cloud,
     make_config,
     running_in_cloud,
+    wait_until,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -553,11 +554,12 @@ def test_sigterm_stops_the_core_with_exit_0_and_leaves_instances_running(
     config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 2})
     core = start_core(write_config(tmp_path, config))
     try:
-        deadline = time.monotonic() + 30
-        while len(running_in_cloud(moto.url)) < 2:
-            assert time.monotonic() < deadline, "the core did not launch min_vms"
+
+        def launched_min() -> bool:
             assert core.poll() is None, core.stdout.read() if core.stdout else ""
-            time.sleep(0.05)
+            return len(running_in_cloud(moto.url)) >= 2
+
+        wait_until(launched_min, 30, "min_vms launched")
         core.send_signal(signal.SIGTERM)
         assert core.wait(timeout=10) == 0
     finally:
@@ -588,10 +590,7 @@ def test_credentials_never_reach_user_data_or_logs(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not running_in_cloud(moto.url):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: running_in_cloud(moto.url), 30, "a launched VM")
         core.send_signal(signal.SIGTERM)
         core.wait(timeout=10)
     finally:

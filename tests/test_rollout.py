@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from core.config import Config, load_config
 from core.daemon import Core, build_engine
 from core.model import EventKind, VMState
 from core.store import Store
-from tests.conftest import ManualClock, cloud, core_config, ec2_client, make_config
+from tests.conftest import ManualClock, cloud, core_config, ec2_client, make_config, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,22 +115,19 @@ def test_sighup_reloads_a_running_core_and_it_keeps_serving(
     try:
         socket = Path(config.admin.socket)
         status = [sys.executable, "-m", "core.cli", "status", "--socket", str(socket)]
-        for _ in range(600):  # bounded: until the core answers
-            if subprocess.run(status, cwd=ROOT, capture_output=True).returncode == 0:
-                break
+
+        def answers(command: list[str], text: str = "") -> bool:
             assert core.poll() is None, log.read_text()
-            time.sleep(0.1)  # a bounded poll for the condition above
+            reply = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            return reply.returncode == 0 and text in reply.stdout
+
+        wait_until(lambda: answers(status), 60, "the core answering")
         write(path, config, pool={"max_vms": 9})
         core.send_signal(signal.SIGHUP)
         events = [sys.executable, "-m", "core.cli", "events", "--socket", str(socket), "--json"]
-        for _ in range(600):
-            reply = subprocess.run(events, cwd=ROOT, capture_output=True, text=True)
-            if "configuration reloaded: pool changed" in reply.stdout:
-                break
-            assert core.poll() is None, log.read_text()
-            time.sleep(0.1)  # a bounded poll for the condition above
-        else:
-            raise AssertionError(f"no reload event: {log.read_text()}")
+        wait_until(
+            lambda: answers(events, "configuration reloaded: pool changed"), 60, "a reload event"
+        )
         assert core.poll() is None
     finally:
         core.send_signal(signal.SIGTERM)
