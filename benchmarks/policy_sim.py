@@ -376,6 +376,7 @@ class CorePolicy(Decider):
                 self.window_s,
                 last_minute,
                 now - arrivals[-last_minute] if last_minute else 0.0,
+                now - arrivals[-recent] if recent else 0.0,
             ),
             baseline_rate=history / self.history_s if self.history_s else 0.0,
             boot_time_s=policy.boot_time(list(sim.boot_times), sim.pool.boot_median_s),
