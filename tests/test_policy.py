@@ -418,11 +418,21 @@ def test_spare_idle_vm_goes_at_once_when_jobs_arrive_slower_than_a_boot() -> Non
 
 
 def test_spare_idle_vm_beyond_the_warm_target_goes_after_one_boot_and_cycle() -> None:
-    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15, warm_margin=0)
-    pool = (vm(1, idle_since=NOW - 136), vm(2, idle_since=NOW - 134), vm(3, idle_since=NOW - 500))
-    busy = snap(*pool, arrival_rate=1 / 135, completion_rate=0, boot_time_s=120)  # warm 1
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15, warm_margin=1)
+    idle_for = (136, 134, 500, 10)
+    pool = tuple(vm(n, idle_since=NOW - s) for n, s in enumerate(idle_for, start=1))
+    busy = snap(*pool, arrival_rate=1 / 135, completion_rate=0, boot_time_s=120)  # warm 1 + 1
     assert terminated(decide(busy, 0, NOW, adaptive)) == ["i-3", "i-1"]
     assert terminated(decide(busy, 0, NOW, replace(adaptive, adaptive_warm=False))) == []
+
+
+def test_a_warm_margin_below_one_holds_spare_idle_vms_for_that_share_of_a_boot_and_cycle() -> None:
+    pool = (vm(1, idle_since=NOW - 70), vm(2, idle_since=NOW - 60), vm(3, idle_since=NOW - 1))
+    busy = snap(*pool, arrival_rate=1 / 135, completion_rate=0, boot_time_s=120)  # warm 1
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15)
+    assert terminated(decide(busy, 0, NOW, replace(adaptive, warm_margin=0.5))) == ["i-1"]
+    assert terminated(decide(busy, 0, NOW, replace(adaptive, warm_margin=0))) == ["i-1", "i-2"]
+    assert terminated(decide(busy, 0, NOW, replace(adaptive, warm_margin=2))) == []
 
 
 # ---- explained decisions ---------------------------------------------------------------
