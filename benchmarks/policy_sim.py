@@ -262,6 +262,7 @@ class Simulation:
                 t = min(t_event, t_arrival)
                 if t >= next_cycle:
                     break
+                self.changed = True  # before the hooks: a policy woken by them must decide
                 if t_arrival <= t_event:
                     assert upcoming is not None
                     self.waiting.append(upcoming)
@@ -282,7 +283,6 @@ class Simulation:
                         self._slot_freed(vm, t)
                         decider.on_job_end(self, vm, t)
                 self._dispatch(t)
-                self.changed = True
             now = next_cycle
             decider.cycle(self, now)
             self._dispatch(now)
@@ -376,6 +376,7 @@ class CorePolicy(Decider):
                 self.window_s,
                 last_minute,
                 now - arrivals[-last_minute] if last_minute else 0.0,
+                now - arrivals[-recent] if recent else 0.0,
             ),
             baseline_rate=history / self.history_s if self.history_s else 0.0,
             boot_time_s=policy.boot_time(list(sim.boot_times), sim.pool.boot_median_s),
@@ -405,10 +406,13 @@ class CorePolicy(Decider):
         self._last_decided = now
 
     def on_arrival(self, sim: Simulation, now: float) -> None:
-        """The engine wakes when a job is submitted (here at most every 5 s, to keep a week of
-        100,000 jobs fast to simulate)."""
+        """The engine wakes when a job is submitted or reported finished (here at most every
+        5 s, to keep a week of 100,000 jobs fast to simulate)."""
         if now - self._last_decided >= 5.0:
             self.cycle(sim, now)
+
+    def on_job_end(self, sim: Simulation, vm: VM, now: float) -> None:
+        self.on_arrival(sim, now)
 
 
 class OneVMPerJob(Decider):

@@ -310,7 +310,7 @@ class Engine:
             if cloud.name in self.providers
         )
         pool = self.config.pool
-        recent, _ = self.store.submitted_since(now - pool.arrival_window_s)
+        recent, first_recent = self.store.submitted_since(now - pool.arrival_window_s)
         last_minute, first = self.store.submitted_since(now - policy.BURST_WINDOW_S)
         self.outdated = sum(1 for vm in vms if vm.outdated)
         return policy.Snapshot(
@@ -321,6 +321,7 @@ class Engine:
                 pool.arrival_window_s,
                 last_minute,
                 now - first if first is not None else 0.0,
+                now - first_recent if first_recent is not None else 0.0,
             ),
             baseline_rate=self._baseline_rate(now),
             boot_time_s=policy.boot_time(self.store.recent_boot_times(), pool.boot_time_guess_s),

@@ -226,6 +226,22 @@ async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_
     assert engine.snapshot(clock()).baseline_rate == pytest.approx(47 / 3600)
 
 
+async def test_a_burst_that_began_within_the_arrival_window_is_measured_since_its_first_job(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    config = make_config(tmp_path, [cloud("only", moto.url)], pool={"arrival_window_s": 600})
+    engine = await start_engine(config)
+    for _ in range(60):  # five minutes at 0.2 jobs/s: the last minute is no surprise
+        submit(engine.store, 1, clock())
+        clock.advance(5)
+
+    # Over its own 300 s, not diluted by the quiet half of the 600 s window (60 / 600).
+    assert engine.snapshot(clock()).arrival_rate == pytest.approx(59 / 300)
+
+
 async def test_second_cloud_is_used_when_the_first_has_no_capacity(
     tmp_path: Path,
     moto: MotoEC2Server,
