@@ -118,7 +118,8 @@ def sparse_trace(rng: random.Random, hours: float) -> list[Job]:
 
 
 def first_hour_trace() -> list[Job]:
-    """A new site's first hour: a test job, three submitted 30 s apart, two more later."""
+    """A new site's first hour: a test job, three submitted 30 s apart, two more later, then
+    one ``submit`` of four jobs at once (a batch: one arrival, not four in an instant)."""
     return [
         Job(120, 300),
         Job(900, 300),
@@ -126,6 +127,7 @@ def first_hour_trace() -> list[Job]:
         Job(960, 300),
         Job(2400, 600),
         Job(2700, 600),
+        *(Job(3000, 300) for _ in range(4)),
     ]
 
 
@@ -193,6 +195,9 @@ class Simulation:
         self.seq = 0
         self.result = Result("")
         self.arrivals: list[float] = []
+        # submissions[i]: distinct submit times among arrivals[: i + 1] (jobs submitted at
+        # one time are one batch, as the store counts them)
+        self.submissions: list[int] = []
         self.completions: list[float] = []
         self.boot_times: deque[float] = deque(maxlen=50)
         self.changed = True
@@ -266,6 +271,9 @@ class Simulation:
                 if t_arrival <= t_event:
                     assert upcoming is not None
                     self.waiting.append(upcoming)
+                    before = self.submissions[-1] if self.submissions else 0
+                    same_batch = bool(self.arrivals) and self.arrivals[-1] == upcoming.submit
+                    self.submissions.append(before if same_batch else before + 1)
                     self.arrivals.append(upcoming.submit)
                     upcoming = next(arrivals, None)
                     decider.on_arrival(self, t)
@@ -367,6 +375,15 @@ class CorePolicy(Decider):
         }
         recent = len(arrivals) - first[self.window_s]
         last_minute = len(arrivals) - first[policy.BURST_WINDOW_S]
+
+        def submissions(start: int) -> int:
+            """Distinct submit times among arrivals[start:]."""
+            if start >= len(arrivals):
+                return 0
+            before = sim.submissions[start - 1] if start else 0
+            split_batch = start > 0 and arrivals[start] == arrivals[start - 1]
+            return sim.submissions[-1] - before + split_batch
+
         history = len(arrivals) - first[self.history_s] if self.history_s else 0
         snapshot = policy.Snapshot(  # as the engine builds it, from the same helpers
             vms=tuple(self._view(vm) for vm in sim.vms.values()),
@@ -377,6 +394,8 @@ class CorePolicy(Decider):
                 last_minute,
                 now - arrivals[-last_minute] if last_minute else 0.0,
                 now - arrivals[-recent] if recent else 0.0,
+                recent_submissions=submissions(first[self.window_s]),
+                last_minute_submissions=submissions(first[policy.BURST_WINDOW_S]),
             ),
             baseline_rate=history / self.history_s if self.history_s else 0.0,
             boot_time_s=policy.boot_time(list(sim.boot_times), sim.pool.boot_median_s),

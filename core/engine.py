@@ -310,18 +310,20 @@ class Engine:
             if cloud.name in self.providers
         )
         pool = self.config.pool
-        recent, first_recent = self.store.submitted_since(now - pool.arrival_window_s)
-        last_minute, first = self.store.submitted_since(now - policy.BURST_WINDOW_S)
+        recent = self.store.submitted_since(now - pool.arrival_window_s)
+        last_minute = self.store.submitted_since(now - policy.BURST_WINDOW_S)
         self.outdated = sum(1 for vm in vms if vm.outdated)
         return policy.Snapshot(
             vms=vms,
             clouds=clouds,
             arrival_rate=policy.arrival_rate(
-                recent,
+                recent.jobs,
                 pool.arrival_window_s,
-                last_minute,
-                now - first if first is not None else 0.0,
-                now - first_recent if first_recent is not None else 0.0,
+                last_minute.jobs,
+                now - last_minute.first_at if last_minute.first_at is not None else 0.0,
+                now - recent.first_at if recent.first_at is not None else 0.0,
+                recent_submissions=recent.submissions,
+                last_minute_submissions=last_minute.submissions,
             ),
             baseline_rate=self._baseline_rate(now),
             boot_time_s=policy.boot_time(self.store.recent_boot_times(), pool.boot_time_guess_s),
@@ -338,7 +340,7 @@ class Engine:
             return 0.0
         counted_at, rate = self._baseline
         if not 0 <= now - counted_at < BASELINE_REFRESH_S:
-            rate = self.store.submitted_since(now - history_s)[0] / history_s
+            rate = self.store.submitted_since(now - history_s).jobs / history_s
             self._baseline = (now, rate)
         return rate
 

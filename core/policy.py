@@ -169,28 +169,38 @@ def arrival_rate(
     last_minute: int,
     last_minute_span_s: float,
     recent_span_s: float | None = None,
+    *,
+    recent_submissions: int | None = None,
+    last_minute_submissions: int | None = None,
 ) -> float:
     """Jobs per second the warm pool prepares for: the larger of two estimates, each only once
-    it rests on ``MIN_EVIDENCE`` arrivals (two jobs a few seconds apart are not a burst).
+    it rests on ``MIN_EVIDENCE`` submissions (two jobs a few seconds apart are not a burst, nor
+    is one batch of ten: its jobs are waiting already and say nothing of what comes next).
 
-    - since the last minute's first arrival: a burst's onset shows within seconds (the first
-      arrival only marks the start, hence ``last_minute - 1``; spans under 15 s count as 15 s),
-      but only when the rest of the window makes that many in so short a span a surprise
+    - since the last minute's first submission: a burst's onset shows within seconds (the
+      first one only marks the start, hence ``submissions - 1``; spans under 15 s count as
+      15 s), but only when the rest of the window makes that many in so short a span a surprise
       (``ONSET_SIGNIFICANCE``): on steady load four jobs close together are chance. When it
-      is no surprise, the window's arrivals are measured since its first one
+      is no surprise, the window's submissions are measured since its first one
       (``recent_span_s``), so a burst that began within the window is not diluted;
     - the ``window_s`` average: the target decays over the window once a burst ends.
+
+    Submissions count arrivals; each brings its mean batch size in jobs. Without submission
+    counts every job is its own submission.
     """
-    window = recent / window_s if recent >= MIN_EVIDENCE else 0.0
-    if last_minute < MIN_EVIDENCE:
+    subs = recent if recent_submissions is None else recent_submissions
+    minute_subs = last_minute if last_minute_submissions is None else last_minute_submissions
+    window = recent / window_s if subs >= MIN_EVIDENCE else 0.0
+    if minute_subs < MIN_EVIDENCE:
         return window
     span_s = max(last_minute_span_s, MIN_BURST_SPAN_S)
-    before = (recent - last_minute) / max(window_s - BURST_WINDOW_S, BURST_WINDOW_S)
-    if poisson_tail(last_minute - 1, before * span_s) >= ONSET_SIGNIFICANCE:
+    before = (subs - minute_subs) / max(window_s - BURST_WINDOW_S, BURST_WINDOW_S)
+    if poisson_tail(minute_subs - 1, before * span_s) >= ONSET_SIGNIFICANCE:
         if recent_span_s is None:
             return window
-        return max((recent - 1) / max(min(recent_span_s, window_s), span_s), window)
-    return max((last_minute - 1) / span_s, window)
+        ramp_s = max(min(recent_span_s, window_s), span_s)
+        return max((subs - 1) * (recent / subs) / ramp_s, window)
+    return max((minute_subs - 1) * (last_minute / minute_subs) / span_s, window)
 
 
 def poisson_tail(k: int, mean: float) -> float:

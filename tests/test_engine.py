@@ -26,7 +26,7 @@ from core.daemon import build_engine
 from core.engine import Engine
 from core.model import JobState, LaunchState, VMState
 from core.service import PoolService
-from core.store import Store
+from core.store import JobSpec, Store
 from tests.conftest import (
     ManualClock,
     cloud,
@@ -224,6 +224,25 @@ async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_
     assert engine.snapshot(clock()).baseline_rate == pytest.approx(11 / 3600)
     clock.advance(60)
     assert engine.snapshot(clock()).baseline_rate == pytest.approx(47 / 3600)
+
+
+async def test_one_batch_of_jobs_on_an_empty_pool_launches_one_vm_per_job_and_no_more(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    """``alienec2 submit`` of four jobs is one arrival: its jobs wait already, and one
+    submission is no evidence of a rate (read as four arrivals in an instant it launched 33
+    warm VMs more)."""
+    pool = {"adaptive_warm": True, "max_vms": 50, "max_launch_per_cycle": 50}
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)], pool=pool))
+    engine.store.submit_jobs([JobSpec(["echo", str(n)], {}, None, 3) for n in range(4)], clock())
+
+    snapshot = engine.snapshot(clock())
+    assert snapshot.arrival_rate == 0
+    await step(engine)
+    assert len(running_in_cloud(moto.url)) == 4
 
 
 async def test_a_burst_that_began_within_the_arrival_window_is_measured_since_its_first_job(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from core.model import Reason, VMState
 from core.policy import (
     CloudView,
@@ -389,6 +391,21 @@ def test_three_jobs_thirty_seconds_apart_on_an_empty_pool_launch_at_most_three_v
                     launched += 1
     assert launched <= 3
     assert queue == []
+
+
+def test_one_batch_is_one_arrival_and_no_evidence_of_a_rate() -> None:
+    one_batch = {"recent_submissions": 1, "last_minute_submissions": 1}
+    assert arrival_rate(10, 600, 10, 0.0, 0.0, **one_batch) == 0.0
+    assert arrival_rate(10, 600, 10, 0.0, 0.0) > 0  # ten arrivals in an instant: a burst
+
+
+def test_batches_bring_their_mean_size_once_there_are_enough_submissions() -> None:
+    # Four batches of three within 15 s on a quiet pool: (4 - 1) submissions x 3 jobs / 15 s.
+    batches = {"recent_submissions": 4, "last_minute_submissions": 4}
+    assert arrival_rate(12, 600, 12, 15.0, 15.0, **batches) == pytest.approx(3 * 3 / 15)
+    # Over the window: 8 batches of 5 jobs, the last minute's 1 no surprise.
+    spread = {"recent_submissions": 8, "last_minute_submissions": 1}
+    assert arrival_rate(40, 600, 5, 0.0, 600.0, **spread) == pytest.approx(40 / 600)
 
 
 def test_a_day_floor_of_a_fraction_of_a_vm_keeps_nothing_warm() -> None:

@@ -57,6 +57,13 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    jobs: int
+    submissions: int
+    first_at: float | None
+
+
 class Jobs(VMs):
     def submit_job(
         self,
@@ -137,13 +144,15 @@ class Jobs(VMs):
         ).fetchone()[0]
         return count
 
-    def submitted_since(self, since: float) -> tuple[int, float | None]:
-        """How many jobs were submitted at or after ``since``, and when the first of them was."""
-        count, first = self._db.execute(
-            "SELECT COUNT(*), MIN(submitted_at) FROM jobs WHERE submitted_at >= ? AND kind = 'job'",
+    def submitted_since(self, since: float) -> Submitted:
+        """The jobs submitted at or after ``since``: how many, in how many submissions (a batch
+        shares one time), and when the first was."""
+        jobs, submissions, first = self._db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT submitted_at), MIN(submitted_at) FROM jobs "
+            "WHERE submitted_at >= ? AND kind = 'job'",
             (since,),
         ).fetchone()
-        return count, first
+        return Submitted(jobs, submissions, first)
 
     def finished_since(self, since: float) -> int:
         """Queue jobs that ended (done or failed) at or after ``since``: each freed a slot."""
