@@ -16,7 +16,9 @@ from core.config import Config
 from core.liveness import Liveness
 from core.model import (
     ALIVE_STATES,
+    HEARTBEATING_STATES,
     STOPPED_SERVING_STATES,
+    TAKING_JOBS_STATES,
     VM,
     Job,
     JobState,
@@ -151,7 +153,7 @@ class PoolService:
             now = self.clock()
             self.liveness.heartbeat(vm.id, now)
             pilots = self.config.contextualisation.template == "alien"
-            if pilots and busy != vm.pilot_busy and vm.job_id is None:
+            if pilots and busy != vm.pilot_busy and not vm.jobs:
                 vm = self.store.set_pilot_busy(vm.id, busy, now)
                 self._wake()
         return vm, self.store.cancelled_on(vm)
@@ -196,22 +198,32 @@ class PoolService:
         )
         return job
 
-    def next_job(self, vm_id: str) -> Fetch:
-        """The VM's job: the one it already holds (the answer to an earlier fetch was lost),
-        or the oldest queued one if it is idle."""
+    def next_job(self, vm_id: str, slot: int = 0) -> Fetch:
+        """The job of the VM's ``slot``: the one it already holds (the answer to an earlier
+        fetch was lost; a draining VM runs it too), or the oldest queued one if the slot is
+        free and the VM takes jobs. A slot beyond ``pool.slots_per_vm`` is Invalid."""
         vm = self.store.vm(vm_id)
         action = action_for(vm)
-        if action != "run":
+        if action == "stop":
             return Fetch(action, None, wait=False)
-        if vm.job_id is not None:
-            job = self.store.job(vm.job_id)
+        held = vm.jobs.get(slot)
+        if held is not None:
+            job = self.store.job(held)
             if job.state != JobState.CANCELLED:
                 return Fetch(action, job, wait=False)
-            # Cancelled before the agent ever got it (it is fetching again): free the VM.
+            # Cancelled before the agent ever got it (it is fetching again): free the slot.
             self.store.release_cancelled(vm.id, job.id, self.clock())
             vm = self.store.vm(vm_id)
-        if vm.state == VMState.IDLE:
-            assigned = self.store.assign_next_job(vm.id, self.clock())
+        if action != "run":
+            return Fetch(action, None, wait=False)
+        slots = self.config.pool.slots_per_vm
+        if slot >= slots:
+            raise Invalid(
+                f"query.slot: must be < {slots} (pool.slots_per_vm; this VM's slots are "
+                f"0 to {slots - 1})"
+            )
+        if vm.state in TAKING_JOBS_STATES:
+            assigned = self.store.assign_next_job(vm.id, self.clock(), slot)
             if assigned is not None:
                 self._wake()
                 return Fetch(action, assigned, wait=False)
@@ -343,8 +355,13 @@ class PoolService:
         store, now = self.store, self.clock()
         low, high = self.bounds()
         alive: dict[str, int] = {}
+        per_vm = self.config.pool.slots_per_vm
+        used = serving = 0
         for vm in store.vms(ALIVE_STATES):
             alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
+            used += len(vm.jobs)
+            serving += vm.state in HEARTBEATING_STATES
+
         clouds = []
         details = self.cloud_details()
         for cloud in self.config.clouds:
@@ -376,6 +393,8 @@ class PoolService:
                 "max_vms": high,
                 "paused": self.paused(),
                 "vms": {str(state): n for state, n in store.vm_counts().items()},
+                # Job slots: in use, and on registered VMs that are not leaving.
+                "slots": {"per_vm": per_vm, "used": used, "total": serving * per_vm},
             },
             "queue": {
                 "kind": self.config.queue.kind,

@@ -22,22 +22,40 @@ from core.store.errors import Conflict, NotFound
 
 # VMs are read as plain tuples in VM's field order, states mapped through a dict: the engine
 # reads the whole fleet every cycle, and named rows plus Enum lookups took three times as long.
-_VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM))
+# ``jobs`` is no column: the jobs that hold a slot of the VM say it.
+_VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM) if field.name != "jobs")
 _VM_STATES = {state.value: state for state in VMState}
 
 
 def _vm(row: tuple[Any, ...]) -> VM:
     """A VM from a row of ``SELECT {_VM_FIELDS}``."""
     # mypy cannot count a sliced tuple's items; the row holds VM's fields in order.
-    return VM(*row[:3], _VM_STATES[row[3]], *row[4:11], bool(row[11]), bool(row[12]))  # type: ignore[call-arg]
+    return VM(*row[:3], _VM_STATES[row[3]], *row[4:10], bool(row[10]), bool(row[11]))  # type: ignore[call-arg]
 
 
 class VMs(Database):
     def _select_vms(self, where: str, params: Iterable[Any]) -> list[VM]:
+        """VMs with the jobs their slots hold (one query for them, however many VMs)."""
         cursor = self._db.cursor()
         cursor.row_factory = None
         cursor.execute(f"SELECT {_VM_FIELDS} FROM vms {where}", tuple(params))
-        return [_vm(row) for row in cursor]
+        vms = [_vm(row) for row in cursor]
+        if not vms:
+            return vms
+        held = self._db.cursor()
+        held.row_factory = None
+        if len(vms) > 1:
+            held.execute("SELECT vm_id, slot, id FROM jobs WHERE slot IS NOT NULL")
+        else:
+            held.execute(
+                "SELECT vm_id, slot, id FROM jobs WHERE vm_id = ? AND slot IS NOT NULL",
+                (vms[0].id,),
+            )
+        by_id = {vm.id: vm for vm in vms}
+        for vm_id, slot, job_id in held:
+            if vm_id in by_id:
+                by_id[vm_id].jobs[slot] = job_id
+        return vms
 
     def vm(self, vm_id: str) -> VM:
         found = self._select_vms("WHERE id = ?", (vm_id,))
@@ -79,7 +97,7 @@ class VMs(Database):
             if vm.state == new:
                 return vm
             check_vm(vm.state, new)
-            columns = vm_columns(new, now, vm.job_id)
+            columns = vm_columns(new, now)
             if new in STOPPED_SERVING_STATES and vm.state not in STOPPED_SERVING_STATES:
                 self._stopped_serving(vm, now, f"vm {vm_id} {new}: {why}", spend_attempt)
             if new in TOKEN_REVOKED_STATES:
