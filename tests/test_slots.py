@@ -11,6 +11,8 @@ import httpx
 import pytest
 
 from alienec2_tui.client import AdminClient
+from alienec2_tui.widgets.vm_table import job_cell
+from core.cli import _vm_jobs
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
 from core.model import JobState, VMState
@@ -239,3 +241,11 @@ async def test_a_vm_with_two_slots_runs_two_jobs_at_once_and_each_job_exactly_on
         assert slots_used == {0, 1}
         assert core.store.vm(vm_id).state == VMState.IDLE
         assert core.store.vm(vm_id).jobs == {}
+
+
+def test_the_console_and_cli_show_slots_in_use_only_when_a_vm_has_several() -> None:
+    one = {"job_id": 7, "jobs": [7], "slots_used": 1, "slots": 1}
+    four = {"job_id": 7, "jobs": [7, 9], "slots_used": 2, "slots": 4}
+    before_slots = {"job_id": None}  # a core from before slots sends neither field
+    assert [job_cell(vm) for vm in (one, four, before_slots)] == ["7", "2/4", "-"]
+    assert [_vm_jobs(vm) for vm in (one, four, before_slots)] == ["7", "2/4", "-"]
