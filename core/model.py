@@ -7,6 +7,7 @@ The transition tables are the one place that says what may follow what; ``check_
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,7 +329,7 @@ class VM:
     address: str | None = None
     kill_requested: bool = False
     pilot_busy: bool = False  # its pilot (e.g. an AliEn JobAgent) runs a real job
-    jobs: dict[int, int] = field(default_factory=dict)  # slot -> the queue job it holds
+    jobs: Mapping[int, int] = field(default_factory=dict)  # slot -> the queue job it holds
 
     @property
     def job_id(self) -> int | None:

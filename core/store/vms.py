@@ -27,38 +27,38 @@ _VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM) if field.n
 _VM_STATES = {state.value: state for state in VMState}
 
 
-def _vm(row: tuple[Any, ...]) -> VM:
-    """A VM from a row of ``SELECT {_VM_FIELDS}``."""
+# What a VM that holds no job is read with: one shared empty dict, not one per VM (most of a
+# large fleet holds nothing, and the engine reads it every cycle). VM.jobs is a Mapping, so
+# the type checker refuses writes to it; MappingProxyType would also refuse dataclasses.asdict.
+_NO_JOBS: Mapping[int, int] = {}
+
+
+def _vm(row: tuple[Any, ...], jobs: Mapping[int, int]) -> VM:
+    """A VM from a row of ``SELECT {_VM_FIELDS}``, with the jobs its slots hold."""
     # mypy cannot count a sliced tuple's items; the row holds VM's fields in order.
-    return VM(*row[:3], _VM_STATES[row[3]], *row[4:10], bool(row[10]), bool(row[11]))  # type: ignore[call-arg]
+    return VM(*row[:3], _VM_STATES[row[3]], *row[4:10], bool(row[10]), bool(row[11]), jobs)  # type: ignore[call-arg]
 
 
 class VMs(Database):
-    def _select_vms(self, where: str, params: Iterable[Any]) -> list[VM]:
-        """VMs with the jobs their slots hold (one query for them, however many VMs)."""
+    def _select_vms(self, where: str, params: Iterable[Any], vm_id: str | None = None) -> list[VM]:
+        """VMs with the jobs their slots hold; ``vm_id``: the one VM ``where`` selects (its
+        held jobs are then read alone)."""
         cursor = self._db.cursor()
         cursor.row_factory = None
-        cursor.execute(f"SELECT {_VM_FIELDS} FROM vms {where}", tuple(params))
-        vms = [_vm(row) for row in cursor]
-        if not vms:
-            return vms
-        held = self._db.cursor()
-        held.row_factory = None
-        if len(vms) > 1:
-            held.execute("SELECT vm_id, slot, id FROM jobs WHERE slot IS NOT NULL")
+        if vm_id is None:
+            cursor.execute("SELECT vm_id, slot, id FROM jobs WHERE slot IS NOT NULL")
         else:
-            held.execute(
-                "SELECT vm_id, slot, id FROM jobs WHERE vm_id = ? AND slot IS NOT NULL",
-                (vms[0].id,),
+            cursor.execute(
+                "SELECT vm_id, slot, id FROM jobs WHERE vm_id = ? AND slot IS NOT NULL", (vm_id,)
             )
-        by_id = {vm.id: vm for vm in vms}
-        for vm_id, slot, job_id in held:
-            if vm_id in by_id:
-                by_id[vm_id].jobs[slot] = job_id
-        return vms
+        held: dict[str, dict[int, int]] = {}
+        for owner, slot, job_id in cursor:
+            held.setdefault(owner, {})[slot] = job_id
+        cursor.execute(f"SELECT {_VM_FIELDS} FROM vms {where}", tuple(params))
+        return [_vm(row, held.get(row[0], _NO_JOBS)) for row in cursor]
 
     def vm(self, vm_id: str) -> VM:
-        found = self._select_vms("WHERE id = ?", (vm_id,))
+        found = self._select_vms("WHERE id = ?", (vm_id,), vm_id)
         if not found:
             raise NotFound(f"vm {vm_id} not found")
         return found[0]
@@ -142,10 +142,9 @@ class VMs(Database):
 
     def vm_by_token(self, token_hash: str) -> VM | None:
         """The VM that holds this token, while it has not left."""
-        found = self._select_vms("WHERE token_hash = ?", (token_hash,))
-        if not found or found[0].state in TOKEN_REVOKED_STATES:
-            return None
-        return found[0]
+        row = self._db.execute("SELECT id FROM vms WHERE token_hash = ?", (token_hash,)).fetchone()
+        vm = self.vm(row[0]) if row else None
+        return None if vm is None or vm.state in TOKEN_REVOKED_STATES else vm
 
     def has_token(self, vm_id: str) -> bool:
         row = self._db.execute("SELECT token_hash FROM vms WHERE id = ?", (vm_id,)).fetchone()
