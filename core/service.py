@@ -346,6 +346,14 @@ class PoolService:
         vm.last_heartbeat = self.liveness.last_heartbeat(vm.id, vm.last_heartbeat)
         return vm
 
+    def slots(self) -> dict[str, int]:
+        """Job slots: per VM, in use, and in all on registered VMs that are not leaving
+        (counted in SQL: metrics scrapes must not read the fleet)."""
+        per_vm = self.config.pool.slots_per_vm
+        counts = self.store.vm_counts()
+        serving = sum(counts[state] for state in HEARTBEATING_STATES)
+        return {"per_vm": per_vm, "used": self.store.slots_used(), "total": serving * per_vm}
+
     def job_detail(self, job_id: int) -> dict[str, Any]:
         job = self.store.job(job_id)
         return {"job": job, "events": self.store.events_for_job(job_id)}
@@ -355,13 +363,8 @@ class PoolService:
         store, now = self.store, self.clock()
         low, high = self.bounds()
         alive: dict[str, int] = {}
-        per_vm = self.config.pool.slots_per_vm
-        used = serving = 0
         for vm in store.vms(ALIVE_STATES):
             alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
-            used += len(vm.jobs)
-            serving += vm.state in HEARTBEATING_STATES
-
         clouds = []
         details = self.cloud_details()
         for cloud in self.config.clouds:
@@ -393,8 +396,7 @@ class PoolService:
                 "max_vms": high,
                 "paused": self.paused(),
                 "vms": {str(state): n for state, n in store.vm_counts().items()},
-                # Job slots: in use, and on registered VMs that are not leaving.
-                "slots": {"per_vm": per_vm, "used": used, "total": serving * per_vm},
+                "slots": self.slots(),
             },
             "queue": {
                 "kind": self.config.queue.kind,

@@ -129,6 +129,11 @@ async def test_the_policy_and_admin_see_slots_in_use(
     assert [(j["id"], j["slot"]) for j in detail["jobs"]] == [(ids[1], 0), (ids[0], 1)]
     slots = (await admin.status())["pool"]["slots"]
     assert slots == {"per_vm": SLOTS, "used": 2, "total": SLOTS}
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)), base_url="http://core"
+    ) as raw:
+        metrics = (await raw.get("/metrics")).text.splitlines()
+    assert "alienec2_slots_used 2.0" in metrics and f"alienec2_slots {SLOTS:.1f}" in metrics
 
 
 async def test_cancelling_one_job_tells_the_agent_that_job_only_and_frees_its_slot(

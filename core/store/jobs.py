@@ -134,6 +134,13 @@ class Jobs(VMs):
             counts[JobState(row["state"])] = row["n"]
         return counts
 
+    def slots_used(self) -> int:
+        """Slots that hold a job, on every VM."""
+        count: int = self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE slot IS NOT NULL"
+        ).fetchone()[0]
+        return count
+
     def queued_count(self) -> int:
         count: int = self._db.execute(
             "SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)
