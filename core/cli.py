@@ -140,6 +140,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.spot_interrupt <= 1:
         print("error: --spot-interrupt must be a fraction in [0, 1]", file=sys.stderr)
         return EXIT_CONFIG
+    if args.slots < 1:
+        print("error: --slots must be >= 1", file=sys.stderr)
+        return EXIT_CONFIG
     if not 0 <= args.min <= args.max:
         print(f"error: need 0 <= --min <= --max (got {args.min} and {args.max})", file=sys.stderr)
         return EXIT_CONFIG
@@ -155,6 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         spot_interrupt=args.spot_interrupt,
         timeout_s=args.timeout,
         alien=args.alien,
+        slots_per_vm=args.slots,
     )
     workdir = Path(args.workdir).absolute() if args.workdir else None
     if args.headless:
@@ -818,6 +822,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="headless summary as JSON")
     demo.add_argument("--min", type=int, default=1, help="pool min_vms (default 1)")
     demo.add_argument("--max", type=int, default=8, help="pool max_vms (default 8)")
+    demo.add_argument(
+        "--slots", type=int, default=1, help="pool slots_per_vm: jobs a VM runs at once (default 1)"
+    )
     demo.add_argument(
         "--idle-timeout", type=float, default=15.0, help="seconds before an idle VM is reaped"
     )

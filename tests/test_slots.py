@@ -3,6 +3,7 @@ loops holds at most one job, over real HTTP to a real core, and with real agent 
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from core.daemon import Core
 from core.model import JobState, VMState
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 from tests.test_api import bearer, register
+from tests.test_demo import run_demo
 
 SLOTS = 2
 
@@ -254,3 +256,20 @@ def test_the_console_and_cli_show_slots_in_use_only_when_a_vm_has_several() -> N
     before_slots = {"job_id": None}  # a core from before slots sends neither field
     assert [job_cell(vm) for vm in (one, four, before_slots)] == ["7", "2/4", "-"]
     assert [_vm_jobs(vm) for vm in (one, four, before_slots)] == ["7", "2/4", "-"]
+
+
+def test_the_headless_demo_with_two_slots_runs_every_job_once_on_both_slots(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "demo"
+    summary = run_demo(workdir, "--slots", "2", "--max", "4")
+    assert summary["jobs_submitted"] == 40
+    assert summary["jobs_done"] + summary["jobs_failed"] == 40
+    assert summary["jobs_finished_twice"] == 0
+    assert summary["all_finished"] is True and summary["final_vms"] == 1
+    state = sqlite3.connect(workdir / "state.db")
+    try:
+        slots = {row[0] for row in state.execute("SELECT DISTINCT slot FROM assignments")}
+    finally:
+        state.close()
+    assert slots == {0, 1}
