@@ -222,7 +222,7 @@ class Jobs(VMs):
             self._event(
                 now,
                 EventKind.JOB_ASSIGNED,
-                f"attempt {job.attempt} on {vm_id}",
+                f"attempt {job.attempt} on {vm_id}" + (f" slot {slot}" if slot else ""),
                 vm_id=vm_id,
                 job_id=job.id,
             )
