@@ -363,17 +363,6 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _slots_need_pilots(self) -> Config:
-        """The built-in queue hands a VM one job at a time for now; N slots per VM are N
-        JobAgents side by side (the alien template), which fetch their own jobs."""
-        if self.pool.slots_per_vm > 1 and self.contextualisation.template != "alien":
-            raise ValueError(
-                "pool.slots_per_vm: above 1 needs contextualisation.template: alien (N JobAgents "
-                "per VM); the built-in queue gives a VM one job at a time"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _user_data_fits(self) -> Config:
         """Render the user data once as a launch would, so an oversized one (EC2 allows
         16 KiB) is reported by check-config, not by the first launch."""

@@ -285,7 +285,7 @@ class Engine:
                     vm.launched_at,
                     started if vm.id in graced else None,
                 ),
-                jobs=1 if vm.job_id is not None or vm.pilot_busy else 0,
+                jobs=len(vm.jobs) or int(vm.pilot_busy),
                 outdated=_outdated(launched_with.get(vm.launch_id), current.get(vm.cloud)),
                 kill_requested=vm.kill_requested,
             )

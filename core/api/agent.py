@@ -153,14 +153,12 @@ def create_agent_app(
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
         slot: Annotated[int, Query(ge=0, le=1023)] = 0,
     ) -> dict[str, Any]:
-        """The oldest queued job, waiting up to ``wait`` seconds for one to be submitted.
-        ``slot`` names the agent's fetch loop; this core runs one job per VM (slot 0)."""
-        if slot > 0:
-            return {"job": None, "action": action_for(vm)}
+        """The job of the agent's fetch loop ``slot`` (0 to pool.slots_per_vm - 1): the one
+        it holds, or the oldest queued job, waiting up to ``wait`` seconds for one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            fetch = service.next_job(vm.id)
+            fetch = service.next_job(vm.id, slot)
             if fetch.job is not None:
                 return {"job": job_body(fetch.job), "action": fetch.action}
             remaining = deadline - loop.time()
