@@ -498,12 +498,15 @@ class Engine:
 
     def launch_fingerprint(self, cloud: str) -> str:
         """What a VM of this cloud is launched with: its cloud entry (image, types, template,
-        ...) and the contextualisation. A VM whose launch was sent with another is outdated."""
+        ...), the contextualisation and its slots. A VM whose launch was sent with another is
+        outdated: its agent runs as many loops as the register reply said when it started."""
         config = self._cloud_config(cloud)
-        parts = {
+        parts: dict[str, object] = {
             "cloud": config.model_dump(mode="json", include=set(LAUNCH_SETTINGS)),
             "contextualisation": self.config.contextualisation.model_dump(mode="json"),
         }
+        if self.config.pool.slots_per_vm != 1:  # 1 leaves the fingerprints of earlier VMs
+            parts["slots_per_vm"] = self.config.pool.slots_per_vm
         text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

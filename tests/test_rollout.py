@@ -3,6 +3,8 @@ VMs launched with old settings are replaced gradually."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import yaml
 from core.clouds.sandbox import SANDBOX_IMAGE, MotoEC2Server
 from core.config import Config, load_config
 from core.daemon import Core, build_engine
+from core.engine import LAUNCH_SETTINGS
 from core.model import EventKind, VMState
 from core.store import Store
 from tests.conftest import ManualClock, cloud, core_config, ec2_client, make_config, wait_until
@@ -134,3 +137,29 @@ def test_sighup_reloads_a_running_core_and_it_keeps_serving(
         assert core.wait(timeout=30) == 0
     assert "Traceback" not in log.read_text()
     assert os.path.exists(path)
+
+
+async def test_a_new_slots_per_vm_makes_running_vms_outdated_but_one_slot_keeps_old_ones(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    """An agent runs as many loops as its register reply said: after a reload to another
+    slot count its VM is replaced, as after a new image. One slot is the fingerprint of VMs
+    launched before slots existed, so upgrading replaces nothing."""
+    config = make_config(tmp_path, [cloud("c", moto.url)])
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+
+    def fingerprint(slots: int) -> str:
+        pool = config.pool.model_copy(update={"slots_per_vm": slots})
+        engine.config = config.model_copy(update={"pool": pool})
+        return engine.launch_fingerprint("c")
+
+    # The fingerprint as the release before slots computed it, for the VMs it launched.
+    parts = {
+        "cloud": config.clouds[0].model_dump(mode="json", include=set(LAUNCH_SETTINGS)),
+        "contextualisation": config.contextualisation.model_dump(mode="json"),
+    }
+    released = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(1) == released
+    assert len({fingerprint(1), fingerprint(2), fingerprint(4)}) == 3
+    store.close()
