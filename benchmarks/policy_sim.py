@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import heapq
+import itertools
 import math
 import random
 import statistics
@@ -154,7 +155,11 @@ def write_swf(path: Path, rng: random.Random, jobs: int, days: float) -> None:
 
 
 def read_swf(path: Path) -> list[Job]:
-    """Standard Workload Format: field 2 submit time, field 4 run time; ';' lines are comments."""
+    """Standard Workload Format: field 2 submit time, field 4 run time; ';' lines are comments.
+
+    SWF counts whole seconds, so jobs submitted one by one within a second share a time, which
+    the policy would read as one batch (one arrival): they are spread evenly over their second.
+    """
     jobs = []
     for line in path.read_text().splitlines():
         fields = line.split()
@@ -164,7 +169,11 @@ def read_swf(path: Path) -> list[Job]:
         if runtime > 0 and submit >= 0:
             jobs.append(Job(submit, runtime))
     jobs.sort(key=lambda j: j.submit)
-    return jobs
+    spread = []
+    for _, same in itertools.groupby(jobs, key=lambda j: j.submit):
+        batch = list(same)
+        spread += [Job(j.submit + i / len(batch), j.runtime) for i, j in enumerate(batch)]
+    return spread
 
 
 # ---- the simulated pool ------------------------------------------------------------------

@@ -85,6 +85,14 @@ def test_swf_reader_takes_submit_and_run_time_and_skips_comments(tmp_path: Path)
     assert policy_sim.read_swf(trace) == [policy_sim.Job(0, 60), policy_sim.Job(10, 5)]
 
 
+def test_swf_jobs_sharing_a_second_are_spread_over_it_not_read_as_one_batch(
+    tmp_path: Path,
+) -> None:
+    trace = tmp_path / "t.swf"
+    trace.write_text("".join(f"{n} 7 -1 60 1\n" for n in range(4)))
+    assert [job.submit for job in policy_sim.read_swf(trace)] == [7, 7.25, 7.5, 7.75]
+
+
 def test_bursty_trace_has_bursts_of_hundreds_between_quiet_hours() -> None:
     jobs = policy_sim.bursty_trace(random.Random(1), hours=12, runtime_s=600)
     gaps = [b.submit - a.submit for a, b in itertools.pairwise(jobs)]
