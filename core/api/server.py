@@ -111,6 +111,9 @@ def make_server(
         backlog=accept_batch(limits.max_connections),
         # No limit_concurrency: it answers 503 to requests once *connections* reach it, which
         # the cap in limits.py already bounds by closing the ones that never send a request.
+        # Agents keep a connection per loop; idle ones are closed after keep_alive_s (75 s:
+        # longer than a 30 s heartbeat gap; see limits.py) and the cap displaces them first.
+        timeout_keep_alive=limits.keep_alive_s,
         lifespan="off",
         log_level="warning",
         access_log=False,
