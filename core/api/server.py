@@ -113,7 +113,7 @@ def make_server(
         # the cap in limits.py already bounds by closing the ones that never send a request.
         # Agents keep a connection per loop; idle ones are closed after keep_alive_s (75 s:
         # longer than a 30 s heartbeat gap; see limits.py) and the cap displaces them first.
-        timeout_keep_alive=limits.keep_alive_s,
+        timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]  # call_later takes a float
         lifespan="off",
         log_level="warning",
         access_log=False,
