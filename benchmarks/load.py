@@ -163,6 +163,7 @@ class Agent:
         self.job: int | None = None
         self.samples: list[tuple[float, float]] = []  # (wall time, latency) of short requests
         self.errors = 0
+        self.polls: list[float] = []  # wall time of each long poll's answer
         self.done = 0
 
     async def _timed(self, connection: Connection, path: str, body: dict[str, Any]) -> Any:
@@ -196,6 +197,7 @@ class Agent:
                 self.errors += 1
                 await asyncio.sleep(1)
                 continue
+            self.polls.append(time.time())
             job = reply.get("job") if status == 200 else None
             if status != 200:
                 self.errors += 1
@@ -228,6 +230,7 @@ async def generate(port: int, tokens: list[str], first: int, spread_s: float, cl
                 "samples": [s for a in agents for s in a.samples],
                 "errors": sum(a.errors for a in agents),
                 "done": sum(a.done for a in agents),
+                "polls": [t for a in agents for t in a.polls],
             }
         )
     )
@@ -421,6 +424,8 @@ async def one_step(
         core.stop()
     in_window = [lat for r in results for t, lat in r["samples"] if window[0] <= t <= window_end]
     probe_lat = [lat for _, lat in probed]
+    polls = sum(window[0] <= t <= window_end for r in results for t in r["polls"])
+    requests = len(in_window) + polls + sum(window[0] <= t <= window_end for t, _ in probed)
     return {
         "agents": count,
         "set_up_s": set_up_s,
@@ -430,6 +435,9 @@ async def one_step(
         "agent_p99_ms": percentile(in_window, 0.99) * 1000 if in_window else float("nan"),
         "rps": len(in_window) / seconds,
         "cpu": cpu_share,
+        # The core's CPU time (kernel included) per request of any kind, long polls too: less
+        # sensitive than latency to what else the machine runs.
+        "cpu_ms_per_request": cpu_share * seconds * 1000 / max(requests, 1),
         "rss_mb": max(rss),
         "sockets": max(sockets),
         "errors": sum(r["errors"] for r in results),
@@ -449,8 +457,8 @@ async def measure(args: argparse.Namespace) -> None:
     )
     print(
         f"{'agents':>7} {'probe p50':>9} {'probe p99':>9} {'agent p99':>9} {'short req/s':>11}"
-        f" {'core CPU':>8} {'RSS MB':>7} {'sockets':>7} {'jobs':>6} {'lost':>4} {'twice':>5}"
-        f" {'errors':>6} {'set-up':>6}"
+        f" {'core CPU':>8} {'CPU/req':>8} {'RSS MB':>7} {'sockets':>7} {'jobs':>6} {'lost':>4}"
+        f" {'twice':>5} {'errors':>6} {'set-up':>6}"
     )
     rows = []
     for count in args.steps:
@@ -461,6 +469,7 @@ async def measure(args: argparse.Namespace) -> None:
         print(
             f"{row['agents']:>7} {row['probe_p50_ms']:>7.1f}ms {row['probe_p99_ms']:>7.1f}ms"
             f" {row['agent_p99_ms']:>7.1f}ms {row['rps']:>11.0f} {row['cpu']:>7.0%}"
+            f" {row['cpu_ms_per_request']:>6.2f}ms"
             f" {row['rss_mb']:>7.0f} {row['sockets']:>7} {row['jobs']:>6} {row['lost']:>4}"
             f" {row['twice']:>5} {row['errors']:>6} {row['set_up_s']:>5.0f}s",
             flush=True,
