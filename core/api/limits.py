@@ -18,9 +18,10 @@ file descriptor). So a thin subclass of uvicorn's own h11 protocol adds both:
   is busy with a request is the newcomer refused.
   A half-open flood thus costs the flooder its own connections, not the agents their requests.
 
-Bodies are bounded by ``BodyLimit``, a pure ASGI middleware: Content-Length is checked before
-anything is read and streamed bytes are counted, so a large body is refused at its first
-excess chunk (413), never buffered.
+Bodies are bounded by ``RequestGate``, the one pure ASGI layer of ours ahead of the
+application: Content-Length is checked before anything is read and streamed bytes are counted,
+so a large body is refused at its first excess chunk (413), never buffered. The same layer
+refuses callers outside the listener's networks (403): one layer per request, not two.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import logging
 import re
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,11 +233,13 @@ def body_limit(path: str) -> int:
     return DEFAULT_BODY_LIMIT
 
 
-class BodyLimit:
-    """413 for a body over its route's limit, decided before the application reads it."""
+class RequestGate:
+    """413 for a body over its route's limit, decided before the application reads it; 403
+    for a caller ``admits`` refuses (the agent API's allowed networks), before anything runs."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, admits: Callable[[Scope], bool] | None = None) -> None:
         self.app = app
+        self.admits = admits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -245,6 +249,9 @@ class BodyLimit:
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _too_large(limit, send)
+            return
+        if self.admits is not None and not self.admits(scope):
+            await _forbidden(send)
             return
         received = 0
 
@@ -268,6 +275,21 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None  # h11 has already refused a malformed one
     return None
+
+
+async def _forbidden(send: Send) -> None:
+    body = b'{"error":"forbidden","code":"forbidden"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _too_large(limit: int, send: Send) -> None:

@@ -13,15 +13,16 @@ import os
 import resource
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import Scope
 
 from core.api.limits import (
-    BodyLimit,
     ConnectionLimits,
+    RequestGate,
     accept_batch,
     protocol_for,
     throttle_accept_errors,
@@ -99,13 +100,15 @@ def make_server(
     app: FastAPI,
     *,
     limits: ConnectionLimits | None = None,
+    admits: Callable[[Scope], bool] | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
 ) -> EmbeddedServer:
-    """``limits`` None: the defaults (10 s request deadline, 1,024 connections)."""
+    """``limits`` None: the defaults (10 s request deadline, 1,024 connections); ``admits``:
+    whose requests reach ``app`` (the agent API's allowed networks), None: everyone's."""
     limits = limits or ConnectionLimits()
     config = uvicorn.Config(
-        BodyLimit(app),
+        RequestGate(app, admits),
         http=protocol_for(limits),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         backlog=accept_batch(limits.max_connections),
