@@ -860,6 +860,7 @@ class Agent:
         except JobUserError as exc:
             log.error("event=job_user_error error=%s", exc)  # every job will fail with it
         self.heartbeat_once()
+        self.core.close()  # this thread only waits from now on; each loop has its own
         threading.Thread(target=self.heartbeat_loop, daemon=True).start()
         if float(self.settings["spot_poll_s"]) > 0:
             threading.Thread(target=self.spot_loop, daemon=True).start()
