@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
+import uvloop
+
 from alienec2_tui.client import (
     DEFAULT_SOCKET,
     AdminClient,
@@ -64,7 +66,10 @@ def _run_core(main: Coroutine[Any, Any, None]) -> int:
     from core.store import StateError
 
     try:
-        asyncio.run(main)
+        # uvloop: libuv's event loop; a request's transport work (accept, write, close, timers)
+        # costs the core less CPU than asyncio's own loop (benchmarks/README.md, load.py).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
     except StateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
