@@ -19,7 +19,7 @@ from core.daemon import Core
 from core.model import JobState, VMState
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 from tests.test_api import bearer, register
-from tests.test_demo import run_demo
+from tests.test_demo import JOBS, run_demo
 
 SLOTS = 2
 
@@ -263,8 +263,8 @@ def test_the_headless_demo_with_two_slots_runs_every_job_once_on_both_slots(
 ) -> None:
     workdir = tmp_path / "demo"
     summary = run_demo(workdir, "--slots", "2", "--max", "4")
-    assert summary["jobs_submitted"] == 40
-    assert summary["jobs_done"] + summary["jobs_failed"] == 40
+    assert summary["jobs_submitted"] == JOBS
+    assert summary["jobs_done"] + summary["jobs_failed"] == JOBS
     assert summary["jobs_finished_twice"] == 0
     assert summary["all_finished"] is True and summary["final_vms"] == 1
     state = sqlite3.connect(workdir / "state.db")
