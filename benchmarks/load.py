@@ -6,8 +6,9 @@ Each step starts a core whose fleet is N VMs (plus one for the probe) in moto, a
 agents through the real agent API (the launch secret read from each launch's user data). The
 agents then do what the stdlib agent in ``contextualisation/agent.py`` does: a heartbeat every
 30 s, a long-poll fetch (``wait=20``) always parked, and for each job a ``started`` and a
-``finished`` report; like that agent (urllib), every request is a new connection. Jobs arrive
-at 20/s from the admin socket. At the end every job must be done exactly once, checked in the
+``finished`` report; like that agent, each loop keeps its connection open between requests
+(``--close``: a new connection per request, as the agent did with urllib). Jobs arrive at
+20/s from the admin socket. At the end every job must be done exactly once, checked in the
 core's database: none lost, none assigned twice.
 
 The agents run in several generator processes of our own (asyncio, raw HTTP/1.1 over streams;
@@ -63,30 +64,36 @@ class Source:
         return self.address, self.port
 
 
+def _head(path: str, payload: bytes, token: str, close: bool) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+    )
+    if close:
+        head += "Connection: close\r\n"
+    if token:
+        head += f"Authorization: Bearer {token}\r\n"
+    return head.encode() + b"\r\n" + payload
+
+
+async def _open(port: int, source: Source) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    for _ in range(10):
+        try:
+            return await asyncio.open_connection("127.0.0.1", port, local_addr=source.next())
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "no free source port")
+
+
 async def request(
     port: int, path: str, body: dict[str, Any] | None, token: str, source: Source
 ) -> tuple[int, Any]:
     """One POST on its own connection (``Connection: close``, as urllib sends)."""
-    for _ in range(10):
-        try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, local_addr=source.next()
-            )
-            break
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-    else:
-        raise OSError(errno.EADDRINUSE, "no free source port")
+    reader, writer = await _open(port, source)
     try:
         payload = json.dumps(body).encode() if body is not None else b""
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        )
-        if token:
-            head += f"Authorization: Bearer {token}\r\n"
-        writer.write(head.encode() + b"\r\n" + payload)
+        writer.write(_head(path, payload, token, close=True))
         reply = await reader.read(-1)
     finally:
         writer.close()
@@ -94,22 +101,74 @@ async def request(
     return status, json.loads(reply.partition(b"\r\n\r\n")[2] or b"null")
 
 
+class Connection:
+    """One agent loop's connection, kept open between requests as the agent keeps its
+    ``http.client`` connection (a new one after an error, once more if a kept one was closed
+    by the core while idle). ``close``: a new connection per request instead."""
+
+    def __init__(self, port: int, source: Source, close: bool) -> None:
+        self.port = port
+        self.source = source
+        self.close = close
+        self.stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    def _drop(self) -> None:
+        if self.stream is not None:
+            self.stream[1].close()
+            self.stream = None
+
+    async def request(self, path: str, body: dict[str, Any] | None, token: str) -> tuple[int, Any]:
+        if self.close:
+            return await request(self.port, path, body, token, self.source)
+        payload = json.dumps(body).encode() if body is not None else b""
+        for attempt in range(2):
+            reused = self.stream is not None
+            if self.stream is None:
+                self.stream = await _open(self.port, self.source)
+            reader, writer = self.stream
+            try:
+                writer.write(_head(path, payload, token, close=False))
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                closing = False
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    name = name.strip().lower()
+                    if name == b"content-length":
+                        length = int(value)
+                    elif name == b"connection" and value.strip().lower() == b"close":
+                        closing = True
+                reply = await reader.readexactly(length)
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                self._drop()
+                if reused and attempt == 0:
+                    continue
+                raise OSError(str(exc)) from None
+            if closing:
+                self._drop()
+            return int(head[9:12]), json.loads(reply or b"null")
+        raise OSError("the core closed the connection twice")
+
+
 class Agent:
     """One simulated VM: its heartbeat loop and its fetch-run-report loop."""
 
-    def __init__(self, port: int, token: str, source: Source, rng: random.Random) -> None:
-        self.port = port
+    def __init__(
+        self, port: int, token: str, source: Source, rng: random.Random, close: bool
+    ) -> None:
         self.token = token
-        self.source = source
         self.rng = rng
+        self.beat = Connection(port, source, close)  # the heartbeat loop's connection
+        self.fetch = Connection(port, source, close)  # the fetch-run-report loop's
         self.job: int | None = None
         self.samples: list[tuple[float, float]] = []  # (wall time, latency) of short requests
         self.errors = 0
+        self.polls: list[float] = []  # wall time of each long poll's answer
         self.done = 0
 
-    async def _timed(self, path: str, body: dict[str, Any]) -> Any:
+    async def _timed(self, connection: Connection, path: str, body: dict[str, Any]) -> Any:
         started = time.perf_counter()
-        status, reply = await request(self.port, path, body, self.token, self.source)
+        status, reply = await connection.request(path, body, self.token)
         self.samples.append((time.time(), time.perf_counter() - started))
         if status != 200:
             self.errors += 1
@@ -122,7 +181,7 @@ class Agent:
             if self.job is not None:
                 body["running"] = [self.job]
             try:
-                await self._timed("/agent/v1/heartbeat", body)
+                await self._timed(self.beat, "/agent/v1/heartbeat", body)
             except OSError:
                 self.errors += 1
             await asyncio.sleep(HEARTBEAT_S)
@@ -131,13 +190,14 @@ class Agent:
         await asyncio.sleep(self.rng.uniform(0, spread_s))  # no herd of N fetches at once
         while True:
             try:
-                status, reply = await request(
-                    self.port, f"/agent/v1/jobs/next?wait={WAIT_S}", {}, self.token, self.source
+                status, reply = await self.fetch.request(
+                    f"/agent/v1/jobs/next?wait={WAIT_S}", {}, self.token
                 )
             except OSError:
                 self.errors += 1
                 await asyncio.sleep(1)
                 continue
+            self.polls.append(time.time())
             job = reply.get("job") if status == 200 else None
             if status != 200:
                 self.errors += 1
@@ -146,18 +206,18 @@ class Agent:
                 continue
             self.job = job["id"]
             path = f"/agent/v1/jobs/{job['id']}/report"
-            await self._timed(path, {"attempt": job["attempt"], "status": "started"})
+            await self._timed(self.fetch, path, {"attempt": job["attempt"], "status": "started"})
             await asyncio.sleep(self.rng.uniform(*JOB_RUN_S))
             body = {"attempt": job["attempt"], "status": "finished", "exit_code": 0}
-            await self._timed(path, body)
+            await self._timed(self.fetch, path, body)
             self.job = None
             self.done += 1
 
 
-async def generate(port: int, tokens: list[str], first: int, spread_s: float) -> None:
+async def generate(port: int, tokens: list[str], first: int, spread_s: float, close: bool) -> None:
     """A generator process: its agents run until a line on stdin; their samples go to stdout."""
     rng = random.Random(first)
-    agents = [Agent(port, token, Source(first + n), rng) for n, token in enumerate(tokens)]
+    agents = [Agent(port, t, Source(first + n), rng, close) for n, t in enumerate(tokens)]
     tasks = [asyncio.create_task(a.heartbeats()) for a in agents]
     tasks += [asyncio.create_task(a.work(spread_s)) for a in agents]
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -170,23 +230,24 @@ async def generate(port: int, tokens: list[str], first: int, spread_s: float) ->
                 "samples": [s for a in agents for s in a.samples],
                 "errors": sum(a.errors for a in agents),
                 "done": sum(a.done for a in agents),
+                "polls": [t for a in agents for t in a.polls],
             }
         )
     )
 
 
-async def probe(port: int, token: str) -> None:
+async def probe(port: int, token: str, close: bool) -> None:
     """The probe: heartbeat, fetch (no wait) and the reports of any job it gets, one round
-    trip at a time, every 50 ms until a line on stdin; samples to stdout."""
+    trip at a time on one connection, every 50 ms until a line on stdin; samples to stdout."""
     samples: list[tuple[float, float]] = []
-    source = Source(PROBE_SOURCE)
+    connection = Connection(port, Source(PROBE_SOURCE), close)
     stopped = asyncio.ensure_future(
         asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     )
 
     async def timed(path: str, body: dict[str, Any]) -> Any:
         started = time.perf_counter()
-        status, reply = await request(port, path, body, token, source)
+        status, reply = await connection.request(path, body, token)
         samples.append((time.time(), time.perf_counter() - started))
         if status != 200:
             raise RuntimeError(f"probe: {path} answered {status}: {reply}")
@@ -285,7 +346,13 @@ async def register_all(core: CoreProcess, bodies: list[dict[str, str]]) -> list[
 
 
 async def one_step(
-    count: int, seconds: float, warmup: float, generators: int, rate: float, pin: bool
+    count: int,
+    seconds: float,
+    warmup: float,
+    generators: int,
+    rate: float,
+    pin: bool,
+    close: bool = False,
 ) -> dict[str, Any]:
     set_up = time.monotonic()
     core = CoreProcess(
@@ -305,7 +372,13 @@ async def one_step(
             procs.append(
                 child(
                     ["--generator"],
-                    {"port": core.port, "tokens": part, "first": g * share, "spread_s": 5.0},
+                    {
+                        "port": core.port,
+                        "tokens": part,
+                        "first": g * share,
+                        "spread_s": 5.0,
+                        "close": close,
+                    },
                     pin,
                 )
             )
@@ -314,7 +387,7 @@ async def one_step(
         await asyncio.sleep(warmup)  # connections open, long polls parked, heartbeats phased
         assert core.proc is not None
         usage = Usage(core.proc.pid)
-        prober = child(["--probe"], {"port": core.port, "token": probe_token}, pin)
+        prober = child(["--probe"], {"port": core.port, "token": probe_token, "close": close}, pin)
         window = (time.time(), usage.cpu_s())
         sockets, rss = [], []
         for _ in range(int(seconds)):
@@ -351,6 +424,8 @@ async def one_step(
         core.stop()
     in_window = [lat for r in results for t, lat in r["samples"] if window[0] <= t <= window_end]
     probe_lat = [lat for _, lat in probed]
+    polls = sum(window[0] <= t <= window_end for r in results for t in r["polls"])
+    requests = len(in_window) + polls + sum(window[0] <= t <= window_end for t, _ in probed)
     return {
         "agents": count,
         "set_up_s": set_up_s,
@@ -360,6 +435,9 @@ async def one_step(
         "agent_p99_ms": percentile(in_window, 0.99) * 1000 if in_window else float("nan"),
         "rps": len(in_window) / seconds,
         "cpu": cpu_share,
+        # The core's CPU time (kernel included) per request of any kind, long polls too: less
+        # sensitive than latency to what else the machine runs.
+        "cpu_ms_per_request": cpu_share * seconds * 1000 / max(requests, 1),
         "rss_mb": max(rss),
         "sockets": max(sockets),
         "errors": sum(r["errors"] for r in results),
@@ -375,21 +453,23 @@ async def measure(args: argparse.Namespace) -> None:
     print(
         f"load average {os.getloadavg()[0]:.2f}; core on CPUs {sorted(CORE_CPUS) if pin else 'any'}"
         f", generators ({args.generators}), probe and moto on {sorted(LOAD_CPUS) if pin else 'any'}"
+        f"; {'a connection per request' if args.close else 'a kept-alive connection per loop'}"
     )
     print(
         f"{'agents':>7} {'probe p50':>9} {'probe p99':>9} {'agent p99':>9} {'short req/s':>11}"
-        f" {'core CPU':>8} {'RSS MB':>7} {'sockets':>7} {'jobs':>6} {'lost':>4} {'twice':>5}"
-        f" {'errors':>6} {'set-up':>6}"
+        f" {'core CPU':>8} {'CPU/req':>8} {'RSS MB':>7} {'sockets':>7} {'jobs':>6} {'lost':>4}"
+        f" {'twice':>5} {'errors':>6} {'set-up':>6}"
     )
     rows = []
     for count in args.steps:
         row = await one_step(
-            count, args.seconds, args.warmup, args.generators, args.jobs_per_s, pin
+            count, args.seconds, args.warmup, args.generators, args.jobs_per_s, pin, args.close
         )
         rows.append(row)
         print(
             f"{row['agents']:>7} {row['probe_p50_ms']:>7.1f}ms {row['probe_p99_ms']:>7.1f}ms"
             f" {row['agent_p99_ms']:>7.1f}ms {row['rps']:>11.0f} {row['cpu']:>7.0%}"
+            f" {row['cpu_ms_per_request']:>6.2f}ms"
             f" {row['rss_mb']:>7.0f} {row['sockets']:>7} {row['jobs']:>6} {row['lost']:>4}"
             f" {row['twice']:>5} {row['errors']:>6} {row['set_up_s']:>5.0f}s",
             flush=True,
@@ -405,10 +485,16 @@ def main() -> None:
     if sys.argv[1:2] in (["--generator"], ["--probe"]):
         payload = json.loads(sys.stdin.readline())
         if sys.argv[1] == "--probe":
-            asyncio.run(probe(payload["port"], payload["token"]))
+            asyncio.run(probe(payload["port"], payload["token"], payload["close"]))
         else:
             asyncio.run(
-                generate(payload["port"], payload["tokens"], payload["first"], payload["spread_s"])
+                generate(
+                    payload["port"],
+                    payload["tokens"],
+                    payload["first"],
+                    payload["spread_s"],
+                    payload["close"],
+                )
             )
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -419,6 +505,11 @@ def main() -> None:
     parser.add_argument("--jobs-per-s", type=float, default=20.0)
     parser.add_argument(
         "--all", action="store_true", help="run every step, even after a failing one"
+    )
+    parser.add_argument(
+        "--close",
+        action="store_true",
+        help="a new connection per request (the agent before keep-alive) instead of one per loop",
     )
     parser.add_argument(
         "--pin", action="store_true", help="core on CPU 0, everything else on CPU 1 (taskset)"

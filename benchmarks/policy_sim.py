@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import heapq
+import itertools
 import math
 import random
 import statistics
@@ -118,7 +119,8 @@ def sparse_trace(rng: random.Random, hours: float) -> list[Job]:
 
 
 def first_hour_trace() -> list[Job]:
-    """A new site's first hour: a test job, three submitted 30 s apart, two more later."""
+    """A new site's first hour: a test job, three submitted 30 s apart, two more later, then
+    one ``submit`` of four jobs at once (a batch: one arrival, not four in an instant)."""
     return [
         Job(120, 300),
         Job(900, 300),
@@ -126,6 +128,7 @@ def first_hour_trace() -> list[Job]:
         Job(960, 300),
         Job(2400, 600),
         Job(2700, 600),
+        *(Job(3000, 300) for _ in range(4)),
     ]
 
 
@@ -152,7 +155,11 @@ def write_swf(path: Path, rng: random.Random, jobs: int, days: float) -> None:
 
 
 def read_swf(path: Path) -> list[Job]:
-    """Standard Workload Format: field 2 submit time, field 4 run time; ';' lines are comments."""
+    """Standard Workload Format: field 2 submit time, field 4 run time; ';' lines are comments.
+
+    SWF counts whole seconds, so jobs submitted one by one within a second share a time, which
+    the policy would read as one batch (one arrival): they are spread evenly over their second.
+    """
     jobs = []
     for line in path.read_text().splitlines():
         fields = line.split()
@@ -162,7 +169,11 @@ def read_swf(path: Path) -> list[Job]:
         if runtime > 0 and submit >= 0:
             jobs.append(Job(submit, runtime))
     jobs.sort(key=lambda j: j.submit)
-    return jobs
+    spread = []
+    for _, same in itertools.groupby(jobs, key=lambda j: j.submit):
+        batch = list(same)
+        spread += [Job(j.submit + i / len(batch), j.runtime) for i, j in enumerate(batch)]
+    return spread
 
 
 # ---- the simulated pool ------------------------------------------------------------------
@@ -193,6 +204,9 @@ class Simulation:
         self.seq = 0
         self.result = Result("")
         self.arrivals: list[float] = []
+        # submissions[i]: distinct submit times among arrivals[: i + 1] (jobs submitted at
+        # one time are one batch, as the store counts them)
+        self.submissions: list[int] = []
         self.completions: list[float] = []
         self.boot_times: deque[float] = deque(maxlen=50)
         self.changed = True
@@ -262,9 +276,13 @@ class Simulation:
                 t = min(t_event, t_arrival)
                 if t >= next_cycle:
                     break
+                self.changed = True  # before the hooks: a policy woken by them must decide
                 if t_arrival <= t_event:
                     assert upcoming is not None
                     self.waiting.append(upcoming)
+                    before = self.submissions[-1] if self.submissions else 0
+                    same_batch = bool(self.arrivals) and self.arrivals[-1] == upcoming.submit
+                    self.submissions.append(before if same_batch else before + 1)
                     self.arrivals.append(upcoming.submit)
                     upcoming = next(arrivals, None)
                     decider.on_arrival(self, t)
@@ -282,7 +300,6 @@ class Simulation:
                         self._slot_freed(vm, t)
                         decider.on_job_end(self, vm, t)
                 self._dispatch(t)
-                self.changed = True
             now = next_cycle
             decider.cycle(self, now)
             self._dispatch(now)
@@ -367,6 +384,15 @@ class CorePolicy(Decider):
         }
         recent = len(arrivals) - first[self.window_s]
         last_minute = len(arrivals) - first[policy.BURST_WINDOW_S]
+
+        def submissions(start: int) -> int:
+            """Distinct submit times among arrivals[start:]."""
+            if start >= len(arrivals):
+                return 0
+            before = sim.submissions[start - 1] if start else 0
+            split_batch = start > 0 and arrivals[start] == arrivals[start - 1]
+            return sim.submissions[-1] - before + split_batch
+
         history = len(arrivals) - first[self.history_s] if self.history_s else 0
         snapshot = policy.Snapshot(  # as the engine builds it, from the same helpers
             vms=tuple(self._view(vm) for vm in sim.vms.values()),
@@ -376,6 +402,9 @@ class CorePolicy(Decider):
                 self.window_s,
                 last_minute,
                 now - arrivals[-last_minute] if last_minute else 0.0,
+                now - arrivals[-recent] if recent else 0.0,
+                recent_submissions=submissions(first[self.window_s]),
+                last_minute_submissions=submissions(first[policy.BURST_WINDOW_S]),
             ),
             baseline_rate=history / self.history_s if self.history_s else 0.0,
             boot_time_s=policy.boot_time(list(sim.boot_times), sim.pool.boot_median_s),
@@ -405,10 +434,13 @@ class CorePolicy(Decider):
         self._last_decided = now
 
     def on_arrival(self, sim: Simulation, now: float) -> None:
-        """The engine wakes when a job is submitted (here at most every 5 s, to keep a week of
-        100,000 jobs fast to simulate)."""
+        """The engine wakes when a job is submitted or reported finished (here at most every
+        5 s, to keep a week of 100,000 jobs fast to simulate)."""
         if now - self._last_decided >= 5.0:
             self.cycle(sim, now)
+
+    def on_job_end(self, sim: Simulation, vm: VM, now: float) -> None:
+        self.on_arrival(sim, now)
 
 
 class OneVMPerJob(Decider):

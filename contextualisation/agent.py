@@ -21,9 +21,11 @@ taking jobs, tell the core, kill the jobs) or a rebalance recommendation (stop t
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import dataclasses
+import http.client
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -97,13 +100,104 @@ def load_settings(path: str) -> dict[str, Any]:
     return {**DEFAULTS, **data}
 
 
+# A connection idle longer than this is closed rather than reused: the core keeps an idle
+# connection open for ``web.keep_alive_s`` (75 s by default), and reusing one it is about to
+# close races its close. Well above the 30 s heartbeat, so a heartbeat loop keeps its one.
+REUSE_IDLE_S = 60.0
+# The peer closed a kept-alive connection before it read the request: safe to send again once.
+STALE_CONNECTION = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    BrokenPipeError,
+)
+
+
+@dataclasses.dataclass
+class _Connection:
+    http: http.client.HTTPConnection
+    idle_since: float | None = None  # monotonic end of its last exchange; None: never used
+
+
 class Core:
-    """JSON over HTTP(S) to the core's agent API."""
+    """JSON over HTTP(S) to the core's agent API, one persistent connection per thread.
+
+    Each loop (the heartbeat, each slot's fetch loop) is a thread and keeps its connection
+    open between requests, so the core accepts and closes one connection per loop, not one
+    per request. Proxies come from the environment (``https_proxy``, ``no_proxy``...) as
+    urllib takes them."""
 
     def __init__(self, url: str, ca_file: str | None) -> None:
         self.url = url.rstrip("/")
         self.token: str | None = None
         self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        parts = urllib.parse.urlsplit(self.url)
+        self._https = parts.scheme == "https"
+        self._netloc = parts.netloc
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._base_path = parts.path
+        self._local = threading.local()
+
+    def _proxy(self) -> tuple[str, int, dict[str, str]] | None:
+        """(host, port, headers) of the proxy urllib would use for the core, or None."""
+        proxy = urllib.request.getproxies().get("https" if self._https else "http")
+        if not proxy or urllib.request.proxy_bypass(self._netloc):
+            return None
+        if "://" not in proxy:
+            proxy = "http://" + proxy
+        parts = urllib.parse.urlsplit(proxy)
+        headers = {}
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+            headers["Proxy-Authorization"] = f"Basic {credentials}"
+        return parts.hostname or "", parts.port or 8080, headers
+
+    def _connect(self, timeout: float) -> tuple[_Connection, str, dict[str, str]]:
+        """This thread's connection (reused if fresh enough), the request target and any
+        headers a plain HTTP proxy needs."""
+        current: _Connection | None = getattr(self._local, "connection", None)
+        if current is not None and (
+            current.idle_since is None or time.monotonic() - current.idle_since < REUSE_IDLE_S
+        ):
+            return current, *self._target()
+        if current is not None:
+            current.http.close()
+        proxy = self._proxy()
+        connection: http.client.HTTPConnection
+        if self._https:
+            connection = http.client.HTTPSConnection(
+                *(proxy[:2] if proxy else (self._host, self._port)),
+                timeout=timeout,
+                context=self._ssl,
+            )
+            if proxy:
+                connection.set_tunnel(self._host, self._port, headers=proxy[2])
+        else:
+            connection = http.client.HTTPConnection(
+                *(proxy[:2] if proxy else (self._host, self._port)), timeout=timeout
+            )
+        self._local.connection = _Connection(connection)
+        self._local.proxied = bool(proxy and not self._https)
+        self._local.proxy_headers = proxy[2] if proxy and not self._https else {}
+        return self._local.connection, *self._target()
+
+    def _target(self) -> tuple[str, dict[str, str]]:
+        if getattr(self._local, "proxied", False):
+            return self.url, self._local.proxy_headers  # absolute form, to a plain proxy
+        return self._base_path, {}
+
+    def _forget(self) -> None:
+        current: _Connection | None = getattr(self._local, "connection", None)
+        if current is not None:
+            current.http.close()
+            self._local.connection = None
+
+    def close(self) -> None:
+        """Close this thread's connection (the next call opens a new one)."""
+        self._forget()
 
     def call(
         self, path: str, body: dict[str, Any] | None = None, timeout: float = 30.0
@@ -112,20 +206,46 @@ class Core:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self._ssl) as reply:
-                return reply.status, json.loads(reply.read() or b"{}")
-        except urllib.error.HTTPError as exc:
+        for _ in range(2):
+            connection, prefix, extra = self._connect(timeout)
+            reused = connection.idle_since is not None
             try:
-                payload = json.loads(exc.read() or b"{}")
-            except ValueError:
-                payload = {}
-            if exc.code >= 500:
-                raise Unreachable(f"core answered {exc.code}") from None
-            return exc.code, payload
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise Unreachable(str(getattr(exc, "reason", exc))) from None
+                if connection.http.sock is not None:
+                    connection.http.sock.settimeout(timeout)
+                connection.http.timeout = timeout
+                connection.http.request(
+                    "POST", prefix + path, body=data, headers={**headers, **extra}
+                )
+                reply = connection.http.getresponse()
+                raw = reply.read()
+            except STALE_CONNECTION as exc:
+                self._forget()
+                if reused:
+                    continue  # closed by the core while idle: once more on a new connection
+                raise Unreachable(str(exc) or type(exc).__name__) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self._forget()
+                raise Unreachable(str(exc) or type(exc).__name__) from None
+            if reply.will_close:
+                self._forget()
+            else:
+                connection.idle_since = time.monotonic()
+            return self._answer(reply.status, raw)
+        raise Unreachable("the core closed the connection twice")
+
+    @staticmethod
+    def _answer(status: int, raw: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            payload = json.loads(raw or b"{}")
+        except ValueError:
+            payload = None
+        if status >= 500:
+            raise Unreachable(f"core answered {status}")
+        if not isinstance(payload, dict):
+            if status == 200:
+                raise Unreachable("core answered 200 with a body that is not a JSON object")
+            payload = {}
+        return status, payload
 
 
 class IMDS:
@@ -233,6 +353,7 @@ class Slot:
         self.index = index
         self.job_id: int | None = None
         self.run_started: float | None = None  # monotonic start of the current pilot run
+        self.named_job = False  # the current pilot run's output has named an AliEn job
         self.cancel = threading.Event()
         self.runs = 0
 
@@ -331,12 +452,13 @@ class Agent:
         return bool(self.settings["pilot_command"])
 
     def is_busy(self) -> bool:
-        """Busy: a job runs, or (pilot mode) a pilot run has outlasted ``idle_run_s``."""
+        """Busy: a job runs, or (pilot mode) a pilot run has named the job it took or has
+        outlasted ``idle_run_s``: a VM reaped as idle then would kill a grid job."""
         if not self.pilot_mode():
             return any(slot.job_id is not None for slot in self.slots)
         now, idle_run_s = time.monotonic(), float(self.settings["idle_run_s"])
         return any(
-            slot.run_started is not None and now - slot.run_started > idle_run_s
+            slot.run_started is not None and (slot.named_job or now - slot.run_started > idle_run_s)
             for slot in self.slots
         )
 
@@ -496,12 +618,15 @@ class Agent:
         except OSError as exc:
             return Outcome(EXIT_NOT_FOUND, f"cannot start {command[0]!r}: {exc.strerror or exc}")
 
+        received = [0]  # bytes read so far: the run loop looks for a job id when it grows
+
         def read() -> None:
             size = 0
             assert child.stdout is not None
             for chunk in iter(lambda: child.stdout.read1(4096), b""):  # type: ignore[union-attr]
                 tail.append(chunk)
                 size += len(chunk)
+                received[0] += len(chunk)
                 while size - len(tail[0]) >= limit:
                     size -= len(tail.popleft())
 
@@ -510,6 +635,8 @@ class Agent:
         started = time.monotonic()
         deadline = started + wall_time_s if wall_time_s else None
         long_at = started + float(self.settings["idle_run_s"]) if self.pilot_mode() else None
+        watch_job_id = self.pilot_mode() and slot is not None
+        seen = 0
         grace = float(self.settings["kill_grace_s"])
         note, ending = "", ""
         while child.poll() is None:
@@ -527,6 +654,12 @@ class Agent:
                 if long_at is not None and time.monotonic() > long_at:
                     long_at = None
                     self.wake.set()  # a long pilot run: the VM is busy from now on
+                if watch_job_id and slot is not None and received[0] != seen:
+                    seen = received[0]
+                    output = b"".join(tail).decode(errors="replace")
+                    if parse_alien_job_id(output, self.settings["alien_job_id_regex"]):
+                        watch_job_id, slot.named_job = False, True
+                        self.wake.set()  # the JobAgent took a grid job: busy, tell the core now
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=0.2)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -651,7 +784,7 @@ class Agent:
                 outcome = self.execute(command, {}, None, workdir, slot)
             finally:
                 duration = time.monotonic() - slot.run_started
-                slot.run_started = None
+                slot.run_started, slot.named_job = None, False
             shutil.rmtree(self.jobs_dir / workdir, ignore_errors=True)
             idle = run_is_idle(duration, outcome.exit_code, self.settings)
             alien_job_id = parse_alien_job_id(outcome.tail, self.settings["alien_job_id_regex"])
@@ -740,6 +873,7 @@ class Agent:
         except JobUserError as exc:
             log.error("event=job_user_error error=%s", exc)  # every job will fail with it
         self.heartbeat_once()
+        self.core.close()  # this thread only waits from now on; each loop has its own
         threading.Thread(target=self.heartbeat_loop, daemon=True).start()
         if float(self.settings["spot_poll_s"]) > 0:
             threading.Thread(target=self.spot_loop, daemon=True).start()

@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
+import uvloop
+
 from alienec2_tui.client import (
     DEFAULT_SOCKET,
     AdminClient,
@@ -64,7 +66,10 @@ def _run_core(main: Coroutine[Any, Any, None]) -> int:
     from core.store import StateError
 
     try:
-        asyncio.run(main)
+        # uvloop: libuv's event loop; a request's transport work (accept, write, close, timers)
+        # costs the core less CPU than asyncio's own loop (benchmarks/README.md, load.py).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
     except StateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -140,6 +145,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.spot_interrupt <= 1:
         print("error: --spot-interrupt must be a fraction in [0, 1]", file=sys.stderr)
         return EXIT_CONFIG
+    if args.slots < 1:
+        print("error: --slots must be >= 1", file=sys.stderr)
+        return EXIT_CONFIG
     if not 0 <= args.min <= args.max:
         print(f"error: need 0 <= --min <= --max (got {args.min} and {args.max})", file=sys.stderr)
         return EXIT_CONFIG
@@ -155,6 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         spot_interrupt=args.spot_interrupt,
         timeout_s=args.timeout,
         alien=args.alien,
+        slots_per_vm=args.slots,
     )
     workdir = Path(args.workdir).absolute() if args.workdir else None
     if args.headless:
@@ -268,6 +277,9 @@ def _print_status(status: dict[str, Any]) -> None:
         f"{' (scaling PAUSED)' if pool['paused'] else ''}"
     )
     print("vms:  " + "  ".join(f"{state} {vms.get(state, 0)}" for state in shown))
+    slots = pool.get("slots") or {}
+    if slots.get("per_vm", 1) > 1:
+        print(f"slots: {slots['used']}/{slots['total']} in use ({slots['per_vm']} per VM)")
     print(
         "jobs: "
         + "  ".join(f"{s} {jobs.get(s, 0)}" for s in ("queued", "assigned", "running", "done"))
@@ -357,6 +369,13 @@ def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _vm_jobs(vm: dict[str, Any]) -> str:
+    """A VM's job, or with several slots its slots in use ("2/4"); a core from before slots
+    sends neither field."""
+    slots = vm.get("slots", 1)
+    return f"{vm.get('slots_used', 0)}/{slots}" if slots > 1 else _dash(vm["job_id"])
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Aligned columns; the last one is not padded (a command line or a message)."""
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
@@ -391,7 +410,7 @@ def cmd_vms(args: argparse.Namespace) -> int:
                 vm["cloud"],
                 vm["state"] + (" (kill)" if vm["kill_requested"] else ""),
                 _age(now, vm["state_since"]),
-                _dash(vm["job_id"]),
+                _vm_jobs(vm),
                 _age(now, vm["idle_since"]) if vm["state"] == "idle" else "-",
                 _age(now, vm["last_heartbeat"]),
                 vm["address"] or "-",
@@ -516,9 +535,15 @@ def cmd_vm(args: argparse.Namespace) -> int:
                 ("heartbeat", f"{_age(now, vm['last_heartbeat'])} ago"),
                 ("address", vm["address"] or "-"),
                 ("kill requested", "yes" if vm["kill_requested"] else "no"),
+                *((("slots in use", _vm_jobs(vm)),) if vm.get("slots", 1) > 1 else ()),
             ]
         )
-        if job is not None:
+        held = reply.get("jobs") or []
+        for current in held:
+            print(f"\ncurrent job (slot {current['slot']}):" if len(held) > 1 else "\ncurrent job:")
+            _print_fields(_job_fields(current, now))
+            _print_output(current)
+        if job is not None and not held:
             current = job["id"] == vm["job_id"]
             print(f"\n{'current' if current else 'last'} job:")
             _print_fields(_job_fields(job, now))
@@ -670,7 +695,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
 def cmd_kill(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         vm = await client.kill(args.vm)
-        job = f"; job {vm['job_id']} goes back to the queue" if vm["job_id"] else ""
+        held = vm.get("jobs") or ([vm["job_id"]] if vm["job_id"] else [])
+        named = ", ".join(str(job_id) for job_id in held)
+        if len(held) > 1:
+            job = f"; jobs {named} go back to the queue"
+        else:
+            job = f"; job {named} goes back to the queue" if held else ""
         print(f"vm {vm['id']} will be terminated{job}")
         return 0
 
@@ -805,6 +835,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="headless summary as JSON")
     demo.add_argument("--min", type=int, default=1, help="pool min_vms (default 1)")
     demo.add_argument("--max", type=int, default=8, help="pool max_vms (default 8)")
+    demo.add_argument(
+        "--slots", type=int, default=1, help="pool slots_per_vm: jobs a VM runs at once (default 1)"
+    )
     demo.add_argument(
         "--idle-timeout", type=float, default=15.0, help="seconds before an idle VM is reaped"
     )
@@ -978,7 +1011,7 @@ def parser() -> argparse.ArgumentParser:
     drain.add_argument("--all", action="store_true", help="drain every idle and busy VM")
     drain.set_defaults(run=cmd_drain)
 
-    kill = command("kill", "terminate a VM now (its job goes back to the queue)", parents=admin)
+    kill = command("kill", "terminate a VM now (its jobs go back to the queue)", parents=admin)
     kill.add_argument("vm", metavar="VM", help="the VM's instance id")
     kill.set_defaults(run=cmd_kill)
 

@@ -259,11 +259,15 @@ class WebConfig(_Section):
     trusted_proxies: list[str] = []
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    # Open connections at once; None: 2 per VM of pool.max_vms (a heartbeat and a long poll)
-    # plus 256 for registrations, retries and the odd watcher.
+    # Open connections at once; None: per VM of pool.max_vms one for the heartbeat and one per
+    # slot's long poll (agents keep them open), plus 256 for registrations and retries. Idle
+    # kept-alive connections count, but a newcomer at the cap displaces the longest idle.
     max_connections: Annotated[int, Field(ge=1)] | None = None
     # A connection must deliver a complete request (headers and body) within this time.
     header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # An idle kept-alive connection is closed after this; keep it above the agents' heartbeat
+    # period and their 60 s bound on reusing an idle connection, or every heartbeat reconnects.
+    keep_alive_s: Annotated[float, Field(gt=0, le=3600)] = 75.0
 
     @field_validator("allowed_networks", "trusted_proxies")
     @classmethod
@@ -360,17 +364,6 @@ class Config(_Section):
             if cloud.name in seen:
                 raise ValueError(f"clouds: duplicate cloud name {cloud.name!r}")
             seen.add(cloud.name)
-        return self
-
-    @model_validator(mode="after")
-    def _slots_need_pilots(self) -> Config:
-        """The built-in queue hands a VM one job at a time for now; N slots per VM are N
-        JobAgents side by side (the alien template), which fetch their own jobs."""
-        if self.pool.slots_per_vm > 1 and self.contextualisation.template != "alien":
-            raise ValueError(
-                "pool.slots_per_vm: above 1 needs contextualisation.template: alien (N JobAgents "
-                "per VM); the built-in queue gives a VM one job at a time"
-            )
         return self
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.api.admin import create_admin_app
-from core.api.agent import create_agent_app
+from core.api.agent import create_agent_app, network_guard
 from core.api.limits import admin_limits, agent_limits, warn_if_open_files_short
 from core.api.longpoll import Changes
 from core.api.server import EmbeddedServer, make_server, tcp_socket, unix_socket
@@ -144,7 +144,7 @@ class Core:
         self.service.cloud_details = engine.cloud_details
 
         agent_app = create_agent_app(
-            self.service, self.changes, config.web, config.contextualisation.agent_heartbeat_s
+            self.service, self.changes, config.contextualisation.agent_heartbeat_s
         )
         admin_sock = unix_socket(self.admin_socket)
         self._socket_inode = self.admin_socket.stat().st_ino
@@ -154,6 +154,7 @@ class Core:
                 make_server(
                     agent_app,
                     limits=agent_limits(config),
+                    admits=network_guard(config.web),
                     ssl_certfile=config.web.ssl_certfile,
                     ssl_keyfile=config.web.ssl_keyfile,
                 ),

@@ -74,6 +74,7 @@ class DemoOptions:
     seed: int = 7
     timeout_s: float = 300.0
     alien: bool = False  # jobs in a stand-in AliEn central queue, run by JobAgent pilots
+    slots_per_vm: int = 1  # jobs a VM runs at once
 
 
 @dataclass(slots=True)
@@ -231,6 +232,7 @@ def demo_config(
         "cycle_interval_s": ALIEN_CYCLE_S if central_url else 0.5,
         "reconcile_interval_s": 60,
         "adaptive_warm": False,
+        "slots_per_vm": opts.slots_per_vm,
     }
     alien = alien_settings(central_url) if central_url else None
     return parse_config(

@@ -285,7 +285,7 @@ class Engine:
                     vm.launched_at,
                     started if vm.id in graced else None,
                 ),
-                jobs=1 if vm.job_id is not None or vm.pilot_busy else 0,
+                jobs=len(vm.jobs) or int(vm.pilot_busy),
                 outdated=_outdated(launched_with.get(vm.launch_id), current.get(vm.cloud)),
                 kill_requested=vm.kill_requested,
             )
@@ -310,17 +310,20 @@ class Engine:
             if cloud.name in self.providers
         )
         pool = self.config.pool
-        recent, _ = self.store.submitted_since(now - pool.arrival_window_s)
-        last_minute, first = self.store.submitted_since(now - policy.BURST_WINDOW_S)
+        recent = self.store.submitted_since(now - pool.arrival_window_s)
+        last_minute = self.store.submitted_since(now - policy.BURST_WINDOW_S)
         self.outdated = sum(1 for vm in vms if vm.outdated)
         return policy.Snapshot(
             vms=vms,
             clouds=clouds,
             arrival_rate=policy.arrival_rate(
-                recent,
+                recent.jobs,
                 pool.arrival_window_s,
-                last_minute,
-                now - first if first is not None else 0.0,
+                last_minute.jobs,
+                now - last_minute.first_at if last_minute.first_at is not None else 0.0,
+                now - recent.first_at if recent.first_at is not None else 0.0,
+                recent_submissions=recent.submissions,
+                last_minute_submissions=last_minute.submissions,
             ),
             baseline_rate=self._baseline_rate(now),
             boot_time_s=policy.boot_time(self.store.recent_boot_times(), pool.boot_time_guess_s),
@@ -337,7 +340,7 @@ class Engine:
             return 0.0
         counted_at, rate = self._baseline
         if not 0 <= now - counted_at < BASELINE_REFRESH_S:
-            rate = self.store.submitted_since(now - history_s)[0] / history_s
+            rate = self.store.submitted_since(now - history_s).jobs / history_s
             self._baseline = (now, rate)
         return rate
 
@@ -495,12 +498,15 @@ class Engine:
 
     def launch_fingerprint(self, cloud: str) -> str:
         """What a VM of this cloud is launched with: its cloud entry (image, types, template,
-        ...) and the contextualisation. A VM whose launch was sent with another is outdated."""
+        ...), the contextualisation and its slots. A VM whose launch was sent with another is
+        outdated: its agent runs as many loops as the register reply said when it started."""
         config = self._cloud_config(cloud)
-        parts = {
+        parts: dict[str, object] = {
             "cloud": config.model_dump(mode="json", include=set(LAUNCH_SETTINGS)),
             "contextualisation": self.config.contextualisation.model_dump(mode="json"),
         }
+        if self.config.pool.slots_per_vm != 1:  # 1 leaves the fingerprints of earlier VMs
+            parts["slots_per_vm"] = self.config.pool.slots_per_vm
         text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

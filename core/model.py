@@ -7,6 +7,7 @@ The transition tables are the one place that says what may follow what; ``check_
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,6 +237,7 @@ def requeue(
                 "attempt": job.attempt + 1,
                 "max_attempts": job.max_attempts + 1,
                 "vm_id": None,
+                "slot": None,
                 "assigned_at": None,
                 "started_at": None,
                 "reason": why,
@@ -257,6 +259,7 @@ def requeue(
         {
             "attempt": job.attempt + 1,
             "vm_id": None,
+            "slot": None,
             "assigned_at": None,
             "started_at": None,
             "reason": why,
@@ -284,18 +287,32 @@ def finish(job: Job, exit_code: int, output_tail: str, now: float) -> JobChange:
     )
 
 
-def vm_columns(new: VMState, now: float, job_id: int | None) -> dict[str, Any]:
+def vm_columns(new: VMState, now: float) -> dict[str, Any]:
     """What entering ``new`` does to a VM's columns: a VM that stops serving lets go of its
-    job and its pilot's work, and only an idle VM has an idle clock."""
+    pilot's work (its jobs let go of it: ``requeue``), and only an idle VM has an idle clock."""
     columns: dict[str, Any] = {
         "state": new,
         "state_since": now,
-        "job_id": job_id,
         "idle_since": now if new == VMState.IDLE else None,
     }
     if new in STOPPED_SERVING_STATES:
-        columns.update(job_id=None, pilot_busy=0)
+        columns.update(pilot_busy=0)
     return columns
+
+
+# VMs whose free slots may take a job from the queue (a draining VM takes none).
+TAKING_JOBS_STATES = frozenset({VMState.IDLE, VMState.BUSY})
+
+
+def state_for_slots(state: VMState, used: int) -> VMState:
+    """A VM is busy while any of its slots holds a job and idle (its idle clock starts) only
+    when the last one frees; a VM in any other state keeps it (a draining VM is terminated
+    once all its slots are free)."""
+    if state == VMState.IDLE and used > 0:
+        return VMState.BUSY
+    if state == VMState.BUSY and used == 0:
+        return VMState.IDLE
+    return state
 
 
 @dataclass(slots=True)
@@ -309,10 +326,15 @@ class VM:
     registered_at: float | None = None
     last_heartbeat: float | None = None
     idle_since: float | None = None
-    job_id: int | None = None
     address: str | None = None
     kill_requested: bool = False
     pilot_busy: bool = False  # its pilot (e.g. an AliEn JobAgent) runs a real job
+    jobs: Mapping[int, int] = field(default_factory=dict)  # slot -> the queue job it holds
+
+    @property
+    def job_id(self) -> int | None:
+        """The job in its lowest held slot: the one-job view older callers show."""
+        return self.jobs[min(self.jobs)] if self.jobs else None
 
 
 @dataclass(slots=True)
@@ -326,6 +348,7 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)
     wall_time_s: float | None = None
     vm_id: str | None = None
+    slot: int | None = None  # the slot of vm_id it holds (None once it let go)
     assigned_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None

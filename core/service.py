@@ -16,7 +16,9 @@ from core.config import Config
 from core.liveness import Liveness
 from core.model import (
     ALIVE_STATES,
+    HEARTBEATING_STATES,
     STOPPED_SERVING_STATES,
+    TAKING_JOBS_STATES,
     VM,
     Event,
     Job,
@@ -152,7 +154,7 @@ class PoolService:
             now = self.clock()
             self.liveness.heartbeat(vm.id, now)
             pilots = self.config.contextualisation.template == "alien"
-            if pilots and busy != vm.pilot_busy and vm.job_id is None:
+            if pilots and busy != vm.pilot_busy and not vm.jobs:
                 vm = self.store.set_pilot_busy(vm.id, busy, now)
                 self._wake()
         return vm, self.store.cancelled_on(vm)
@@ -197,22 +199,32 @@ class PoolService:
         )
         return job
 
-    def next_job(self, vm_id: str) -> Fetch:
-        """The VM's job: the one it already holds (the answer to an earlier fetch was lost),
-        or the oldest queued one if it is idle."""
+    def next_job(self, vm_id: str, slot: int = 0) -> Fetch:
+        """The job of the VM's ``slot``: the one it already holds (the answer to an earlier
+        fetch was lost; a draining VM runs it too), or the oldest queued one if the slot is
+        free and the VM takes jobs. A slot beyond ``pool.slots_per_vm`` is Invalid."""
         vm = self.store.vm(vm_id)
         action = action_for(vm)
-        if action != "run":
+        if action == "stop":
             return Fetch(action, None, wait=False)
-        if vm.job_id is not None:
-            job = self.store.job(vm.job_id)
+        held = vm.jobs.get(slot)
+        if held is not None:
+            job = self.store.job(held)
             if job.state != JobState.CANCELLED:
                 return Fetch(action, job, wait=False)
-            # Cancelled before the agent ever got it (it is fetching again): free the VM.
+            # Cancelled before the agent ever got it (it is fetching again): free the slot.
             self.store.release_cancelled(vm.id, job.id, self.clock())
             vm = self.store.vm(vm_id)
-        if vm.state == VMState.IDLE:
-            assigned = self.store.assign_next_job(vm.id, self.clock())
+        if action != "run":
+            return Fetch(action, None, wait=False)
+        slots = self.config.pool.slots_per_vm
+        if slot >= slots:
+            raise Invalid(
+                f"query.slot: must be < {slots} (pool.slots_per_vm; this VM's slots are "
+                f"0 to {slots - 1})"
+            )
+        if vm.state in TAKING_JOBS_STATES:
+            assigned = self.store.assign_next_job(vm.id, self.clock(), slot)
             if assigned is not None:
                 self._wake()
                 return Fetch(action, assigned, wait=False)
@@ -357,6 +369,14 @@ class PoolService:
         """Last heartbeats received at or after ``at`` (they live in memory, not in events)."""
         return self.liveness.since(at)
 
+    def slots(self) -> dict[str, int]:
+        """Job slots: per VM, in use, and in all on registered VMs that are not leaving
+        (counted in SQL: metrics scrapes must not read the fleet)."""
+        per_vm = self.config.pool.slots_per_vm
+        counts = self.store.vm_counts()
+        serving = sum(counts[state] for state in HEARTBEATING_STATES)
+        return {"per_vm": per_vm, "used": self.store.slots_used(), "total": serving * per_vm}
+
     def job_detail(self, job_id: int) -> dict[str, Any]:
         job = self.store.job(job_id)
         return {"job": job, "events": self.store.events_for_job(job_id)}
@@ -399,6 +419,7 @@ class PoolService:
                 "max_vms": high,
                 "paused": self.paused(),
                 "vms": {str(state): n for state, n in store.vm_counts().items()},
+                "slots": self.slots(),
             },
             "queue": {
                 "kind": self.config.queue.kind,

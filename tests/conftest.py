@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import pytest
@@ -159,6 +159,21 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(tmp_path / "state.db", "normal")
     yield s
     s.close()
+
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``predicate`` (which may assert, e.g. that a process still runs) until it returns
+    something truthy, and return that; fail after ``timeout`` seconds of real time. For
+    processes and files outside the test's event loop, where there is nothing to await."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(0.05)
+    return value
 
 
 async def eventually(

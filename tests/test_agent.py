@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import http.client
+import http.server
 import json
+import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -366,7 +372,7 @@ def test_short_pilot_runs_keep_the_vm_idle_and_a_long_run_is_busy_throughout(
     long, go = tmp_path / "long", tmp_path / "go"
     pilot = (
         f'if [ -e {long} ]; then echo "JobAgent: running job 77"; '
-        f"while [ ! -e {go} ]; do sleep 0.02; done; exit 0; fi; echo no job; exit 3"
+        f"while [ ! -e {go} ]; do sleep 0.02; done; sleep 1.1; exit 0; fi; echo no job; exit 3"
     )
     stand_in_agent(
         stand_in,
@@ -384,13 +390,31 @@ def test_short_pilot_runs_keep_the_vm_idle_and_a_long_run_is_busy_throughout(
     assert short["run"] in {b["run"] for b in starts} and short["slot"] == 0
     assert not any(b["busy"] for b in stand_in.bodies("/agent/v1/heartbeat"))
 
-    long.touch()  # from the next run on, the pilot finds a job and works until ``go``
+    long.touch()  # from the next run on, the pilot finds a job and works until ``go`` and 1.1 s
     stand_in.wait_for(lambda: any(b["busy"] for b in stand_in.bodies("/agent/v1/heartbeat")))
     go.touch()
     stand_in.wait_for(lambda: any(b["alien_job_id"] == "77" for b in finished()))
     [busy_run] = [b for b in finished() if b["alien_job_id"] == "77"]
     assert (busy_run["exit_code"], busy_run["idle"]) == (0, False)
     assert busy_run["duration_s"] > 1.0
+
+
+def test_a_pilot_run_that_names_its_grid_job_is_busy_at_once_not_after_idle_run_s(
+    tmp_path: Path, stand_in: StandInCore, stand_in_agent: Callable[..., StandInAgent]
+) -> None:
+    """A JobAgent that took a job must not look idle for its first ``idle_run_s``: the core
+    would reap the VM and kill the grid job."""
+    go = tmp_path / "go"
+    pilot = f'echo "JobAgent: running job 12"; while [ ! -e {go} ]; do sleep 0.02; done'
+    stand_in_agent(stand_in, pilot_command=["sh", "-c", pilot], pilot_pause_s=60, idle_run_s=3600)
+    heartbeats = lambda: stand_in.bodies("/agent/v1/heartbeat")  # noqa: E731
+    stand_in.wait_for(lambda: any(b["busy"] for b in heartbeats()))
+    assert not [b for b in stand_in.bodies("/agent/v1/runs") if b["status"] == "finished"]
+    go.touch()
+    stand_in.wait_for(
+        lambda: any(b["status"] == "finished" for b in stand_in.bodies("/agent/v1/runs"))
+    )
+    stand_in.wait_for(lambda: heartbeats()[-1]["busy"] is False)
 
 
 def test_spot_rebalance_holds_new_jobs_and_termination_kills_the_job_and_ends_the_agent(
@@ -601,3 +625,104 @@ def test_a_run_is_idle_when_short_or_ending_with_a_no_job_code() -> None:
     assert run_is_idle(600, 3, settings)  # the site says "no job", however long it took
     assert not run_is_idle(600, 0, settings)
     assert not run_is_idle(150, 1, settings)
+
+
+# ---- the agent's HTTP client: one kept-alive connection per loop --------------------------
+
+
+def calls_in_one_thread(client: Any, count: int) -> list[int]:
+    """``count`` calls from one thread, as one agent loop makes them: their statuses."""
+    return [client.call("/agent/v1/heartbeat", {"busy": False})[0] for _ in range(count)]
+
+
+async def test_agent_client_keeps_one_connection_per_loop(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    from contextualisation.agent import Core as AgentClient
+
+    async with running_core(core_config(tmp_path, moto.url)) as core:
+        limits = core._servers[0].limits
+        client = AgentClient(core.agent_url, None)
+        assert await asyncio.to_thread(calls_in_one_thread, client, 3) == [401, 401, 401]
+        assert len(limits.open) == 1  # three requests, one connection, still open
+
+
+async def test_agent_client_reconnects_once_the_core_closed_its_idle_connection(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    from contextualisation.agent import Core as AgentClient
+
+    config = core_config(tmp_path, moto.url, web={"keep_alive_s": 0.2})
+    async with running_core(config) as core:
+        limits = core._servers[0].limits
+        client = AgentClient(core.agent_url, None)
+        pool = concurrent.futures.ThreadPoolExecutor(1)  # one thread: one agent loop
+        loop = asyncio.get_running_loop()
+        try:
+            assert await loop.run_in_executor(pool, calls_in_one_thread, client, 1) == [401]
+            await eventually(lambda: not limits.open)  # closed by the core while idle
+            assert await loop.run_in_executor(pool, calls_in_one_thread, client, 1) == [401]
+        finally:
+            pool.shutdown()
+
+
+class ForwardProxy:
+    """A plain HTTP proxy (absolute-form requests forwarded as they are): what it relayed."""
+
+    def __init__(self) -> None:
+        self.relayed: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                proxy.relayed.append(self.path)
+                parts = urllib.parse.urlsplit(self.path)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                upstream = http.client.HTTPConnection(parts.netloc, timeout=10)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                upstream.request("POST", parts.path, body=body, headers=headers)
+                reply = upstream.getresponse()
+                payload = reply.read()
+                upstream.close()
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_agent_client_goes_through_the_proxy_the_environment_names(
+    tmp_path: Path, moto: MotoEC2Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As urllib did: ``http_proxy`` is used, unless ``no_proxy`` names the core."""
+    from contextualisation.agent import Core as AgentClient
+
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = ForwardProxy()
+    try:
+        async with running_core(core_config(tmp_path, moto.url)) as core:
+            monkeypatch.setenv("http_proxy", proxy.url)
+            through = AgentClient(core.agent_url, None)
+            assert await asyncio.to_thread(calls_in_one_thread, through, 2) == [401, 401]
+            assert proxy.relayed == [f"{core.agent_url}/agent/v1/heartbeat"] * 2
+            monkeypatch.setenv("no_proxy", "127.0.0.1")
+            direct = AgentClient(core.agent_url, None)
+            assert await asyncio.to_thread(calls_in_one_thread, direct, 1) == [401]
+            assert len(proxy.relayed) == 2
+    finally:
+        proxy.stop()

@@ -85,6 +85,14 @@ def test_swf_reader_takes_submit_and_run_time_and_skips_comments(tmp_path: Path)
     assert policy_sim.read_swf(trace) == [policy_sim.Job(0, 60), policy_sim.Job(10, 5)]
 
 
+def test_swf_jobs_sharing_a_second_are_spread_over_it_not_read_as_one_batch(
+    tmp_path: Path,
+) -> None:
+    trace = tmp_path / "t.swf"
+    trace.write_text("".join(f"{n} 7 -1 60 1\n" for n in range(4)))
+    assert [job.submit for job in policy_sim.read_swf(trace)] == [7, 7.25, 7.5, 7.75]
+
+
 def test_bursty_trace_has_bursts_of_hundreds_between_quiet_hours() -> None:
     jobs = policy_sim.bursty_trace(random.Random(1), hours=12, runtime_s=600)
     gaps = [b.submit - a.submit for a, b in itertools.pairwise(jobs)]
@@ -134,6 +142,7 @@ def test_load_benchmark_runs_a_tiny_fleet_and_loses_no_job() -> None:
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "load.py"
     args = ["--steps", "5", "--seconds", "2", "--warmup", "2", "--generators", "2"]
+    args += ["--jobs-per-s", "2"]  # few jobs: the drain at the end waits for every one
     done = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=110
     )
@@ -141,5 +150,5 @@ def test_load_benchmark_runs_a_tiny_fleet_and_loses_no_job() -> None:
     lines = done.stdout.strip().splitlines()
     row = lines[-2].split()
     assert row[0] == "5"
-    assert (row[9], row[10]) == ("0", "0")  # jobs lost, jobs assigned twice
+    assert (row[10], row[11]) == ("0", "0")  # jobs lost, jobs assigned twice
     assert lines[-1].startswith("largest N with probe p99 < 50 ms: ")

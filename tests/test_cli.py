@@ -204,7 +204,7 @@ async def test_vms_jobs_vm_and_job_show_the_pool_and_a_finished_jobs_output(
         assert "output: none yet" in out
         assert "events:" in out and "vm_idle" in out
         code, out, _ = await cli(core, "vm", vm_id, "--json")
-        assert set(json.loads(out)) == {"now", "vm", "job", "events"}
+        assert set(json.loads(out)) == {"now", "vm", "job", "jobs", "events"}
 
 
 async def test_events_lists_the_last_ones_and_follow_streams_json_lines(

@@ -127,13 +127,14 @@ def test_check_config_exits_2_with_a_clear_line_and_no_traceback(
     assert all(line.startswith("error: ") for line in result.stderr.strip().splitlines())
 
 
-def test_slots_above_one_need_the_alien_template() -> None:
+def test_slots_above_one_serve_the_builtin_queue_and_alien_pilots_and_zero_is_refused() -> None:
     cloud = {"name": "a", "image_id": "ami-1"}
-    with pytest.raises(ConfigError) as caught:
-        parse_config({"clouds": [cloud], "pool": {"slots_per_vm": 4}})
-    assert caught.value.errors[0].startswith("pool.slots_per_vm: above 1 needs")
+    assert parse_config({"clouds": [cloud], "pool": {"slots_per_vm": 4}}).pool.slots_per_vm == 4
     alien = {"template": "alien", "alien": {"pilot_command": ["jobagent"]}}
     config = parse_config(
         {"clouds": [cloud], "pool": {"slots_per_vm": 4}, "contextualisation": alien}
     )
     assert config.pool.slots_per_vm == 4
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"clouds": [cloud], "pool": {"slots_per_vm": 0}})
+    assert caught.value.errors[0].startswith("pool.slots_per_vm:")

@@ -26,7 +26,7 @@ from core.daemon import build_engine
 from core.engine import Engine
 from core.model import JobState, LaunchState, VMState
 from core.service import PoolService
-from core.store import Store
+from core.store import JobSpec, Store
 from tests.conftest import (
     ManualClock,
     cloud,
@@ -34,6 +34,7 @@ from tests.conftest import (
     instances_in_cloud,
     make_config,
     running_in_cloud,
+    wait_until,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,6 +224,41 @@ async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_
     assert engine.snapshot(clock()).baseline_rate == pytest.approx(11 / 3600)
     clock.advance(60)
     assert engine.snapshot(clock()).baseline_rate == pytest.approx(47 / 3600)
+
+
+async def test_one_batch_of_jobs_on_an_empty_pool_launches_one_vm_per_job_and_no_more(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    """``alienec2 submit`` of four jobs is one arrival: its jobs wait already, and one
+    submission is no evidence of a rate (read as four arrivals in an instant it launched 33
+    warm VMs more)."""
+    pool = {"adaptive_warm": True, "max_vms": 50, "max_launch_per_cycle": 50}
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)], pool=pool))
+    engine.store.submit_jobs([JobSpec(["echo", str(n)], {}, None, 3) for n in range(4)], clock())
+
+    snapshot = engine.snapshot(clock())
+    assert snapshot.arrival_rate == 0
+    await step(engine)
+    assert len(running_in_cloud(moto.url)) == 4
+
+
+async def test_a_burst_that_began_within_the_arrival_window_is_measured_since_its_first_job(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    config = make_config(tmp_path, [cloud("only", moto.url)], pool={"arrival_window_s": 600})
+    engine = await start_engine(config)
+    for _ in range(60):  # five minutes at 0.2 jobs/s: the last minute is no surprise
+        submit(engine.store, 1, clock())
+        clock.advance(5)
+
+    # Over its own 300 s, not diluted by the quiet half of the 600 s window (60 / 600).
+    assert engine.snapshot(clock()).arrival_rate == pytest.approx(59 / 300)
 
 
 async def test_second_cloud_is_used_when_the_first_has_no_capacity(
@@ -553,11 +589,12 @@ def test_sigterm_stops_the_core_with_exit_0_and_leaves_instances_running(
     config = make_config(tmp_path, [cloud("c", moto.url)], pool={"min_vms": 2})
     core = start_core(write_config(tmp_path, config))
     try:
-        deadline = time.monotonic() + 30
-        while len(running_in_cloud(moto.url)) < 2:
-            assert time.monotonic() < deadline, "the core did not launch min_vms"
+
+        def launched_min() -> bool:
             assert core.poll() is None, core.stdout.read() if core.stdout else ""
-            time.sleep(0.05)
+            return len(running_in_cloud(moto.url)) >= 2
+
+        wait_until(launched_min, 30, "min_vms launched")
         core.send_signal(signal.SIGTERM)
         assert core.wait(timeout=10) == 0
     finally:
@@ -588,10 +625,7 @@ def test_credentials_never_reach_user_data_or_logs(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not running_in_cloud(moto.url):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: running_in_cloud(moto.url), 30, "a launched VM")
         core.send_signal(signal.SIGTERM)
         core.wait(timeout=10)
     finally:

@@ -25,7 +25,7 @@ from schemathesis import GenerationMode
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
 from core.userdata import read_agent_settings
-from tests.conftest import core_config, ec2_client
+from tests.conftest import core_config, ec2_client, wait_until
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
 # Hypothesis examples per API and generation mode; ~60 s for the four runs on this machine.
@@ -74,11 +74,7 @@ def live(
     core = Core(config)
     on_core(core.start())
     try:
-        deadline = time.monotonic() + 30
-        while not (vms := on_core(_vms(core))):
-            assert time.monotonic() < deadline, "the core launched no VM"
-            time.sleep(0.05)
-        vm_id = vms[0]
+        vm_id = wait_until(lambda: on_core(_vms(core)), 30, "a launched VM")[0]
         raw = ec2_client(moto_session.url).describe_instance_attribute(
             InstanceId=vm_id, Attribute="userData"
         )

@@ -201,9 +201,93 @@ async def test_at_the_cap_with_every_connection_busy_a_newcomer_is_refused(
         await asyncio.gather(*polls)
 
 
-def test_default_cap_is_two_connections_per_vm_plus_headroom(tmp_path: Path) -> None:
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: core\r\n\r\n"
+
+
+def kept_alive_request(sock: socket.socket, request: bytes = HEALTHZ) -> int:
+    """Send a request on an open connection and read exactly its reply (the connection stays
+    open): the status."""
+    sock.sendall(request)
+    sock.settimeout(5)
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(65536)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if b"content-length" in line
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1])
+
+
+async def test_an_idle_kept_alive_connection_outlives_the_request_deadline_and_is_reused(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    """An agent's heartbeat loop idles 30 s between requests on its connection: the request
+    deadline must not close it, only keep_alive_s."""
+    config = core_config(tmp_path, moto.url, web={"header_timeout_s": 0.3, "keep_alive_s": 60})
+    async with running_core(config) as core:
+        limits = agent_limits_of(core)
+        with connect(port_of(core.agent_url)) as sock:
+            assert await asyncio.to_thread(kept_alive_request, sock) == 200
+            assert not await asyncio.to_thread(closed_by_server, sock, 1.0)  # > 0.3 s idle
+            assert await asyncio.to_thread(kept_alive_request, sock) == 200
+        assert limits.timed_out == 0
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_keep_alive_s(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, web={"keep_alive_s": 0.3})
+    async with running_core(config) as core:
+        limits = agent_limits_of(core)
+        with connect(port_of(core.agent_url)) as sock:
+            assert await asyncio.to_thread(kept_alive_request, sock) == 200
+            assert await asyncio.to_thread(closed_by_server, sock)
+        await eventually(lambda: not limits.open)
+
+
+async def test_a_request_trickled_on_a_kept_alive_connection_meets_the_deadline(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, web={"header_timeout_s": 0.3, "keep_alive_s": 60})
+    async with running_core(config) as core:
+        limits = agent_limits_of(core)
+        with connect(port_of(core.agent_url)) as sock:
+            assert await asyncio.to_thread(kept_alive_request, sock) == 200
+            sock.sendall(HALF_REQUEST)
+            assert await asyncio.to_thread(closed_by_server, sock)
+        assert limits.timed_out == 1
+
+
+async def test_at_the_cap_an_idle_kept_alive_connection_makes_room(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, web={"max_connections": 1})
+    async with running_core(config) as core:
+        limits = agent_limits_of(core)
+        port = port_of(core.agent_url)
+        with connect(port) as idle:
+            assert await asyncio.to_thread(kept_alive_request, idle) == 200
+            with connect(port) as newcomer:
+                assert await asyncio.to_thread(kept_alive_request, newcomer) == 200
+            assert await asyncio.to_thread(closed_by_server, idle)
+        assert (limits.displaced, limits.refused) == (1, 0)
+
+
+def test_default_cap_is_a_connection_per_agent_loop_per_vm_plus_headroom(tmp_path: Path) -> None:
     config = core_config(tmp_path, "http://127.0.0.1:9", pool={"max_vms": 500})
     assert agent_max_connections(config) == 1256
+    slots = core_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        pool={"max_vms": 500, "slots_per_vm": 4},
+        contextualisation={"template": "alien", "alien": {"pilot_command": ["jobagent"]}},
+    )
+    assert agent_max_connections(slots) == 5 * 500 + 256  # a heartbeat and 4 long polls
     pinned = core_config(tmp_path, "http://127.0.0.1:9", web={"max_connections": 300})
     assert agent_max_connections(pinned) == 300
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from core.model import Reason, VMState
 from core.policy import (
     CloudView,
@@ -22,6 +24,7 @@ from core.policy import (
     decide,
     explain,
     paid_until,
+    poisson_tail,
     vanished,
     warm_target,
 )
@@ -251,6 +254,37 @@ def test_arrival_rate_follows_once_it_rests_on_enough_arrivals() -> None:
     assert arrival_rate(4, 600, last_minute=0, last_minute_span_s=0) == 4 / 600
 
 
+def test_four_jobs_close_together_on_steady_load_are_chance_not_a_burst() -> None:
+    # 20 jobs in ten minutes (one per 30 s), four of them within 15 s: chance does that often
+    # enough on a day of such load, so the window's rate stands and no warm VMs are added.
+    steady = 20 / 600
+    assert arrival_rate(20, 600, last_minute=4, last_minute_span_s=10) == steady
+    assert arrival_rate(20, 600, last_minute=4, last_minute_span_s=10, recent_span_s=590) == steady
+
+
+def test_a_burst_after_quiet_or_steady_load_is_followed_within_its_first_minute() -> None:
+    assert arrival_rate(4, 600, last_minute=4, last_minute_span_s=10) == 3 / 15  # after quiet
+    # 12 in the last 20 s where the 540 s before held 16 (0.6 expected in 20 s).
+    assert arrival_rate(28, 600, last_minute=12, last_minute_span_s=20) == 11 / 20
+
+
+def test_a_burst_that_began_within_the_window_is_measured_over_its_own_length() -> None:
+    # Five minutes into a burst of 0.2 jobs/s: the last minute is no surprise after the four
+    # before it, and the window's 60 jobs came in 300 s, not 600.
+    assert arrival_rate(60, 600, last_minute=12, last_minute_span_s=58, recent_span_s=300) == (
+        59 / 300
+    )
+    assert arrival_rate(60, 600, last_minute=12, last_minute_span_s=58) == 60 / 600
+
+
+def test_poisson_tail_is_how_often_chance_gives_that_many() -> None:
+    assert abs(poisson_tail(3, 0.5) - 0.014388) < 1e-6  # 1 - e^-0.5 (1 + 0.5 + 0.125)
+    assert poisson_tail(3, 0.0) == 0.0  # nothing expected: any arrival is a surprise
+    assert poisson_tail(0, 0.0) == 1.0
+    assert poisson_tail(2, 3.0) == 1.0  # at or below the mean: no surprise
+    assert 0.0 <= poisson_tail(5000, 1.0) < 1e-300  # far tails neither overflow nor loop
+
+
 def test_boot_time_is_the_slow_case_of_recent_boots_or_the_guess_before_any() -> None:
     assert boot_time([], guess_s=120) == 120
     boots = [float(t) for t in range(61, 161)]  # 61 s .. 160 s
@@ -359,6 +393,21 @@ def test_three_jobs_thirty_seconds_apart_on_an_empty_pool_launch_at_most_three_v
     assert queue == []
 
 
+def test_one_batch_is_one_arrival_and_no_evidence_of_a_rate() -> None:
+    one_batch = {"recent_submissions": 1, "last_minute_submissions": 1}
+    assert arrival_rate(10, 600, 10, 0.0, 0.0, **one_batch) == 0.0
+    assert arrival_rate(10, 600, 10, 0.0, 0.0) > 0  # ten arrivals in an instant: a burst
+
+
+def test_batches_bring_their_mean_size_once_there_are_enough_submissions() -> None:
+    # Four batches of three within 15 s on a quiet pool: (4 - 1) submissions x 3 jobs / 15 s.
+    batches = {"recent_submissions": 4, "last_minute_submissions": 4}
+    assert arrival_rate(12, 600, 12, 15.0, 15.0, **batches) == pytest.approx(3 * 3 / 15)
+    # Over the window: 8 batches of 5 jobs, the last minute's 1 no surprise.
+    spread = {"recent_submissions": 8, "last_minute_submissions": 1}
+    assert arrival_rate(40, 600, 5, 0.0, 600.0, **spread) == pytest.approx(40 / 600)
+
+
 def test_a_day_floor_of_a_fraction_of_a_vm_keeps_nothing_warm() -> None:
     adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15)
     assert warm_target(snap(baseline_rate=3 / 86400, boot_time_s=120), adaptive) == 0
@@ -386,11 +435,21 @@ def test_spare_idle_vm_goes_at_once_when_jobs_arrive_slower_than_a_boot() -> Non
 
 
 def test_spare_idle_vm_beyond_the_warm_target_goes_after_one_boot_and_cycle() -> None:
-    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15, warm_margin=0)
-    pool = (vm(1, idle_since=NOW - 136), vm(2, idle_since=NOW - 134), vm(3, idle_since=NOW - 500))
-    busy = snap(*pool, arrival_rate=1 / 135, completion_rate=0, boot_time_s=120)  # warm 1
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15, warm_margin=1)
+    idle_for = (136, 134, 500, 10)
+    pool = tuple(vm(n, idle_since=NOW - s) for n, s in enumerate(idle_for, start=1))
+    busy = snap(*pool, arrival_rate=1 / 135, completion_rate=0, boot_time_s=120)  # warm 1 + 1
     assert terminated(decide(busy, 0, NOW, adaptive)) == ["i-3", "i-1"]
     assert terminated(decide(busy, 0, NOW, replace(adaptive, adaptive_warm=False))) == []
+
+
+def test_a_warm_margin_below_one_holds_spare_idle_vms_for_that_share_of_a_boot_and_cycle() -> None:
+    pool = (vm(1, idle_since=NOW - 70), vm(2, idle_since=NOW - 60), vm(3, idle_since=NOW - 1))
+    busy = snap(*pool, arrival_rate=1 / 135, completion_rate=0, boot_time_s=120)  # warm 1
+    adaptive = replace(SETTINGS, adaptive_warm=True, cycle_interval_s=15)
+    assert terminated(decide(busy, 0, NOW, replace(adaptive, warm_margin=0.5))) == ["i-1"]
+    assert terminated(decide(busy, 0, NOW, replace(adaptive, warm_margin=0))) == ["i-1", "i-2"]
+    assert terminated(decide(busy, 0, NOW, replace(adaptive, warm_margin=2))) == []
 
 
 # ---- explained decisions ---------------------------------------------------------------

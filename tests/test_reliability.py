@@ -283,7 +283,7 @@ def _schema_of(commit_file: str) -> str:
     return (DATA / commit_file).read_text()
 
 
-@pytest.mark.parametrize("schema", ["schema_v1.sql", "schema_v2.sql"])
+@pytest.mark.parametrize("schema", ["schema_v1.sql", "schema_v2.sql", "schema_v4.sql"])
 def test_a_state_file_of_every_earlier_schema_is_migrated_and_used(
     tmp_path: Path, schema: str
 ) -> None:
@@ -308,6 +308,42 @@ def test_a_state_file_of_every_earlier_schema_is_migrated_and_used(
         assert store.vm_by_token("h") is not None
         version = store._db.execute("PRAGMA user_version").fetchone()[0]
         assert version == SCHEMA_VERSION
+    finally:
+        store.close()
+
+
+def test_a_v4_state_file_keeps_each_vm_s_one_job_in_its_slot_0(tmp_path: Path) -> None:
+    """Before slots a VM named its one job (vms.job_id); after the upgrade that job holds
+    slot 0 of the VM, so a lost fetch reply still hands it back and its report frees the VM."""
+    path = tmp_path / "v4.db"
+    old = sqlite3.connect(path)
+    old.executescript(_schema_of("schema_v4.sql"))
+    job = "INSERT INTO jobs(id, command, env, state, attempt, max_attempts, vm_id, submitted_at) "
+    old.execute(job + "VALUES (1, '[\"a\"]', '{}', 'running', 1, 3, 'i-1', 1.0)")
+    old.execute(job + "VALUES (2, '[\"b\"]', '{}', 'cancelled', 1, 3, 'i-2', 1.0)")
+    old.execute(job + "VALUES (3, '[\"c\"]', '{}', 'done', 1, 3, 'i-1', 1.0)")
+    old.executemany(
+        "INSERT INTO assignments(job_id, attempt, vm_id, assigned_at) VALUES (?, 1, ?, 1.0)",
+        [(1, "i-1"), (2, "i-2"), (3, "i-1")],
+    )
+    vm = (
+        "INSERT INTO vms(id, cloud, launch_id, state, launched_at, state_since, job_id, "
+        "token_hash) VALUES (?, 'c', 'L', 'busy', 1.0, 1.0, ?, ?)"
+    )
+    old.execute(vm, ("i-1", 1, "h1"))
+    old.execute(vm, ("i-2", 2, "h2"))
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert store.vm("i-1").jobs == {0: 1} and store.job(1).slot == 0
+        assert store.job(3).slot is None  # finished: it holds nothing
+        assert store.cancelled_on(store.vm("i-2")) == [2]  # the agent still hears the cancel
+        assert store.finish_job(1, 1, "i-1", 0, "ok", 5.0) is not None
+        assert store.vm("i-1").state == VMState.IDLE and store.vm("i-1").jobs == {}
+        store.release_cancelled("i-2", 2, 6.0)
+        assert store.vm("i-2").state == VMState.IDLE
     finally:
         store.close()
 

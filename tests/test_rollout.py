@@ -3,11 +3,12 @@ VMs launched with old settings are replaced gradually."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import yaml
 from core.clouds.sandbox import SANDBOX_IMAGE, MotoEC2Server
 from core.config import Config, load_config
 from core.daemon import Core, build_engine
+from core.engine import LAUNCH_SETTINGS
 from core.model import EventKind, VMState
 from core.store import Store
-from tests.conftest import ManualClock, cloud, core_config, ec2_client, make_config
+from tests.conftest import ManualClock, cloud, core_config, ec2_client, make_config, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,25 +118,48 @@ def test_sighup_reloads_a_running_core_and_it_keeps_serving(
     try:
         socket = Path(config.admin.socket)
         status = [sys.executable, "-m", "core.cli", "status", "--socket", str(socket)]
-        for _ in range(600):  # bounded: until the core answers
-            if subprocess.run(status, cwd=ROOT, capture_output=True).returncode == 0:
-                break
+
+        def answers(command: list[str], text: str = "") -> bool:
             assert core.poll() is None, log.read_text()
-            time.sleep(0.1)  # a bounded poll for the condition above
+            reply = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            return reply.returncode == 0 and text in reply.stdout
+
+        wait_until(lambda: answers(status), 60, "the core answering")
         write(path, config, pool={"max_vms": 9})
         core.send_signal(signal.SIGHUP)
         events = [sys.executable, "-m", "core.cli", "events", "--socket", str(socket), "--json"]
-        for _ in range(600):
-            reply = subprocess.run(events, cwd=ROOT, capture_output=True, text=True)
-            if "configuration reloaded: pool changed" in reply.stdout:
-                break
-            assert core.poll() is None, log.read_text()
-            time.sleep(0.1)  # a bounded poll for the condition above
-        else:
-            raise AssertionError(f"no reload event: {log.read_text()}")
+        wait_until(
+            lambda: answers(events, "configuration reloaded: pool changed"), 60, "a reload event"
+        )
         assert core.poll() is None
     finally:
         core.send_signal(signal.SIGTERM)
         assert core.wait(timeout=30) == 0
     assert "Traceback" not in log.read_text()
     assert os.path.exists(path)
+
+
+async def test_a_new_slots_per_vm_makes_running_vms_outdated_but_one_slot_keeps_old_ones(
+    tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
+) -> None:
+    """An agent runs as many loops as its register reply said: after a reload to another
+    slot count its VM is replaced, as after a new image. One slot is the fingerprint of VMs
+    launched before slots existed, so upgrading replaces nothing."""
+    config = make_config(tmp_path, [cloud("c", moto.url)])
+    store = Store(config.state.path)
+    engine = build_engine(config, store, clock)
+
+    def fingerprint(slots: int) -> str:
+        pool = config.pool.model_copy(update={"slots_per_vm": slots})
+        engine.config = config.model_copy(update={"pool": pool})
+        return engine.launch_fingerprint("c")
+
+    # The fingerprint as the release before slots computed it, for the VMs it launched.
+    parts = {
+        "cloud": config.clouds[0].model_dump(mode="json", include=set(LAUNCH_SETTINGS)),
+        "contextualisation": config.contextualisation.model_dump(mode="json"),
+    }
+    released = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(1) == released
+    assert len({fingerprint(1), fingerprint(2), fingerprint(4)}) == 3
+    store.close()

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,20 +70,21 @@ def test_sandbox_core_boots_agents_and_runs_a_submitted_job(tmp_path: Path) -> N
     )
     try:
         socket = tmp_path / "site/alienec2-admin.sock"
-        deadline = time.monotonic() + 60
-        while alienec2("status", "--config", str(config)).returncode != 0:
+
+        def answers() -> bool:
             assert core.poll() is None, core.communicate()[1]
-            assert time.monotonic() < deadline, "the core never answered on its socket"
-            time.sleep(0.2)
+            return alienec2("status", "--config", str(config)).returncode == 0
+
+        wait_until(answers, 60, "the core answering on its socket")
         assert socket.exists()
         submitted = alienec2("submit", "--config", str(config), "--", "echo", "hi")
         assert (submitted.returncode, submitted.stdout.strip()) == (0, "submitted job 1")
-        deadline = time.monotonic() + 90
-        while (job := json.loads(alienec2("job", "1", "--json", "--socket", str(socket)).stdout))[
-            "state"
-        ] not in ("done", "failed"):
-            assert time.monotonic() < deadline, f"job 1 never finished: {job}"
-            time.sleep(0.5)
+
+        def finished() -> dict[str, Any] | None:
+            job = json.loads(alienec2("job", "1", "--json", "--socket", str(socket)).stdout)
+            return job if job["state"] in ("done", "failed") else None
+
+        job = wait_until(finished, 90, "job 1 finishing")
         assert (job["state"], job["exit_code"], job["output_tail"].strip()) == ("done", 0, "hi")
         assert processes_under(scratch), "the instance's agent runs under the sandbox directory"
     finally:

@@ -29,14 +29,88 @@ def test_jobs_are_assigned_first_in_first_out(store: Store) -> None:
     assert store.vm("i-1").job_id == ids[0]
 
 
-def test_empty_queue_assigns_nothing_and_busy_vm_cannot_take_a_second_job(store: Store) -> None:
+def test_empty_queue_assigns_nothing_and_a_held_slot_cannot_take_a_second_job(
+    store: Store,
+) -> None:
     idle_vm(store)
     assert store.assign_next_job("i-1", T0) is None
     store.submit_job(["true"], T0)
     store.submit_job(["true"], T0)
     store.assign_next_job("i-1", T0)
-    with pytest.raises(Conflict, match="i-1 is busy"):
+    with pytest.raises(Conflict, match="slot 0 of vm i-1 holds job 1"):
         store.assign_next_job("i-1", T0)
+
+
+def test_a_busy_vm_takes_a_job_on_each_free_slot_and_is_idle_only_when_all_are_free(
+    store: Store,
+) -> None:
+    idle_vm(store)
+    a, b, c = (store.submit_job(["true"], T0).id for _ in range(3))
+    assert store.assign_next_job("i-1", T0 + 1, slot=1).id == a
+    assert store.assign_next_job("i-1", T0 + 2, slot=0).id == b
+    vm = store.vm("i-1")
+    assert (vm.state, vm.jobs, vm.job_id) == (VMState.BUSY, {1: a, 0: b}, b)
+    assert (store.job(a).slot, store.job(b).slot, store.job(c).slot) == (1, 0, None)
+    store.finish_job(a, 1, "i-1", 0, "", T0 + 3)
+    vm = store.vm("i-1")
+    assert (vm.state, vm.jobs, vm.idle_since) == (VMState.BUSY, {0: b}, None)
+    assert store.assign_next_job("i-1", T0 + 4, slot=1).id == c  # the freed slot
+    store.finish_job(b, 1, "i-1", 0, "", T0 + 5)
+    store.finish_job(c, 1, "i-1", 1, "", T0 + 6)
+    vm = store.vm("i-1")
+    assert (vm.state, vm.jobs, vm.idle_since) == (VMState.IDLE, {}, T0 + 6)
+    assert [e.kind for e in store.events_for_vm("i-1")].count("vm_idle") == 2  # register, end
+
+
+def test_a_vm_that_stops_serving_requeues_every_job_its_slots_hold(store: Store) -> None:
+    idle_vm(store)
+    jobs = [store.submit_job(["x"], T0, max_attempts=3).id for _ in range(3)]
+    for slot in range(3):
+        store.assign_next_job("i-1", T0, slot=slot)
+    store.start_job(jobs[0], 1, "i-1", T0)
+    store.cancel_job(jobs[2], T0)  # held cancelled: it lets go, and stays cancelled
+    store.transition_vm("i-1", VMState.LOST, T0 + 5, "no heartbeat")
+    after = [store.job(j) for j in jobs]
+    assert [(j.state, j.attempt, j.vm_id, j.slot) for j in after[:2]] == [
+        (JobState.QUEUED, 2, None, None)
+    ] * 2
+    assert (after[2].state, after[2].slot) == (JobState.CANCELLED, None)
+    assert store.vm("i-1").jobs == {}
+
+
+def test_a_spot_interruption_requeues_every_job_without_spending_an_attempt(
+    store: Store,
+) -> None:
+    idle_vm(store)
+    jobs = [store.submit_job(["x"], T0, max_attempts=1).id for _ in range(2)]
+    store.assign_next_job("i-1", T0, slot=0)
+    store.assign_next_job("i-1", T0, slot=1)
+    store.interrupt_vm("i-1", T0 + 1, "spot termination notice")
+    after = [store.job(j) for j in jobs]
+    assert [(j.state, j.attempt, j.max_attempts) for j in after] == [(JobState.QUEUED, 2, 2)] * 2
+    assert store.vm("i-1").jobs == {}
+
+
+def test_cancelling_one_job_of_a_vm_names_only_it_and_frees_only_its_slot(store: Store) -> None:
+    idle_vm(store)
+    a, b = (store.submit_job(["x"], T0).id for _ in range(2))
+    store.assign_next_job("i-1", T0, slot=0)
+    store.assign_next_job("i-1", T0, slot=1)
+    store.cancel_job(b, T0 + 1)
+    assert store.cancelled_on(store.vm("i-1")) == [b]
+    store.finish_job(b, 1, "i-1", -15, "killed", T0 + 2)
+    vm = store.vm("i-1")
+    assert (vm.state, vm.jobs, store.cancelled_on(vm)) == (VMState.BUSY, {0: a}, [])
+
+
+def test_a_draining_vm_takes_no_job_on_any_slot(store: Store) -> None:
+    idle_vm(store)
+    store.submit_job(["x"], T0)
+    store.submit_job(["x"], T0)
+    store.assign_next_job("i-1", T0, slot=0)
+    store.drain_vm("i-1", T0 + 1)
+    with pytest.raises(Conflict, match="i-1 is draining"):
+        store.assign_next_job("i-1", T0 + 2, slot=1)
 
 
 def test_finish_report_is_idempotent_and_frees_the_vm(store: Store) -> None:

@@ -13,6 +13,15 @@ COLUMNS = ("id", "state", "job", "idle", "cloud", "uptime", "heartbeat", "addres
 SORTS = ("id", "cloud", "state", "uptime", "idle", "heartbeat")
 
 
+def job_cell(vm: dict[str, Any]) -> str:
+    """Its job, or with several slots per VM its slots in use ("2/4"); a core from before
+    slots sends neither ``slots`` nor ``slots_used``."""
+    slots = vm.get("slots", 1)
+    if slots > 1:
+        return f"{vm.get('slots_used', 0)}/{slots}"
+    return str(vm["job_id"]) if vm["job_id"] is not None else "-"
+
+
 def row_for(vm: dict[str, Any], now: float) -> tuple[str, ...]:
     """The row as plain strings: cheap to build and compare for every VM on every refresh."""
     idle = now - vm["idle_since"] if vm["state"] == "idle" and vm["idle_since"] else None
@@ -20,7 +29,7 @@ def row_for(vm: dict[str, Any], now: float) -> tuple[str, ...]:
     return (
         vm["id"],
         vm["state"],
-        str(vm["job_id"]) if vm["job_id"] is not None else "-",
+        job_cell(vm),
         age(idle, TABLE_STEP_S),
         vm["cloud"],
         age(now - vm["launched_at"], TABLE_STEP_S),
@@ -54,7 +63,7 @@ class VMTable(KeyedTable):
             record["id"],
             record["cloud"],
             record["state"],
-            str(record["job_id"] or ""),
+            *(str(job_id) for job_id in record.get("jobs") or [record["job_id"] or ""]),
             record["address"] or "",
         )
 

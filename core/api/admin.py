@@ -20,7 +20,7 @@ from core.api import metrics
 from core.api.errors import ApiError, install_error_handlers, unauthorized
 from core.api.fields import EnvName, ProcessText
 from core.api.longpoll import Changes
-from core.model import ALIVE_STATES, EventKind, Job, JobState, VMState
+from core.model import ALIVE_STATES, VM, EventKind, Job, JobState, VMState
 from core.service import Invalid, PoolService
 from core.store import JobSpec
 
@@ -78,6 +78,17 @@ def job_view(job: Job) -> dict[str, Any]:
     return view
 
 
+def vm_view(vm: VM, slots: int) -> dict[str, Any]:
+    """A VM with its slots in use: ``jobs`` (ids, by slot), ``slots_used`` of ``slots``, and
+    ``job_id`` (its lowest slot's job) for clients that show one job per VM."""
+    view = as_dict(vm)
+    view["jobs"] = [vm.jobs[slot] for slot in sorted(vm.jobs)]
+    view["job_id"] = vm.job_id
+    view["slots_used"] = len(vm.jobs)
+    view["slots"] = slots
+    return view
+
+
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -108,6 +119,10 @@ def create_admin_app(
     store = service.store
     config = service.config
     max_attempts = getattr(config.queue, "max_attempts", 3)
+
+    def slots() -> int:
+        return service.config.pool.slots_per_vm  # a reload may change it
+
     tokens = [(t.encode(), a) for t, a in ((token, "full"), (readonly_token, "readonly")) if t]
 
     async def authenticated(request: Request) -> None:
@@ -178,7 +193,7 @@ def create_admin_app(
             "started_at": service.liveness.started_at,
             "status": full_status(request),
             "now": service.clock(),
-            "vms": [as_dict(vm) for vm in service.vms(ALIVE_STATES)],
+            "vms": [vm_view(vm, slots()) for vm in service.vms(ALIVE_STATES)],
             "jobs": [job_view(j) for j in store.jobs(None, jobs, None, None)] if jobs else [],
         }
 
@@ -214,7 +229,7 @@ def create_admin_app(
             vms = service.vms()
         else:
             vms = service.vms(ALIVE_STATES)
-        return {"now": service.clock(), "vms": [as_dict(vm) for vm in vms]}
+        return {"now": service.clock(), "vms": [vm_view(vm, slots()) for vm in vms]}
 
     @app.get("/admin/v1/vms/{vm_id}")
     async def get_vm(vm_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
@@ -222,11 +237,18 @@ def create_admin_app(
         events = [as_dict(e) for e in store.events_for_vm(vm_id)]
         job = store.job(vm.job_id) if vm.job_id is not None else store.last_job_of_vm(vm_id)
         view = job_view(job) if job is not None else None
-        return {"now": service.clock(), "vm": as_dict(vm), "job": view, "events": events}
+        jobs = [job_view(store.job(vm.jobs[slot])) for slot in sorted(vm.jobs)]
+        return {
+            "now": service.clock(),
+            "vm": vm_view(vm, slots()),
+            "job": view,
+            "jobs": jobs,  # every job its slots hold, by slot
+            "events": events,
+        }
 
     @app.post("/admin/v1/vms/{vm_id}/drain")
     async def drain(vm_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
-        return as_dict(service.drain(vm_id))
+        return vm_view(service.drain(vm_id), slots())
 
     @app.post("/admin/v1/vms/drain")
     async def drain_all() -> dict[str, Any]:
@@ -234,7 +256,7 @@ def create_admin_app(
 
     @app.post("/admin/v1/vms/{vm_id}/kill")
     async def kill(vm_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
-        return as_dict(service.kill(vm_id))
+        return vm_view(service.kill(vm_id), slots())
 
     @app.post("/admin/v1/pool/resize")
     async def resize(body: ResizeRequest) -> dict[str, Any]:
@@ -314,7 +336,7 @@ def create_admin_app(
                 if records:
                     vms, jobs = service.changed(found)
                     reply["now"] = service.clock()
-                    reply["vms"] = {k: as_dict(v) if v else None for k, v in vms.items()}
+                    reply["vms"] = {k: vm_view(v, slots()) if v else None for k, v in vms.items()}
                     reply["jobs"] = {str(k): job_view(j) if j else None for k, j in jobs.items()}
                 return reply
             await changes.events.wait(remaining)

@@ -8,15 +8,15 @@ own; that token acts only for that VM, and only while the VM has not left.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
-from core.api.access import Network, client_address, forwarded_for, is_allowed, networks
-from core.api.errors import error_body, install_error_handlers
+from core.api.access import client_address, forwarded_for, is_allowed, networks
+from core.api.errors import install_error_handlers
 from core.api.fields import INT64_MAX, Identifier, Int64, Secret, StoredText
 from core.api.longpoll import Changes
 from core.config import WebConfig
@@ -95,37 +95,24 @@ async def current_vm(request: Request) -> VM:
 CurrentVM = Annotated[VM, Depends(current_vm)]
 
 
-class NetworkGuard:
-    """403 for callers outside ``web.allowed_networks``, before anything else runs (a plain
-    ASGI middleware: no task per request)."""
+def network_guard(web: WebConfig) -> Callable[[Scope], bool]:
+    """Whether a request comes from ``web.allowed_networks`` (judged behind trusted proxies):
+    the listener's request gate answers 403 before anything else runs (limits.RequestGate)."""
+    allowed, trusted = networks(web.allowed_networks), networks(web.trusted_proxies)
 
-    def __init__(self, app: ASGIApp, allowed: list[Network], trusted: list[Network]) -> None:
-        self.app = app
-        self.allowed = allowed
-        self.trusted = trusted
+    def admits(scope: Scope) -> bool:
+        peer = scope["client"][0] if scope.get("client") else None
+        forwarded = forwarded_for(scope["headers"])
+        return is_allowed(client_address(peer, forwarded, trusted), allowed)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            peer = scope["client"][0] if scope.get("client") else None
-            forwarded = forwarded_for(scope["headers"])
-            if not is_allowed(client_address(peer, forwarded, self.trusted), self.allowed):
-                response = JSONResponse(error_body("forbidden", "forbidden"), 403)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    return admits
 
 
-def create_agent_app(
-    service: PoolService, changes: Changes, web: WebConfig, heartbeat_s: float
-) -> FastAPI:
+def create_agent_app(service: PoolService, changes: Changes, heartbeat_s: float) -> FastAPI:
+    """The agent API; serve it behind ``network_guard(web)`` (``server.make_server(admits=)``)."""
     app = FastAPI(title="alienec2 agent API", version="1", docs_url=None, redoc_url=None)
     app.state.service = service
     install_error_handlers(app)
-    app.add_middleware(
-        NetworkGuard,
-        allowed=networks(web.allowed_networks),
-        trusted=networks(web.trusted_proxies),
-    )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -153,14 +140,12 @@ def create_agent_app(
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
         slot: Annotated[int, Query(ge=0, le=1023)] = 0,
     ) -> dict[str, Any]:
-        """The oldest queued job, waiting up to ``wait`` seconds for one to be submitted.
-        ``slot`` names the agent's fetch loop; this core runs one job per VM (slot 0)."""
-        if slot > 0:
-            return {"job": None, "action": action_for(vm)}
+        """The job of the agent's fetch loop ``slot`` (0 to pool.slots_per_vm - 1): the one
+        it holds, or the oldest queued job, waiting up to ``wait`` seconds for one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            fetch = service.next_job(vm.id)
+            fetch = service.next_job(vm.id, slot)
             if fetch.job is not None:
                 return {"job": job_body(fetch.job), "action": fetch.action}
             remaining = deadline - loop.time()

@@ -6,17 +6,22 @@ by the first byte and never armed on a fresh connection) and no cap on open conn
 (``limit_concurrency`` answers 503 to *requests*; a connection that never sends one keeps its
 file descriptor). So a thin subclass of uvicorn's own h11 protocol adds both:
 
-- a deadline for a complete request, armed when a connection opens and again after each
-  response, disarmed once the headers and the body (a few KiB; at most 256 KiB) are in: a
-  body trickled a byte at a time must not hold a connection any more than headers may;
+- a deadline for a complete request, armed when a connection opens and when the first byte of
+  a further request arrives on a kept-alive one, disarmed once the headers and the body (a few
+  KiB; at most 256 KiB) are in: a body trickled a byte at a time must not hold a connection any
+  more than headers may. Between requests a kept-alive connection may stay idle for
+  ``keep_alive_s`` (uvicorn's ``timeout_keep_alive``), longer than an agent's heartbeat period,
+  so each agent loop keeps one connection instead of opening one per request;
 - a per-listener cap on open connections. At the cap, a newcomer displaces the connection that
   has waited longest without a complete request (as nginx reuses its "reusable" connections
-  when out of them); only if every connection is busy with a request is the newcomer refused.
+  when out of them; an idle kept-alive connection is one of those); only if every connection
+  is busy with a request is the newcomer refused.
   A half-open flood thus costs the flooder its own connections, not the agents their requests.
 
-Bodies are bounded by ``BodyLimit``, a pure ASGI middleware: Content-Length is checked before
-anything is read and streamed bytes are counted, so a large body is refused at its first
-excess chunk (413), never buffered.
+Bodies are bounded by ``RequestGate``, the one pure ASGI layer of ours ahead of the
+application: Content-Length is checked before anything is read and streamed bytes are counted,
+so a large body is refused at its first excess chunk (413), never buffered. The same layer
+refuses callers outside the listener's networks (403): one layer per request, not two.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import re
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +46,10 @@ log = logging.getLogger("alienec2.api")
 KIB = 1024
 MIB = 1024 * KIB
 HEADER_TIMEOUT_S = 10.0
+# An idle kept-alive connection is closed after this: above the agents' 30 s heartbeat period
+# and their own 60 s bound on reusing an idle connection (contextualisation/agent.py,
+# REUSE_IDLE_S), so an agent never sends on a connection the core is closing.
+KEEP_ALIVE_S = 75.0
 # Largest request body per route (matched on the path; agent and admin paths are disjoint).
 # A report carries an output tail of at most 64 Ki characters: 256 KiB holds it unless most
 # of it is JSON-escaped non-ASCII, which is refused (413) like any other oversized body.
@@ -77,8 +87,10 @@ class ConnectionLimits:
     name: str = "api"
     max_connections: int = 1024
     header_timeout_s: float = HEADER_TIMEOUT_S
+    keep_alive_s: float = KEEP_ALIVE_S
     open: set[LimitedH11Protocol] = field(default_factory=set)
-    # Connections without a complete request, oldest first (dicts keep insertion order).
+    # Connections without a complete request (idle kept-alive ones too), oldest first (dicts
+    # keep insertion order): the ones a newcomer may displace.
     waiting: dict[LimitedH11Protocol, None] = field(default_factory=dict)
     refused: int = 0
     displaced: int = 0
@@ -135,13 +147,20 @@ class LimitedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self in self.limits.waiting:
+            self._arm_deadline()  # a kept-alive connection's next request has begun
         super().data_received(data)
         self._note_request()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self._note_request():
-            self._await_request()  # keep-alive: the next request's headers are due in time
+        if self.transport.is_closing() or self._note_request():
+            return
+        # Idle between requests: uvicorn's keep-alive timer closes it after keep_alive_s, our
+        # deadline starts with the next request's first byte (or now, if some of it is here).
+        self.limits.waiting[self] = None
+        if self.cycle is not self._request_cycle or self.conn.trailing_data[0]:
+            self._arm_deadline()
 
     def drop(self) -> None:
         """Close now, freeing the slot at once (the transport reports the loss later)."""
@@ -150,6 +169,9 @@ class LimitedH11Protocol(H11Protocol):
 
     def _await_request(self) -> None:
         self.limits.waiting[self] = None
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
         if self._deadline is None:
             self._deadline = self.loop.call_later(
                 self.limits.header_timeout_s, self._headers_overdue
@@ -211,11 +233,13 @@ def body_limit(path: str) -> int:
     return DEFAULT_BODY_LIMIT
 
 
-class BodyLimit:
-    """413 for a body over its route's limit, decided before the application reads it."""
+class RequestGate:
+    """413 for a body over its route's limit, decided before the application reads it; 403
+    for a caller ``admits`` refuses (the agent API's allowed networks), before anything runs."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, admits: Callable[[Scope], bool] | None = None) -> None:
         self.app = app
+        self.admits = admits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -225,6 +249,9 @@ class BodyLimit:
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _too_large(limit, send)
+            return
+        if self.admits is not None and not self.admits(scope):
+            await _forbidden(send)
             return
         received = 0
 
@@ -250,6 +277,21 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+async def _forbidden(send: Send) -> None:
+    body = b'{"error":"forbidden","code":"forbidden"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _too_large(limit: int, send: Send) -> None:
     body = b'{"error":"request body larger than %d bytes","code":"body_too_large"}' % limit
     await send(
@@ -270,16 +312,25 @@ async def _too_large(limit: int, send: Send) -> None:
 
 
 def agent_max_connections(config: Config) -> int:
-    """``web.max_connections``, or two per VM (a heartbeat and a long poll) and headroom."""
-    return config.web.max_connections or 2 * config.pool.max_vms + 256
+    """``web.max_connections``, or one per agent loop (the heartbeat and each slot's long
+    poll: each keeps its connection open) of every VM, and headroom."""
+    per_vm = 1 + config.pool.slots_per_vm
+    return config.web.max_connections or per_vm * config.pool.max_vms + 256
 
 
 def agent_limits(config: Config) -> ConnectionLimits:
-    return ConnectionLimits("agent", agent_max_connections(config), config.web.header_timeout_s)
+    return ConnectionLimits(
+        "agent",
+        agent_max_connections(config),
+        config.web.header_timeout_s,
+        config.web.keep_alive_s,
+    )
 
 
 def admin_limits(config: Config, name: str = "admin") -> ConnectionLimits:
-    return ConnectionLimits(name, config.admin.max_connections, config.web.header_timeout_s)
+    return ConnectionLimits(
+        name, config.admin.max_connections, config.web.header_timeout_s, config.web.keep_alive_s
+    )
 
 
 def listeners_capacity(config: Config) -> int:

@@ -25,6 +25,11 @@ class PoolCollector(Collector):
         for job_state, count in store.job_counts().items():
             jobs.add_metric([str(job_state)], count)
         yield jobs
+        slots = self._service.slots()
+        yield GaugeMetricFamily("alienec2_slots_used", "Job slots holding a job", slots["used"])
+        yield GaugeMetricFamily(
+            "alienec2_slots", "Job slots on registered VMs that are not leaving", slots["total"]
+        )
         low, high = self._service.bounds()
         yield GaugeMetricFamily("alienec2_pool_min_vms", "Pool minimum", value=low)
         yield GaugeMetricFamily("alienec2_pool_max_vms", "Pool maximum", value=high)

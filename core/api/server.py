@@ -13,15 +13,16 @@ import os
 import resource
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import Scope
 
 from core.api.limits import (
-    BodyLimit,
     ConnectionLimits,
+    RequestGate,
     accept_batch,
     protocol_for,
     throttle_accept_errors,
@@ -99,18 +100,23 @@ def make_server(
     app: FastAPI,
     *,
     limits: ConnectionLimits | None = None,
+    admits: Callable[[Scope], bool] | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
 ) -> EmbeddedServer:
-    """``limits`` None: the defaults (10 s request deadline, 1,024 connections)."""
+    """``limits`` None: the defaults (10 s request deadline, 1,024 connections); ``admits``:
+    whose requests reach ``app`` (the agent API's allowed networks), None: everyone's."""
     limits = limits or ConnectionLimits()
     config = uvicorn.Config(
-        BodyLimit(app),
+        RequestGate(app, admits),
         http=protocol_for(limits),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         backlog=accept_batch(limits.max_connections),
         # No limit_concurrency: it answers 503 to requests once *connections* reach it, which
         # the cap in limits.py already bounds by closing the ones that never send a request.
+        # Agents keep a connection per loop; idle ones are closed after keep_alive_s (75 s:
+        # longer than a 30 s heartbeat gap; see limits.py) and the cap displaces them first.
+        timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]  # call_later takes a float
         lifespan="off",
         log_level="warning",
         access_log=False,

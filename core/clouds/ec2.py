@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -96,6 +98,17 @@ def _instance(raw: dict[str, Any]) -> Instance:
     )
 
 
+# One loader for the process: each new boto3 session otherwise parses EC2's service model
+# again (0.3 to 0.7 s, at every start, reload and cloud).
+_MODELS = botocore.loaders.create_loader()
+
+
+def _session(cloud: CloudConfig) -> boto3.session.Session:
+    shared = botocore.session.Session(profile=cloud.profile)
+    shared.register_component("data_loader", _MODELS)
+    return boto3.session.Session(botocore_session=shared, region_name=cloud.region)
+
+
 class EC2Provider:
     """One configured cloud. Credentials come from the boto3 chain or a named profile; they
     are never logged or put into user data."""
@@ -105,7 +118,7 @@ class EC2Provider:
         self._cloud = cloud
         self._pool = pool
         self._core_id = core_id
-        session = boto3.session.Session(profile_name=cloud.profile, region_name=cloud.region)
+        session = _session(cloud)
 
         def client(attempts: int) -> Any:
             # total_max_attempts counts the first call too (botocore's max_attempts counts

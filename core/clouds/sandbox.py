@@ -50,10 +50,17 @@ SANDBOX_IMAGE = "ami-12c6146b"  # one of the AMIs moto knows
 SANDBOX_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "sandbox", "AWS_SECRET_ACCESS_KEY": "sandbox"}
 
 
+# moto builds each region's EC2 backend with thousands of default AMIs: 0.3 s unloaded, over
+# a second on a busy machine, paid again after every reset. The sandbox needs two. Read when
+# moto's EC2 models are first imported (on the server's first request).
+SANDBOX_AMIS = Path(__file__).with_name("sandbox_amis.json")
+
+
 class MotoEC2Server:
     """moto's server on a free loopback port; someone else's EC2 implementation."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        os.environ.setdefault("MOTO_AMIS_PATH", str(SANDBOX_AMIS))
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self._server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
         self.url = ""

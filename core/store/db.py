@@ -84,6 +84,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE vms ADD COLUMN pilot_busy INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE launches ADD COLUMN settings_hash TEXT;
     """,
+    # 4 -> 5: a VM runs up to pool.slots_per_vm jobs: each job holds a slot of its VM (the
+    # index says one job per slot), and the VM's single job_id goes; a job held before the
+    # upgrade holds slot 0. Assignments remember the slot too.
+    """
+    ALTER TABLE jobs ADD COLUMN slot INTEGER;
+    UPDATE jobs SET slot = 0
+        WHERE EXISTS (SELECT 1 FROM vms WHERE vms.job_id = jobs.id AND vms.id = jobs.vm_id);
+    CREATE UNIQUE INDEX jobs_vm_slot ON jobs(vm_id, slot) WHERE slot IS NOT NULL;
+    ALTER TABLE vms DROP COLUMN job_id;
+    ALTER TABLE assignments ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

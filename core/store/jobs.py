@@ -10,6 +10,7 @@ from typing import Any
 
 from core.model import (
     ACTIVE_JOB_STATES,
+    TAKING_JOBS_STATES,
     VM,
     EventKind,
     Job,
@@ -20,6 +21,7 @@ from core.model import (
     check_job,
     finish,
     requeue,
+    state_for_slots,
 )
 from core.store.errors import Conflict, NotFound
 from core.store.vms import VMs
@@ -45,6 +47,7 @@ def _job(row: sqlite3.Row) -> Job:
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],
         vm_id=row["vm_id"],
+        slot=row["slot"],
         submitted_at=row["submitted_at"],
         assigned_at=row["assigned_at"],
         started_at=row["started_at"],
@@ -55,6 +58,13 @@ def _job(row: sqlite3.Row) -> Job:
         kind=row["kind"],
         alien_job_id=row["alien_job_id"],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    jobs: int
+    submissions: int
+    first_at: float | None
 
 
 class Jobs(VMs):
@@ -131,19 +141,28 @@ class Jobs(VMs):
             counts[JobState(row["state"])] = row["n"]
         return counts
 
+    def slots_used(self) -> int:
+        """Slots that hold a job, on every VM."""
+        count: int = self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE slot IS NOT NULL"
+        ).fetchone()[0]
+        return count
+
     def queued_count(self) -> int:
         count: int = self._db.execute(
             "SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)
         ).fetchone()[0]
         return count
 
-    def submitted_since(self, since: float) -> tuple[int, float | None]:
-        """How many jobs were submitted at or after ``since``, and when the first of them was."""
-        count, first = self._db.execute(
-            "SELECT COUNT(*), MIN(submitted_at) FROM jobs WHERE submitted_at >= ? AND kind = 'job'",
+    def submitted_since(self, since: float) -> Submitted:
+        """The jobs submitted at or after ``since``: how many, in how many submissions (a batch
+        shares one time), and when the first was."""
+        jobs, submissions, first = self._db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT submitted_at), MIN(submitted_at) FROM jobs "
+            "WHERE submitted_at >= ? AND kind = 'job'",
             (since,),
         ).fetchone()
-        return count, first
+        return Submitted(jobs, submissions, first)
 
     def finished_since(self, since: float) -> int:
         """Queue jobs that ended (done or failed) at or after ``since``: each freed a slot."""
@@ -154,8 +173,8 @@ class Jobs(VMs):
         return count
 
     def cancel_job(self, job_id: int, now: float) -> Job:
-        """Cancel a job. A job on a VM stays on it (the VM busy) until its agent reports that
-        it stopped the job, or the VM goes; the agent learns from its next heartbeat."""
+        """Cancel a job. A job on a VM keeps its slot (the VM busy) until its agent reports
+        that it stopped the job, or the VM goes; the agent learns from its next heartbeat."""
         with self._tx():
             job = self.job(job_id)
             if job.kind == "pilot":
@@ -177,37 +196,42 @@ class Jobs(VMs):
         return self.job(job_id)
 
     def cancelled_on(self, vm: VM) -> list[int]:
-        """Jobs cancelled while on this VM that its agent has not yet stopped."""
-        if vm.job_id is None:
+        """Jobs cancelled while on this VM (still holding their slots) that its agent has not
+        yet stopped."""
+        if not vm.jobs:
             return []
-        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (vm.job_id,)).fetchone()
-        return [vm.job_id] if row and row["state"] == JobState.CANCELLED else []
+        rows = self._db.execute(
+            "SELECT id FROM jobs WHERE vm_id = ? AND slot IS NOT NULL AND state = ? ORDER BY slot",
+            (vm.id, JobState.CANCELLED),
+        ).fetchall()
+        return [row["id"] for row in rows]
 
-    def assign_next_job(self, vm_id: str, now: float) -> Job | None:
-        """Give the oldest queued job to an idle VM (FIFO), or None if the queue is empty."""
+    def assign_next_job(self, vm_id: str, now: float, slot: int = 0) -> Job | None:
+        """Give the oldest queued job (FIFO) to a free slot of an idle or busy VM, or None if
+        the queue is empty."""
         with self._tx():
             vm = self.vm(vm_id)
-            if vm.state != VMState.IDLE:
+            if vm.state not in TAKING_JOBS_STATES:
                 raise Conflict(f"vm {vm_id} is {vm.state}, it cannot take a job")
+            if slot in vm.jobs:
+                raise Conflict(f"slot {slot} of vm {vm_id} holds job {vm.jobs[slot]}")
             row = self._db.execute(
                 "SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (JobState.QUEUED,)
             ).fetchone()
             if row is None:
                 return None
             job = _job(row)
-            self._set_job(job, JobState.ASSIGNED, vm_id=vm_id, assigned_at=now)
+            self._set_job(job, JobState.ASSIGNED, vm_id=vm_id, slot=slot, assigned_at=now)
             self._db.execute(
-                "INSERT INTO assignments(job_id, attempt, vm_id, assigned_at) VALUES (?,?,?,?)",
-                (job.id, job.attempt, vm_id, now),
+                "INSERT INTO assignments(job_id, attempt, vm_id, assigned_at, slot) "
+                "VALUES (?,?,?,?,?)",
+                (job.id, job.attempt, vm_id, now, slot),
             )
-            self._db.execute("UPDATE vms SET job_id = ? WHERE id = ?", (job.id, vm_id))
-            self.transition_vm(
-                vm_id, VMState.BUSY, now, f"assigned job {job.id}", Reason.JOB_ASSIGNED
-            )
+            self._vm_holds(vm, len(vm.jobs) + 1, now, f"assigned job {job.id}", Reason.JOB_ASSIGNED)
             self._event(
                 now,
                 EventKind.JOB_ASSIGNED,
-                f"attempt {job.attempt} on {vm_id}",
+                f"attempt {job.attempt} on {vm_id}" + (f" slot {slot}" if slot else ""),
                 vm_id=vm_id,
                 job_id=job.id,
             )
@@ -278,21 +302,30 @@ class Jobs(VMs):
         return self.job(job_id)
 
     def _release_vm(self, vm_id: str, job_id: int, now: float) -> None:
+        """The job lets go of its slot; the VM is idle once its last slot is free."""
         vm = self.vm(vm_id)
-        if vm.job_id != job_id:
+        if job_id not in vm.jobs.values():
             return
-        self._db.execute("UPDATE vms SET job_id = NULL WHERE id = ?", (vm_id,))
-        if vm.state == VMState.BUSY:
-            self.transition_vm(vm_id, VMState.IDLE, now, f"job {job_id} ended", Reason.JOB_ENDED)
+        self._db.execute("UPDATE jobs SET slot = NULL WHERE id = ?", (job_id,))
+        self._vm_holds(vm, len(vm.jobs) - 1, now, f"job {job_id} ended", Reason.JOB_ENDED)
+
+    def _vm_holds(self, vm: VM, used: int, now: float, why: str, reason: Reason) -> None:
+        """The VM's state once ``used`` of its slots hold jobs (``model.state_for_slots``)."""
+        new = state_for_slots(vm.state, used)
+        if new != vm.state:
+            self.transition_vm(vm.id, new, now, why, reason)
 
     def _stopped_serving(self, vm: VM, now: float, why: str, spend_attempt: bool) -> None:
-        """Its queue job goes back to the queue; its pilot runs end (they cannot go on)."""
-        if vm.job_id is not None:
-            job = self.job(vm.job_id)
-            reason = Reason.VM_STOPPED_SERVING if spend_attempt else Reason.SPOT_TERMINATION
+        """Every job it holds lets go of its slot, and each active one goes back to the queue;
+        its pilot runs end (they cannot go on)."""
+        reason = Reason.VM_STOPPED_SERVING if spend_attempt else Reason.SPOT_TERMINATION
+        for slot in sorted(vm.jobs):
+            job = self.job(vm.jobs[slot])
             change = requeue(job, now, why, reason, spend_attempt=spend_attempt)
             if change is not None:
                 self._apply(job, change, now)
+            else:
+                self._db.execute("UPDATE jobs SET slot = NULL WHERE id = ?", (job.id,))
         for row in self._db.execute(
             "SELECT * FROM jobs WHERE vm_id = ? AND state = ? AND kind = 'pilot'",
             (vm.id, JobState.RUNNING),
@@ -311,7 +344,7 @@ class Jobs(VMs):
             )
 
     def interrupt_vm(self, vm_id: str, now: float, why: str) -> VM:
-        """The cloud announced it reclaims the VM: its job goes back to the queue at once,
+        """The cloud announced it reclaims the VM: its jobs go back to the queue at once,
         without spending an attempt, and the VM is replaced."""
         return self.transition_vm(
             vm_id, VMState.INTERRUPTED, now, why, Reason.SPOT_TERMINATION, spend_attempt=False
@@ -323,7 +356,7 @@ class Jobs(VMs):
         only once its pilot is done. An idle or busy VM shows it in its state too."""
         with self._tx():
             vm = self.vm(vm_id)
-            if vm.job_id is not None or vm.pilot_busy == busy:
+            if vm.jobs or vm.pilot_busy == busy:
                 return vm
             if vm.state not in (VMState.IDLE, VMState.BUSY, VMState.DRAINING):
                 return vm
@@ -339,7 +372,7 @@ class Jobs(VMs):
         return self.vm(vm_id)
 
     def release_cancelled(self, vm_id: str, job_id: int, now: float) -> None:
-        """A job cancelled before its VM's agent ever received it: the VM is free again."""
+        """A job cancelled before its VM's agent ever received it: its slot is free again."""
         with self._tx():
             self._release_vm(vm_id, job_id, now)
 
@@ -429,7 +462,7 @@ class Jobs(VMs):
                 row[0]
                 for row in self._db.execute(
                     f"SELECT id FROM jobs WHERE finished_at < ? AND state IN ({marks}) "
-                    "AND id NOT IN (SELECT job_id FROM vms WHERE job_id IS NOT NULL) "
+                    "AND slot IS NULL "
                     "ORDER BY finished_at LIMIT ?",
                     (before, *FINISHED_STATES, batch),
                 )

@@ -22,25 +22,43 @@ from core.store.errors import Conflict, NotFound
 
 # VMs are read as plain tuples in VM's field order, states mapped through a dict: the engine
 # reads the whole fleet every cycle, and named rows plus Enum lookups took three times as long.
-_VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM))
+# ``jobs`` is no column: the jobs that hold a slot of the VM say it.
+_VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM) if field.name != "jobs")
 _VM_STATES = {state.value: state for state in VMState}
 
 
-def _vm(row: tuple[Any, ...]) -> VM:
-    """A VM from a row of ``SELECT {_VM_FIELDS}``."""
+# What a VM that holds no job is read with: one shared empty dict, not one per VM (most of a
+# large fleet holds nothing, and the engine reads it every cycle). VM.jobs is a Mapping, so
+# the type checker refuses writes to it; MappingProxyType would also refuse dataclasses.asdict.
+_NO_JOBS: Mapping[int, int] = {}
+
+
+def _vm(row: tuple[Any, ...], jobs: Mapping[int, int]) -> VM:
+    """A VM from a row of ``SELECT {_VM_FIELDS}``, with the jobs its slots hold."""
     # mypy cannot count a sliced tuple's items; the row holds VM's fields in order.
-    return VM(*row[:3], _VM_STATES[row[3]], *row[4:11], bool(row[11]), bool(row[12]))  # type: ignore[call-arg]
+    return VM(*row[:3], _VM_STATES[row[3]], *row[4:10], bool(row[10]), bool(row[11]), jobs)  # type: ignore[call-arg]
 
 
 class VMs(Database):
-    def _select_vms(self, where: str, params: Iterable[Any]) -> list[VM]:
+    def _select_vms(self, where: str, params: Iterable[Any], vm_id: str | None = None) -> list[VM]:
+        """VMs with the jobs their slots hold; ``vm_id``: the one VM ``where`` selects (its
+        held jobs are then read alone)."""
         cursor = self._db.cursor()
         cursor.row_factory = None
+        if vm_id is None:
+            cursor.execute("SELECT vm_id, slot, id FROM jobs WHERE slot IS NOT NULL")
+        else:
+            cursor.execute(
+                "SELECT vm_id, slot, id FROM jobs WHERE vm_id = ? AND slot IS NOT NULL", (vm_id,)
+            )
+        held: dict[str, dict[int, int]] = {}
+        for owner, slot, job_id in cursor:
+            held.setdefault(owner, {})[slot] = job_id
         cursor.execute(f"SELECT {_VM_FIELDS} FROM vms {where}", tuple(params))
-        return [_vm(row) for row in cursor]
+        return [_vm(row, held.get(row[0], _NO_JOBS)) for row in cursor]
 
     def vm(self, vm_id: str) -> VM:
-        found = self._select_vms("WHERE id = ?", (vm_id,))
+        found = self._select_vms("WHERE id = ?", (vm_id,), vm_id)
         if not found:
             raise NotFound(f"vm {vm_id} not found")
         return found[0]
@@ -79,7 +97,7 @@ class VMs(Database):
             if vm.state == new:
                 return vm
             check_vm(vm.state, new)
-            columns = vm_columns(new, now, vm.job_id)
+            columns = vm_columns(new, now)
             if new in STOPPED_SERVING_STATES and vm.state not in STOPPED_SERVING_STATES:
                 self._stopped_serving(vm, now, f"vm {vm_id} {new}: {why}", spend_attempt)
             if new in TOKEN_REVOKED_STATES:
@@ -124,10 +142,9 @@ class VMs(Database):
 
     def vm_by_token(self, token_hash: str) -> VM | None:
         """The VM that holds this token, while it has not left."""
-        found = self._select_vms("WHERE token_hash = ?", (token_hash,))
-        if not found or found[0].state in TOKEN_REVOKED_STATES:
-            return None
-        return found[0]
+        row = self._db.execute("SELECT id FROM vms WHERE token_hash = ?", (token_hash,)).fetchone()
+        vm = self.vm(row[0]) if row else None
+        return None if vm is None or vm.state in TOKEN_REVOKED_STATES else vm
 
     def has_token(self, vm_id: str) -> bool:
         row = self._db.execute("SELECT token_hash FROM vms WHERE id = ?", (vm_id,)).fetchone()

@@ -1,0 +1,275 @@
+"""N jobs per VM for the built-in queue (``pool.slots_per_vm``): each of the agent's fetch
+loops holds at most one job, over real HTTP to a real core, and with real agent processes."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from alienec2_tui.client import AdminClient
+from alienec2_tui.widgets.vm_table import job_cell
+from core.cli import _vm_jobs
+from core.clouds.sandbox import MotoEC2Server
+from core.daemon import Core
+from core.model import JobState, VMState
+from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
+from tests.test_api import bearer, register
+from tests.test_demo import JOBS, run_demo
+
+SLOTS = 2
+
+
+@pytest.fixture
+async def core(tmp_path: Path, moto: MotoEC2Server) -> Any:
+    pool = {"min_vms": 1, "max_vms": 1, "slots_per_vm": SLOTS}
+    async with running_core(core_config(tmp_path, moto.url, pool=pool)) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(core: Core) -> Any:
+    async with httpx.AsyncClient(base_url=core.agent_url, timeout=20) as client:
+        yield client
+
+
+@pytest.fixture
+async def admin(core: Core) -> Any:
+    async with AdminClient(socket_path=str(core.admin_socket)) as client:
+        yield client
+
+
+@pytest.fixture
+async def vm(core: Core, http: httpx.AsyncClient, moto: MotoEC2Server) -> tuple[str, str]:
+    """The pool's one VM, registered: its id and token."""
+    [vm_id] = await wait_for_vms(core, 1)
+    return vm_id, await register(http, moto.url, vm_id)
+
+
+async def fetch(http: httpx.AsyncClient, token: str, slot: int) -> dict[str, Any]:
+    reply = await http.post("/agent/v1/jobs/next", params={"slot": slot}, headers=bearer(token))
+    assert reply.status_code == 200, reply.text
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+async def report(
+    http: httpx.AsyncClient, token: str, job: dict[str, Any], status: str = "finished"
+) -> dict[str, Any]:
+    body = {"attempt": job["attempt"], "status": status, "exit_code": 0}
+    reply = await http.post(f"/agent/v1/jobs/{job['id']}/report", json=body, headers=bearer(token))
+    assert reply.status_code == 200, reply.text
+    answer: dict[str, Any] = reply.json()
+    return answer
+
+
+async def test_each_slot_holds_its_own_job_and_a_refetch_hands_back_the_same_one(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
+) -> None:
+    vm_id, token = vm
+    ids = [(await admin.submit(["true"]))["id"] for _ in range(3)]
+    first = (await fetch(http, token, 0))["job"]
+    second = (await fetch(http, token, 1))["job"]
+    assert [first["id"], second["id"]] == ids[:2]
+    # A lost reply: fetching again on a slot hands back the job it holds, never a new one.
+    assert (await fetch(http, token, 0))["job"]["id"] == ids[0]
+    assert (await fetch(http, token, 1))["job"]["id"] == ids[1]
+    assert core.store.job(ids[2]).state == JobState.QUEUED
+    held = core.store.vm(vm_id)
+    assert (held.state, held.jobs) == (VMState.BUSY, {0: ids[0], 1: ids[1]})
+
+    # Reporting one job frees exactly its slot: the VM stays busy, the slot takes the next.
+    await report(http, token, first)
+    assert core.store.vm(vm_id).state == VMState.BUSY
+    assert core.store.vm(vm_id).jobs == {1: ids[1]}
+    third = (await fetch(http, token, 0))["job"]
+    assert third["id"] == ids[2]
+    await report(http, token, second)
+    assert core.store.vm(vm_id).state == VMState.BUSY
+    await report(http, token, third)
+    idle = core.store.vm(vm_id)
+    assert (idle.state, idle.jobs, idle.idle_since is not None) == (VMState.IDLE, {}, True)
+
+
+async def test_a_slot_beyond_slots_per_vm_gets_a_422_naming_slot(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
+) -> None:
+    vm_id, token = vm
+    job = await admin.submit(["true"])
+    for slot in (SLOTS, 1023, 1024, -1):
+        reply = await http.post("/agent/v1/jobs/next", params={"slot": slot}, headers=bearer(token))
+        assert reply.status_code == 422, reply.text
+        assert "slot" in reply.json()["error"]
+    assert core.store.job(job["id"]).state == JobState.QUEUED
+    assert core.store.vm(vm_id).state == VMState.IDLE
+
+
+async def test_the_policy_and_admin_see_slots_in_use(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
+) -> None:
+    vm_id, token = vm
+    ids = [(await admin.submit(["true"]))["id"] for _ in range(2)]
+    await fetch(http, token, 1)
+    [view] = [v for v in core.engine.snapshot(core.clock()).vms if v.id == vm_id]
+    assert view.jobs == 1
+    await fetch(http, token, 0)
+    [view] = [v for v in core.engine.snapshot(core.clock()).vms if v.id == vm_id]
+    assert (view.state, view.jobs) == (VMState.BUSY, 2)
+
+    [row] = [v for v in (await admin.vms())["vms"] if v["id"] == vm_id]
+    assert (row["jobs"], row["slots_used"], row["slots"], row["job_id"]) == (
+        [ids[1], ids[0]],
+        2,
+        SLOTS,
+        ids[1],  # its lowest slot's, for clients that show one job
+    )
+    detail = await admin.vm(vm_id)
+    assert [(j["id"], j["slot"]) for j in detail["jobs"]] == [(ids[1], 0), (ids[0], 1)]
+    slots = (await admin.status())["pool"]["slots"]
+    assert slots == {"per_vm": SLOTS, "used": 2, "total": SLOTS}
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)), base_url="http://core"
+    ) as raw:
+        metrics = (await raw.get("/metrics")).text.splitlines()
+    assert "alienec2_slots_used 2.0" in metrics and f"alienec2_slots {SLOTS:.1f}" in metrics
+
+
+async def test_cancelling_one_job_tells_the_agent_that_job_only_and_frees_its_slot(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
+) -> None:
+    vm_id, token = vm
+    a, b, c = [await admin.submit(["true"]) for _ in range(3)]
+    job_a = (await fetch(http, token, 0))["job"]
+    job_b = (await fetch(http, token, 1))["job"]
+    await admin.cancel(b["id"])
+    beat = (await http.post("/agent/v1/heartbeat", headers=bearer(token))).json()
+    assert beat["cancel"] == [b["id"]]
+    assert core.store.vm(vm_id).jobs == {0: a["id"], 1: b["id"]}  # until the agent stops it
+    assert (await report(http, token, job_b, "cancelled"))["state"] == "cancelled"
+    assert core.store.vm(vm_id).jobs == {0: a["id"]}
+    beat = (await http.post("/agent/v1/heartbeat", headers=bearer(token))).json()
+    assert beat["cancel"] == []
+    assert core.store.job(a["id"]).state == JobState.ASSIGNED
+
+    # Cancelled before its agent ever got it: the slot's next fetch frees it and takes C.
+    await admin.cancel(a["id"])
+    assert (await fetch(http, token, 0))["job"]["id"] == c["id"]
+    assert core.store.vm(vm_id).jobs == {0: c["id"]}
+    assert job_a["id"] == a["id"]
+
+
+async def test_a_draining_vm_takes_no_job_on_any_slot_and_goes_when_all_are_free(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
+) -> None:
+    vm_id, token = vm
+    a, b = [await admin.submit(["true"]) for _ in range(2)]
+    job_a = (await fetch(http, token, 0))["job"]
+    await admin.drain(vm_id)
+    empty = await fetch(http, token, 1)
+    assert (empty["job"], empty["action"]) == (None, "drain")
+    # The held job is handed back even now (its first answer may have been lost).
+    assert (await fetch(http, token, 0))["job"]["id"] == a["id"]
+    assert core.store.job(b["id"]).state == JobState.QUEUED
+    assert core.store.vm(vm_id).state == VMState.DRAINING
+    await report(http, token, job_a)
+    await eventually(
+        lambda: core.store.vm(vm_id).state in (VMState.TERMINATING, VMState.TERMINATED)
+    )
+    assert core.store.job(a["id"]).state == JobState.DONE
+
+
+async def test_a_killed_vm_requeues_every_job_it_holds(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
+) -> None:
+    vm_id, token = vm
+    a, b = [await admin.submit(["true"]) for _ in range(2)]
+    await fetch(http, token, 0)
+    await fetch(http, token, 1)
+    killed = await admin.kill(vm_id)
+    assert killed["jobs"] == [a["id"], b["id"]]
+    await eventually(
+        lambda: core.store.vm(vm_id).state in (VMState.TERMINATING, VMState.TERMINATED)
+    )
+    for job in (a, b):
+        requeued = core.store.job(job["id"])
+        assert (requeued.attempt, requeued.slot) == (2, None)
+        assert requeued.state in (JobState.QUEUED, JobState.ASSIGNED)  # a new VM may take it
+        assert requeued.vm_id != vm_id
+
+
+async def test_a_vm_with_two_slots_runs_two_jobs_at_once_and_each_job_exactly_once(
+    tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
+) -> None:
+    """Concurrency without timing: each of the first two jobs waits (up to a minute) for a
+    file only the other creates, so both finish only if they ran side by side."""
+    pool = {"min_vms": 1, "max_vms": 1, "slots_per_vm": SLOTS}
+    shared = tmp_path / "shared"
+    shared.mkdir()
+
+    def meet(mine: str, theirs: str) -> list[str]:
+        wait = (
+            f"touch {shared / mine}; i=0; "
+            f"while [ ! -e {shared / theirs} ]; do i=$((i+1)); "
+            f'[ $i -gt 600 ] && echo "no {theirs}" && exit 3; sleep 0.1; done; echo met'
+        )
+        return ["sh", "-c", wait]
+
+    async with running_core(core_config(tmp_path, moto.url, pool=pool)) as core:
+        [vm_id] = await wait_for_vms(core, 1)
+        agents(vm_id)
+        await eventually(lambda: core.store.vm(vm_id).state == VMState.IDLE, timeout=20)
+        async with AdminClient(socket_path=str(core.admin_socket)) as admin:
+            pair = [await admin.submit(meet("a", "b")), await admin.submit(meet("b", "a"))]
+            runs = shared / "runs"
+            rest = [
+                await admin.submit(["sh", "-c", f"echo {n} >> {runs}; echo ran {n}"])
+                for n in range(4)
+            ]
+            ids = [job["id"] for job in pair + rest]
+            await eventually(
+                lambda: all(core.store.job(i).state == JobState.DONE for i in ids), timeout=90
+            )
+        jobs = [core.store.job(i) for i in ids]
+        assert [j.output_tail.strip() for j in jobs[:2]] == ["met", "met"]
+        assert sorted(runs.read_text().split()) == ["0", "1", "2", "3"]  # each ran once
+        assert all(j.attempt == 1 and j.vm_id == vm_id for j in jobs)
+        assigned = [e for e in core.store.events_after(0) if e.kind == "job_assigned"]
+        assert sorted(e.job_id for e in assigned) == sorted(ids)
+        slots_used = {
+            row["slot"]
+            for row in core.store._db.execute(
+                "SELECT slot FROM assignments WHERE vm_id = ?", (vm_id,)
+            )
+        }
+        assert slots_used == {0, 1}
+        assert core.store.vm(vm_id).state == VMState.IDLE
+        assert core.store.vm(vm_id).jobs == {}
+
+
+def test_the_console_and_cli_show_slots_in_use_only_when_a_vm_has_several() -> None:
+    one = {"job_id": 7, "jobs": [7], "slots_used": 1, "slots": 1}
+    four = {"job_id": 7, "jobs": [7, 9], "slots_used": 2, "slots": 4}
+    before_slots = {"job_id": None}  # a core from before slots sends neither field
+    assert [job_cell(vm) for vm in (one, four, before_slots)] == ["7", "2/4", "-"]
+    assert [_vm_jobs(vm) for vm in (one, four, before_slots)] == ["7", "2/4", "-"]
+
+
+def test_the_headless_demo_with_two_slots_runs_every_job_once_on_both_slots(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "demo"
+    summary = run_demo(workdir, "--slots", "2", "--max", "4")
+    assert summary["jobs_submitted"] == JOBS
+    assert summary["jobs_done"] + summary["jobs_failed"] == JOBS
+    assert summary["jobs_finished_twice"] == 0
+    assert summary["all_finished"] is True and summary["final_vms"] == 1
+    state = sqlite3.connect(workdir / "state.db")
+    try:
+        slots = {row[0] for row in state.execute("SELECT DISTINCT slot FROM assignments")}
+    finally:
+        state.close()
+    assert slots == {0, 1}
