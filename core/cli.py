@@ -19,8 +19,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-import uvloop
-
 from alienec2_tui.client import (
     DEFAULT_SOCKET,
     AdminClient,
@@ -66,10 +64,10 @@ def _run_core(main: Coroutine[Any, Any, None]) -> int:
     from core.store import StateError
 
     try:
-        # uvloop: libuv's event loop; a request's transport work (accept, write, close, timers)
-        # costs the core less CPU than asyncio's own loop (benchmarks/README.md, load.py).
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main)
+        # asyncio's own loop, not uvloop: its listener pauses and resumes on EMFILE and ENOBUFS
+        # (limits.throttle_accept_errors), where uvloop's closes for good without a log line;
+        # uvloop's CPU gain was within noise (benchmarks/README.md).
+        asyncio.run(main)
     except StateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
