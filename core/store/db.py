@@ -85,14 +85,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE launches ADD COLUMN settings_hash TEXT;
     """,
     # 4 -> 5: a VM runs up to pool.slots_per_vm jobs: each job holds a slot of its VM (the
-    # index says one job per slot), and the VM's single job_id goes; a job held before the
-    # upgrade holds slot 0. Assignments remember the slot too.
+    # index says one job per slot); a job held before the upgrade holds slot 0. The VM's
+    # single job_id is emptied and no longer read, not dropped: DROP COLUMN needs SQLite
+    # 3.35, and EL9 and Debian 11 ship 3.34. Assignments remember the slot too.
     """
     ALTER TABLE jobs ADD COLUMN slot INTEGER;
     UPDATE jobs SET slot = 0
         WHERE EXISTS (SELECT 1 FROM vms WHERE vms.job_id = jobs.id AND vms.id = jobs.vm_id);
     CREATE UNIQUE INDEX jobs_vm_slot ON jobs(vm_id, slot) WHERE slot IS NOT NULL;
-    ALTER TABLE vms DROP COLUMN job_id;
+    UPDATE vms SET job_id = NULL;
     ALTER TABLE assignments ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;
     """,
 ]
