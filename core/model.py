@@ -249,7 +249,7 @@ def requeue(
     if job.attempt >= job.max_attempts:
         return JobChange(
             JobState.FAILED,
-            {"finished_at": now, "reason": why},
+            {"finished_at": now, "slot": None, "reason": why},  # keeps its VM: where it failed
             EventKind.JOB_FAILED,
             f"gave up after {job.attempt} attempts: {why}",
             Reason.ATTEMPTS_EXHAUSTED,

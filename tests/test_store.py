@@ -165,6 +165,8 @@ def test_job_fails_after_max_attempts_of_vm_loss(store: Store) -> None:
     failed = [e for e in store.events_after(0) if e.kind == "job_failed"]
     assert [e.job_id for e in failed] == [job.id]
     assert "gave up after 2 attempts" in failed[0].message
+    assert (final.vm_id, final.slot) == ("i-2", None)  # where it failed; its slot let go
+    assert store.vm("i-2").jobs == {} and store.slots_used() == 0
 
 
 def test_cancelled_running_job_keeps_its_vm_busy_until_the_agent_reports_it_stopped(
