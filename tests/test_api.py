@@ -181,6 +181,37 @@ async def test_empty_long_poll_returns_no_job_after_the_wait(
     assert time.perf_counter() - started >= 0.3
 
 
+async def test_a_wake_up_for_a_job_a_drained_vm_cannot_take_goes_to_the_next_parked_poll(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, moto: MotoEC2Server
+) -> None:
+    """A job wakes the poll parked longest; if that VM was drained while parked, the wake-up
+    passes on at once instead of the job waiting for another poll's wait to end."""
+    drained, other = await wait_for_vms(core, 2)
+    tokens = {vm_id: await register(http, moto.url, vm_id) for vm_id in (drained, other)}
+
+    def park(vm_id: str) -> asyncio.Task[httpx.Response]:
+        return asyncio.create_task(
+            http.post(
+                "/agent/v1/jobs/next",
+                params={"wait": 50},
+                headers=bearer(tokens[vm_id]),
+                timeout=60,
+            )
+        )
+
+    oldest = park(drained)
+    await eventually(lambda: core.changes.jobs.waiting == 1)
+    newer = park(other)
+    await eventually(lambda: core.changes.jobs.waiting == 2)
+    await admin.drain(drained)
+    [job_id] = (await admin.submit_batch([{"command": ["true"]}]))["ids"]
+
+    done, _ = await asyncio.wait({oldest, newer}, timeout=25, return_when="ALL_COMPLETED")
+    assert done == {oldest, newer}, "the wake-up stayed with the drained VM's poll"
+    assert oldest.result().json()["job"] is None
+    assert newer.result().json()["job"]["id"] == job_id
+
+
 async def test_heartbeat_answers_run_then_drain_and_a_gone_vms_token_is_refused(
     core: Core, http: httpx.AsyncClient, admin: AdminClient, moto: MotoEC2Server
 ) -> None:

@@ -144,14 +144,19 @@ def create_agent_app(service: PoolService, changes: Changes, heartbeat_s: float)
         it holds, or the oldest queued job, waiting up to ``wait`` seconds for one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        woken = False
         while True:
             fetch = service.next_job(vm.id, slot)
             if fetch.job is not None:
                 return {"job": job_body(fetch.job), "action": fetch.action}
             remaining = deadline - loop.time()
             if not fetch.wait or remaining <= 0 or changes.closing:
+                if woken and not fetch.wait:
+                    # Woken for a job this VM may no longer take (drained, killed while
+                    # parked): the next parked poll gets it, not the end of its wait.
+                    changes.jobs.notify(1)
                 return {"job": None, "action": fetch.action}
-            await changes.jobs.wait(remaining)
+            woken = await changes.jobs.wait(remaining)
 
     @app.post("/agent/v1/interruption")
     async def interruption(body: InterruptionRequest, vm: CurrentVM) -> dict[str, Any]:

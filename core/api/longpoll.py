@@ -36,8 +36,9 @@ class Signal:
                 waiter.set_result(True)
                 woken += 1
 
-    async def wait(self, timeout: float) -> None:
-        """Return when notified or after ``timeout`` seconds, whichever comes first."""
+    async def wait(self, timeout: float) -> bool:
+        """Return when notified (True) or after ``timeout`` seconds (False), whichever comes
+        first."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
@@ -48,7 +49,7 @@ class Signal:
 
         timer = loop.call_later(timeout, expire)
         try:
-            await waiter
+            return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result():
                 self.notify(1)  # woken, but our client is gone: pass the wake-up on
