@@ -13,12 +13,18 @@ import logging
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from core.api.admin import create_admin_app
 from core.api.agent import create_agent_app, network_guard
-from core.api.limits import admin_limits, agent_limits, warn_if_open_files_short
+from core.api.limits import (
+    admin_limits,
+    agent_limits,
+    follow_pool_bounds,
+    warn_if_open_files_short,
+)
 from core.api.longpoll import Changes
 from core.api.server import EmbeddedServer, make_server, tcp_socket, unix_socket
 from core.clock import CoreClock
@@ -143,6 +149,8 @@ class Core:
         )
         self.service.cloud_details = engine.cloud_details
 
+        self.agent_limits = agent_limits(config, self.service.bounds()[1])
+        self.store.listeners.append(self._follow_pool_bounds)
         agent_app = create_agent_app(
             self.service, self.changes, config.contextualisation.agent_heartbeat_s
         )
@@ -153,7 +161,7 @@ class Core:
                 agent_sock,
                 make_server(
                     agent_app,
-                    limits=agent_limits(config),
+                    limits=self.agent_limits,
                     admits=network_guard(config.web),
                     ssl_certfile=config.web.ssl_certfile,
                     ssl_keyfile=config.web.ssl_keyfile,
@@ -254,6 +262,11 @@ class Core:
         self.store.record_event(self.clock(), EventKind.SETTING_CHANGED, message)
         engine.wake.set()
         return changed
+
+    def _follow_pool_bounds(self, kinds: Counter[str]) -> None:
+        """After a committed resize or reload: the agent listener's cap follows the pool."""
+        if kinds[EventKind.SETTING_CHANGED]:
+            follow_pool_bounds(self.agent_limits, self.config, self.service.bounds()[1])
 
     def _remove_own_socket(self) -> None:
         """Remove the admin socket only if it is still the one this core created."""

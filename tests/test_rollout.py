@@ -64,6 +64,28 @@ async def test_reload_applies_the_pool_live_refuses_a_broken_file_and_names_rest
         await core.stop()
 
 
+async def test_the_agent_connection_cap_follows_a_resize_and_a_reload_of_slots(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    """Parked long polls cannot be displaced: a cap sized for the pool at start would refuse
+    heartbeats once a reload gives VMs more slots or a resize allows more VMs."""
+    config = core_config(tmp_path, moto.url, pool={"max_vms": 10})
+    path = write(tmp_path / "config.yaml", config)
+    core = Core(config)
+    await core.start()
+    try:
+        assert core.agent_limits.max_connections == 2 * 10 + 256  # heartbeat + 1 slot per VM
+        core.service.resize(max_vms=100)
+        assert core.agent_limits.max_connections == 2 * 100 + 256
+        write(path, config, pool={"max_vms": 10, "slots_per_vm": 4})
+        assert core.reload(lambda: load_config(path)) == ["pool"]
+        assert core.agent_limits.max_connections == 5 * 100 + 256  # the resize still holds
+        core.service.resize(max_vms=5)
+        assert core.agent_limits.max_connections == 5 * 10 + 256  # never below the config's
+    finally:
+        await core.stop()
+
+
 async def test_vms_launched_with_an_old_image_are_replaced_one_at_a_time(
     tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
 ) -> None:

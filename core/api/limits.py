@@ -311,20 +311,34 @@ async def _too_large(limit: int, send: Send) -> None:
 # ---- per listener and process-wide ------------------------------------------------------------
 
 
-def agent_max_connections(config: Config) -> int:
+def agent_max_connections(config: Config, max_vms: int = 0) -> int:
     """``web.max_connections``, or one per agent loop (the heartbeat and each slot's long
-    poll: each keeps its connection open) of every VM, and headroom."""
+    poll: each keeps its connection open) of every VM, and headroom. ``max_vms``: the bound
+    in force when a resize raised it above the configured one."""
     per_vm = 1 + config.pool.slots_per_vm
-    return config.web.max_connections or per_vm * config.pool.max_vms + 256
+    return config.web.max_connections or per_vm * max(config.pool.max_vms, max_vms) + 256
 
 
-def agent_limits(config: Config) -> ConnectionLimits:
+def agent_limits(config: Config, max_vms: int = 0) -> ConnectionLimits:
     return ConnectionLimits(
         "agent",
-        agent_max_connections(config),
+        agent_max_connections(config, max_vms),
         config.web.header_timeout_s,
         config.web.keep_alive_s,
     )
+
+
+def follow_pool_bounds(limits: ConnectionLimits, config: Config, max_vms: int) -> None:
+    """Resize the agent listener's cap when a reload (slots, max_vms) or a resize changes how
+    many loops the fleet keeps open: parked long polls cannot be displaced, so a cap sized for
+    the old pool would refuse heartbeats and VMs would be declared lost."""
+    cap = agent_max_connections(config, max_vms)
+    if cap != limits.max_connections:
+        log.info("event=connection_cap listener=agent from=%d to=%d", limits.max_connections, cap)
+        limits.max_connections = cap
+        warning = open_files_warning(listeners_capacity(config, max_vms))
+        if warning:
+            log.warning("event=open_files_limit msg=%s", warning)
 
 
 def admin_limits(config: Config, name: str = "admin") -> ConnectionLimits:
@@ -333,10 +347,10 @@ def admin_limits(config: Config, name: str = "admin") -> ConnectionLimits:
     )
 
 
-def listeners_capacity(config: Config) -> int:
+def listeners_capacity(config: Config, max_vms: int = 0) -> int:
     """Connections all listeners may hold at once: the agent API, the admin socket, admin TCP."""
     admin = config.admin.max_connections * (2 if config.admin.tcp_host else 1)
-    return agent_max_connections(config) + admin
+    return agent_max_connections(config, max_vms) + admin
 
 
 OPEN_FILES_RESERVE = 128  # the store, boto3's connection pools, logs, the listeners themselves
