@@ -153,7 +153,11 @@ class Core:
             password = urllib.parse.unquote(parts.password or "")
             credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
             headers["Proxy-Authorization"] = f"Basic {credentials}"
-        return parts.hostname or "", parts.port or 8080, headers
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)  # as urllib
+        except ValueError:  # a port that is no number: say so, not the URL (it may hold a password)
+            raise Unreachable("the proxy setting in the environment has an invalid port") from None
+        return parts.hostname or "", port, headers
 
     def _connect(self, timeout: float) -> tuple[_Connection, str, dict[str, str]]:
         """This thread's connection (reused if fresh enough), the request target and any

@@ -184,7 +184,7 @@ class PoolConfig(_Section):
     heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     max_launch_per_cycle: Annotated[int, Field(ge=1)] = 50
     cycle_interval_s: Annotated[float, Field(gt=0)] = 15.0
-    slots_per_vm: Annotated[int, Field(ge=1)] = 1
+    slots_per_vm: Annotated[int, Field(ge=1, le=1024)] = 1  # the agent API names slots 0-1023
     reconcile_interval_s: Annotated[float, Field(gt=0)] = 300.0
     adaptive_warm: bool = True
     arrival_window_s: Annotated[float, Field(gt=0)] = 600.0

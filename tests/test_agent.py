@@ -726,3 +726,21 @@ async def test_agent_client_goes_through_the_proxy_the_environment_names(
             assert len(proxy.relayed) == 2
     finally:
         proxy.stop()
+
+
+def test_a_proxy_without_a_port_is_reached_on_80_and_a_bad_port_is_a_clear_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As urllib: a proxy URL without a port means 80. A port that is no number must not end
+    the loop's thread with a traceback, nor put the proxy's password in the log."""
+    from contextualisation.agent import Core as AgentClient
+    from contextualisation.agent import Unreachable
+
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", "http://proxy.example")
+    assert AgentClient("http://core.example:8470", None)._proxy() == ("proxy.example", 80, {})
+    monkeypatch.setenv("http_proxy", "http://user:s3cret@proxy.example:abc")
+    with pytest.raises(Unreachable) as refused:
+        AgentClient("http://core.example:8470", None).call("/agent/v1/heartbeat")
+    assert "invalid port" in str(refused.value) and "s3cret" not in str(refused.value)
