@@ -79,6 +79,7 @@ class ConsoleApp(App[None]):
         self._status_at = 0.0
         self._refreshing = False
         self._heartbeats_at = (0.0, 0.0)  # (core time asked from, monotonic time asked)
+        self._resnapshot_pending = False
         self._logged_seq = 0
         self.snapshots = 0  # snapshots taken: one at attach, then one per gap or restart
         self.snapshots_for_gaps = 0
@@ -178,6 +179,7 @@ class ConsoleApp(App[None]):
         panel.seed(flow)
         self._log_events([e for e in backlog["events"] if e["seq"] <= seq])
         self._heartbeats_at = (snap["now"], time.monotonic())
+        self._resnapshot_pending = False
         panel.refresh_flow(snap["now"])
 
     async def _next_events(self) -> bool:
@@ -273,11 +275,13 @@ class ConsoleApp(App[None]):
             self._refreshing = False
 
     async def _refresh_status(self) -> None:
+        if self._resnapshot_pending:
+            return  # what we hold is being replaced: comparing with it would start another
         since, asked = self._heartbeats_at
         if since and time.monotonic() - asked >= self.heartbeat_every_s:
             reply = await self.client.heartbeats(since)
             if reply["started_at"] != self.started_at:
-                self.follow()  # a restarted core: its heartbeats and ours do not compare
+                self._resnapshot()  # a restarted core: its heartbeats and ours do not compare
                 return
             self._heartbeats_at = (reply["now"], time.monotonic())
             self._apply_heartbeats(reply["heartbeats"])
@@ -286,9 +290,15 @@ class ConsoleApp(App[None]):
             self._status_at = time.monotonic()
             status = await self.client.status()
             if status["last_seq"] < self.last_seq:
-                self.follow()  # the core's log went back (a restored state file)
+                self._resnapshot()  # the core's log went back (a restored state file)
                 return
             self._show_status(status)
+
+    def _resnapshot(self) -> None:
+        """Start over from a snapshot, once: each tick that found the mismatch again would
+        cancel the snapshot on its way (at 10,000 VMs it takes more than a tick)."""
+        self._resnapshot_pending = True
+        self.follow()
 
     def _apply_heartbeats(self, beats: dict[str, float]) -> None:
         table = self.query_one(VMTable)

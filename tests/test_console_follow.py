@@ -213,3 +213,61 @@ async def test_console_takes_heartbeat_times_from_the_delta(two_vm_core: Any) ->
             assert app.snapshots == 1
     finally:
         await client.aclose()
+
+
+class RestartingClient(RecordingClient):
+    """After ``restart()`` the core answers as a new process (another ``started_at``), and
+    its snapshots wait for ``snapshot_gate``: a fleet too large to snapshot within a tick."""
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__(socket_path)
+        self.started_offset = 0.0
+        self.snapshot_gate = asyncio.Event()
+        self.snapshot_gate.set()
+        self.snapshot_calls = 0
+
+    def restart(self) -> None:
+        self.started_offset = 1.0
+        self.snapshot_gate.clear()
+
+    async def snapshot(self, jobs: int = 50) -> dict[str, Any]:
+        self.snapshot_calls += 1
+        await self.snapshot_gate.wait()
+        reply = await super().snapshot(jobs)
+        return {**reply, "started_at": reply["started_at"] + self.started_offset}
+
+    async def heartbeats(self, since: float) -> dict[str, Any]:
+        reply = await super().heartbeats(since)
+        return {**reply, "started_at": reply["started_at"] + self.started_offset}
+
+
+async def test_a_restarted_core_gets_one_new_snapshot_however_long_it_takes(
+    two_vm_core: Any,
+) -> None:
+    """Each tick that sees the new ``started_at`` again must not cancel the snapshot on its
+    way and start another: at 10,000 VMs one takes longer than a tick."""
+    client = RestartingClient(str(two_vm_core.admin_socket))
+    try:
+        app = ConsoleApp(client, refresh_s=0.1, catch_signals=False)
+        app.heartbeat_every_s = 0.1
+        async with app.run_test(size=SIZE):
+            await eventually(lambda: len(shown(app)) == 2 and app.snapshots == 1)
+            ticks = [0]
+            refresh_status = app._refresh_status
+
+            async def counted() -> None:
+                ticks[0] += 1
+                await refresh_status()
+
+            app._refresh_status = counted  # type: ignore[method-assign]
+            client.restart()
+            await eventually(lambda: client.snapshot_calls == 2)
+            seen = ticks[0]
+            await eventually(lambda: ticks[0] >= seen + 5)  # ticks pass while it is on its way
+            assert client.snapshot_calls == 2
+            client.snapshot_gate.set()
+            await eventually(lambda: app.snapshots == 2)
+            await eventually(lambda: ticks[0] >= seen + 10)
+            assert client.snapshot_calls == 2 and app.snapshots == 2
+    finally:
+        await client.aclose()
