@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.model import JobState, LaunchState, VMState
+from core.model import EventKind, JobState, LaunchState, VMState
 from core.store import Conflict, NotFound, Store
 
 T0 = 1000.0
@@ -98,9 +98,13 @@ def test_cancelling_one_job_of_a_vm_names_only_it_and_frees_only_its_slot(store:
     store.assign_next_job("i-1", T0, slot=1)
     store.cancel_job(b, T0 + 1)
     assert store.cancelled_on(store.vm("i-1")) == [b]
+    seq = store.last_seq()
     store.finish_job(b, 1, "i-1", -15, "killed", T0 + 2)
     vm = store.vm("i-1")
     assert (vm.state, vm.jobs, store.cancelled_on(vm)) == (VMState.BUSY, {0: a}, [])
+    # The VM stays busy, so no VM event: this one tells followers the slot is free.
+    [freed] = store.events_after(seq)
+    assert (freed.kind, freed.vm_id, freed.job_id) == (EventKind.JOB_CANCELLED, "i-1", b)
 
 
 def test_a_draining_vm_takes_no_job_on_any_slot(store: Store) -> None:

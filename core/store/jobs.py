@@ -292,7 +292,7 @@ class Jobs(VMs):
                         "UPDATE jobs SET exit_code = ?, output_tail = ? WHERE id = ?",
                         (exit_code, output_tail, job_id),
                     )
-                self._release_vm(vm_id, job_id, now)
+                self._release_cancelled(vm_id, job_id, now, "stopped")
                 return self.job(job_id)
             if job.state not in ACTIVE_JOB_STATES:
                 return job
@@ -374,7 +374,20 @@ class Jobs(VMs):
     def release_cancelled(self, vm_id: str, job_id: int, now: float) -> None:
         """A job cancelled before its VM's agent ever received it: its slot is free again."""
         with self._tx():
-            self._release_vm(vm_id, job_id, now)
+            self._release_cancelled(vm_id, job_id, now, "never started")
+
+    def _release_cancelled(self, vm_id: str, job_id: int, now: float, how: str) -> None:
+        """An event names the VM and job even when the VM's state stays (other slots busy):
+        followers of the event stream (the console) learn of the freed slot from it."""
+        if job_id in self.vm(vm_id).jobs.values():
+            self._event(
+                now,
+                EventKind.JOB_CANCELLED,
+                f"{how} on {vm_id}; its slot is free",
+                vm_id=vm_id,
+                job_id=job_id,
+            )
+        self._release_vm(vm_id, job_id, now)
 
     def record_run(
         self,
