@@ -3,7 +3,6 @@ loops holds at most one job, over real HTTP to a real core, and with real agent 
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from alienec2_tui.widgets.vm_table import job_cell
 from core.cli import _vm_jobs
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
+from core.demo import DemoOptions, demo_config
 from core.model import JobState, VMState
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 from tests.test_api import bearer, register
-from tests.test_demo import JOBS, run_demo
 
 SLOTS = 2
 
@@ -258,18 +257,9 @@ def test_the_console_and_cli_show_slots_in_use_only_when_a_vm_has_several() -> N
     assert [_vm_jobs(vm) for vm in (one, four, before_slots)] == ["7", "2/4", "-"]
 
 
-def test_the_headless_demo_with_two_slots_runs_every_job_once_on_both_slots(
-    tmp_path: Path,
-) -> None:
-    workdir = tmp_path / "demo"
-    summary = run_demo(workdir, "--slots", "2", "--max", "4")
-    assert summary["jobs_submitted"] == JOBS
-    assert summary["jobs_done"] + summary["jobs_failed"] == JOBS
-    assert summary["jobs_finished_twice"] == 0
-    assert summary["all_finished"] is True and summary["final_vms"] == 1
-    state = sqlite3.connect(workdir / "state.db")
-    try:
-        slots = {row[0] for row in state.execute("SELECT DISTINCT slot FROM assignments")}
-    finally:
-        state.close()
-    assert slots == {0, 1}
+def test_the_demo_gives_its_pool_the_slots_it_is_asked_for(tmp_path: Path) -> None:
+    """``alienec2 demo --slots N``: the demo's core serves N jobs per VM (the end-to-end
+    test above runs a real agent's two slots at once)."""
+    config = demo_config(tmp_path, "http://a", "http://b", DemoOptions(jobs=1, slots_per_vm=2))
+    assert config.pool.slots_per_vm == 2
+    assert demo_config(tmp_path, "http://a", "http://b", DemoOptions(jobs=1)).pool.slots_per_vm == 1
