@@ -40,7 +40,7 @@ from core.service import PoolService
 from core.store import Store
 from core.systemd import Notifier
 
-FULL_COLLECTION_EVERY = 100  # gen-1 collections per full one (CPython's default: 10)
+FULL_COLLECTION_EVERY = 1000  # gen-1 collections per full one (CPython's default: 10)
 
 log = logging.getLogger("alienec2.core")
 
@@ -293,9 +293,10 @@ async def run_core(config: Config, reload: Callable[[], Config] | None = None) -
     # process: keep it out of every full collection, which the engine's per-cycle snapshot of
     # the fleet triggers (a third of a 10,000-VM cycle otherwise).
     gc.freeze()
-    # A full collection walks every object of every open connection (10,000 sockets: ~450 ms
-    # with the event loop stopped, and it finds nothing to free); every 100th instead of
-    # every 10th gen-1 collection. Cycles that live that long are rare; they wait longer.
+    # A full collection walks every object of every open connection (5,000 sockets: up to
+    # 480 ms with the event loop stopped, and it freed nothing): every 1,000th gen-1
+    # collection instead of every 10th (a few minutes apart under load). Cycles that live
+    # that long are rare; they wait longer (benchmarks/README.md, load.py).
     gen0, gen1, _ = gc.get_threshold()
     gc.set_threshold(gen0, gen1, FULL_COLLECTION_EVERY)
     try:
