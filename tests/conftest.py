@@ -28,6 +28,7 @@ from core.clouds.sandbox import (
 from core.config import Config, parse_config
 from core.daemon import Core, build_engine
 from core.engine import Engine
+from core.model import VMState
 from core.store import Store
 
 os.environ.update(SANDBOX_CREDENTIALS)
@@ -273,3 +274,18 @@ def agents(moto: MotoEC2Server, tmp_path: Path) -> Iterator[Callable[..., AgentP
     yield start
     for agent in started:
         agent.stop()
+
+
+# ---- a core with two idle VMs, each with its real agent (the console's tests) -----------
+
+
+@pytest.fixture
+async def console_core(
+    tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
+) -> Any:
+    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 2})) as core:
+        vm_ids = await wait_for_vms(core, 2)
+        for vm_id in vm_ids:
+            agents(vm_id)
+        await eventually(lambda: all(core.store.vm(v).state == VMState.IDLE for v in vm_ids))
+        yield core

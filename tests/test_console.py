@@ -3,7 +3,6 @@ real agent processes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from alienec2_tui.widgets.vm_table import VMTable
 from core.clouds.sandbox import MotoEC2Server
 from core.model import VMState
 from core.store import Store
-from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
+from tests.conftest import core_config, eventually, running_core
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (120, 40)
@@ -75,18 +74,6 @@ async def console(console_core: Any) -> Any:
         async with app.run_test(size=SIZE) as pilot:
             await eventually(lambda: len(shown_ids(app)) == 2)
             yield app, pilot, console_core, client
-
-
-@pytest.fixture
-async def console_core(
-    tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
-) -> Any:
-    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 2})) as core:
-        vm_ids = await wait_for_vms(core, 2)
-        for vm_id in vm_ids:
-            agents(vm_id)
-        await eventually(lambda: all(core.store.vm(v).state == VMState.IDLE for v in vm_ids))
-        yield core
 
 
 async def test_table_shows_the_vms_the_api_reports(console_core: Any) -> None:

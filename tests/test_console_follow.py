@@ -5,8 +5,6 @@ events with the records they name, and the heartbeat delta."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,23 +14,10 @@ from alienec2_tui.app import ConsoleApp
 from alienec2_tui.client import AdminClient
 from alienec2_tui.widgets.job_table import JobTable
 from alienec2_tui.widgets.vm_table import VMTable
-from core.clouds.sandbox import MotoEC2Server
 from core.model import VMState
-from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
+from tests.conftest import eventually
 
 SIZE = (120, 40)
-
-
-@pytest.fixture
-async def two_vm_core(
-    tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
-) -> Any:
-    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 2})) as core:
-        vm_ids = await wait_for_vms(core, 2)
-        for vm_id in vm_ids:
-            agents(vm_id)
-        await eventually(lambda: all(core.store.vm(v).state == VMState.IDLE for v in vm_ids))
-        yield core
 
 
 class RecordingClient(AdminClient):
@@ -65,8 +50,8 @@ def shown(app: ConsoleApp) -> dict[str, dict[str, Any]]:
 # ---- the admin API a follower uses --------------------------------------------------------
 
 
-async def test_snapshot_carries_the_seq_it_is_consistent_with(two_vm_core: Any) -> None:
-    core = two_vm_core
+async def test_snapshot_carries_the_seq_it_is_consistent_with(console_core: Any) -> None:
+    core = console_core
     async with AdminClient(socket_path=str(core.admin_socket)) as client:
         await client.pause(True)
         job = await client.submit(["true"])
@@ -81,9 +66,9 @@ async def test_snapshot_carries_the_seq_it_is_consistent_with(two_vm_core: Any) 
 
 
 async def test_events_with_records_carry_the_vms_and_jobs_they_name_as_they_are_now(
-    two_vm_core: Any,
+    console_core: Any,
 ) -> None:
-    core = two_vm_core
+    core = console_core
     async with AdminClient(socket_path=str(core.admin_socket)) as client:
         await client.pause(True)
         seq = core.store.last_seq()
@@ -100,15 +85,15 @@ async def test_events_with_records_carry_the_vms_and_jobs_they_name_as_they_are_
         assert "vms" not in plain and "jobs" not in plain
 
 
-async def test_heartbeat_delta_lists_only_vms_heard_from_since(two_vm_core: Any) -> None:
-    async with AdminClient(socket_path=str(two_vm_core.admin_socket)) as client:
+async def test_heartbeat_delta_lists_only_vms_heard_from_since(console_core: Any) -> None:
+    async with AdminClient(socket_path=str(console_core.admin_socket)) as client:
         first = await client.heartbeats(0)
         assert len(first["heartbeats"]) == 2
         assert all(at <= first["now"] for at in first["heartbeats"].values())
         future = await client.heartbeats(first["now"] + 3600)
         assert future["heartbeats"] == {}
         since = first["now"]
-        await eventually(lambda: len(core_heartbeats(two_vm_core, since)) == 2)
+        await eventually(lambda: len(core_heartbeats(console_core, since)) == 2)
         later = await client.heartbeats(since)
         assert later["heartbeats"].keys() == first["heartbeats"].keys()
         assert all(at >= since for at in later["heartbeats"].values())
@@ -129,9 +114,9 @@ def core_heartbeats(core: Any, since: float) -> dict[str, float]:
     ],
 )
 async def test_follower_endpoints_refuse_bad_input_naming_the_field(
-    two_vm_core: Any, path: str, field: str
+    console_core: Any, path: str, field: str
 ) -> None:
-    transport = httpx.AsyncHTTPTransport(uds=str(two_vm_core.admin_socket))
+    transport = httpx.AsyncHTTPTransport(uds=str(console_core.admin_socket))
     async with httpx.AsyncClient(transport=transport, base_url="http://core") as http:
         reply = await http.get(path)
     assert reply.status_code == 422
@@ -141,8 +126,8 @@ async def test_follower_endpoints_refuse_bad_input_naming_the_field(
 # ---- the console follows --------------------------------------------------------------------
 
 
-async def test_console_follows_events_without_reading_the_fleet_again(two_vm_core: Any) -> None:
-    core = two_vm_core
+async def test_console_follows_events_without_reading_the_fleet_again(console_core: Any) -> None:
+    core = console_core
     client = RecordingClient(str(core.admin_socket))
     try:
         app = ConsoleApp(client, refresh_s=0.2, catch_signals=False)
@@ -171,9 +156,9 @@ async def test_console_follows_events_without_reading_the_fleet_again(two_vm_cor
 
 
 async def test_console_takes_a_new_snapshot_after_a_gap_and_shows_no_stale_state(
-    two_vm_core: Any,
+    console_core: Any,
 ) -> None:
-    core = two_vm_core
+    core = console_core
     client = RecordingClient(str(core.admin_socket))
     try:
         app = ConsoleApp(client, refresh_s=0.2, catch_signals=False)
@@ -198,8 +183,8 @@ async def test_console_takes_a_new_snapshot_after_a_gap_and_shows_no_stale_state
         await client.aclose()
 
 
-async def test_console_takes_heartbeat_times_from_the_delta(two_vm_core: Any) -> None:
-    client = RecordingClient(str(two_vm_core.admin_socket))
+async def test_console_takes_heartbeat_times_from_the_delta(console_core: Any) -> None:
+    client = RecordingClient(str(console_core.admin_socket))
     try:
         app = ConsoleApp(client, refresh_s=0.2, catch_signals=False)
         app.heartbeat_every_s = 0.2
@@ -242,11 +227,11 @@ class RestartingClient(RecordingClient):
 
 
 async def test_a_restarted_core_gets_one_new_snapshot_however_long_it_takes(
-    two_vm_core: Any,
+    console_core: Any,
 ) -> None:
     """Each tick that sees the new ``started_at`` again must not cancel the snapshot on its
     way and start another: at 10,000 VMs one takes longer than a tick."""
-    client = RestartingClient(str(two_vm_core.admin_socket))
+    client = RestartingClient(str(console_core.admin_socket))
     try:
         app = ConsoleApp(client, refresh_s=0.1, catch_signals=False)
         app.heartbeat_every_s = 0.1
