@@ -301,13 +301,15 @@ class Jobs(VMs):
             self._release_vm(vm_id, job_id, now)
         return self.job(job_id)
 
-    def _release_vm(self, vm_id: str, job_id: int, now: float) -> None:
-        """The job lets go of its slot; the VM is idle once its last slot is free."""
+    def _release_vm(self, vm_id: str, job_id: int, now: float) -> bool:
+        """The job lets go of its slot (False: it held none); the VM is idle once its last
+        slot is free."""
         vm = self.vm(vm_id)
         if job_id not in vm.jobs.values():
-            return
+            return False
         self._db.execute("UPDATE jobs SET slot = NULL WHERE id = ?", (job_id,))
         self._vm_holds(vm, len(vm.jobs) - 1, now, f"job {job_id} ended", Reason.JOB_ENDED)
+        return True
 
     def _vm_holds(self, vm: VM, used: int, now: float, why: str, reason: Reason) -> None:
         """The VM's state once ``used`` of its slots hold jobs (``model.state_for_slots``)."""
@@ -379,7 +381,7 @@ class Jobs(VMs):
     def _release_cancelled(self, vm_id: str, job_id: int, now: float, how: str) -> None:
         """An event names the VM and job even when the VM's state stays (other slots busy):
         followers of the event stream (the console) learn of the freed slot from it."""
-        if job_id in self.vm(vm_id).jobs.values():
+        if self._release_vm(vm_id, job_id, now):
             self._event(
                 now,
                 EventKind.JOB_CANCELLED,
@@ -387,7 +389,6 @@ class Jobs(VMs):
                 vm_id=vm_id,
                 job_id=job_id,
             )
-        self._release_vm(vm_id, job_id, now)
 
     def record_run(
         self,
