@@ -56,6 +56,7 @@ from core.model import (
 log = logging.getLogger("alienec2.demo")
 
 TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+SETTLED_STATES = (VMState.IDLE, VMState.BUSY, VMState.TERMINATED)  # a demo's end: nothing moving
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,8 +441,10 @@ class Demo:
             return sum(counts[state] for state in TERMINAL) >= self.jobs_task.result()
 
         def settled() -> bool:
+            """Back at min_vms, and every other VM terminated: one interrupted, failed or
+            lost late in the run may still be on its way out."""
             return self.serving_vms() == self.opts.min_vms and not store.vms(
-                [VMState.REQUESTED, VMState.BOOTING]
+                [state for state in VMState if state not in SETTLED_STATES]
             )
 
         timed_out = False

@@ -381,9 +381,15 @@ def test_demo_with_spot_interruptions_finishes_every_job_exactly_once(tmp_path: 
             "GROUP BY job_id"
         ).fetchall()
         assert len(per_job) == JOBS and {n for _, n in per_job} == {1}
+        # Every VM interrupted while jobs ran was terminated. A notice can also reach the
+        # last VM while the demo stops: the stopping core leaves it as it is (instances
+        # outlive a core by design).
+        (last_job_end,) = db.execute(
+            "SELECT MAX(ts) FROM events WHERE kind IN ('job_done', 'job_failed')"
+        ).fetchone()
         interrupted = db.execute(
-            "SELECT DISTINCT vm_id FROM events WHERE kind = 'vm_interrupted'"
+            "SELECT vm_id, MIN(ts) FROM events WHERE kind = 'vm_interrupted' GROUP BY vm_id"
         ).fetchall()
-        for (vm_id,) in interrupted:
+        for vm_id, at in interrupted:
             (state,) = db.execute("SELECT state FROM vms WHERE id = ?", (vm_id,)).fetchone()
-            assert state == "terminated"
+            assert state == "terminated" or at > last_job_end, (vm_id, state)
