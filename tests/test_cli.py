@@ -158,6 +158,7 @@ async def test_vms_jobs_vm_and_job_show_the_pool_and_a_finished_jobs_output(
         assert (code, out.strip()) == (0, "submitted job 1")
         await eventually(lambda: core.store.job(1).state == JobState.DONE, timeout=30)
         await cli(core, "submit", "--", "sleep", "30")  # job 2 still runs while we look
+        await eventually(lambda: core.store.job(2).vm_id == vm_id)
 
         code, out, _ = await cli(core, "vms")
         assert code == 0

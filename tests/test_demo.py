@@ -117,7 +117,9 @@ def test_alien_demo_runs_every_central_job_once_then_shrinks_to_min_within_idle_
     assert len(reaped) == summary["vms_launched"] - 1 and other_ends == (0,)
     emptied = summary["queue_emptied_at"]
     assert isinstance(emptied, float)
-    assert max(reaped) - emptied <= idle_timeout_s + 2 * ALIEN_CYCLE_S
+    # The last no-job JobAgent (a Python process), its report and the cycle's demand command
+    # (another) come after the queue empties: a few cycles of slack on a busy machine.
+    assert max(reaped) - emptied <= idle_timeout_s + 5 * ALIEN_CYCLE_S
     assert processes_mentioning(str(workdir)) == []
 
 
