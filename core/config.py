@@ -275,6 +275,22 @@ class WebConfig(_Section):
         return _networks(values)
 
 
+# Linux keeps a Unix socket's path in 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def socket_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a Unix socket's address, if it cannot: bind() would fail with
+    "AF_UNIX path too long" only when the core starts."""
+    size = len(os.fsencode(path))
+    if size <= MAX_SOCKET_PATH_BYTES:
+        return None
+    return (
+        f"{path} is {size} bytes long; a Unix socket's path holds at most "
+        f"{MAX_SOCKET_PATH_BYTES}: choose a shorter path"
+    )
+
+
 class AdminConfig(_Section):
     """The admin API: a unix socket by default, TCP only with a bearer token."""
 
@@ -288,6 +304,13 @@ class AdminConfig(_Section):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     max_connections: Annotated[int, Field(ge=1)] = 256  # per admin listener
+
+    @field_validator("socket")
+    @classmethod
+    def _fits(cls, value: str) -> str:
+        if problem := socket_path_problem(value):
+            raise ValueError(problem)
+        return value
 
     def resolved_token(self) -> str | None:
         return self.token or os.environ.get(self.token_env) or None
@@ -476,12 +499,13 @@ def resolve_paths(config: Config, base: Path) -> Config:
     file's directory), so a command given ``--config FILE`` works from any directory.
 
     ``contextualisation.ca_file`` is left as written: it names a file on the VM."""
+    socket = _against(base, config.admin.socket) or config.admin.socket
+    if problem := socket_path_problem(socket):
+        raise ConfigError([f"admin.socket: {problem}"])
     return config.model_copy(
         update={
             "state": config.state.model_copy(update={"path": _against(base, config.state.path)}),
-            "admin": config.admin.model_copy(
-                update={"socket": _against(base, config.admin.socket)}
-            ),
+            "admin": config.admin.model_copy(update={"socket": socket}),
             "web": config.web.model_copy(
                 update={
                     "ssl_certfile": _against(base, config.web.ssl_certfile),

@@ -39,7 +39,7 @@ from core.clouds.sandbox import (
     InstanceRunner,
     MotoEC2Server,
 )
-from core.config import Config, parse_config
+from core.config import Config, parse_config, socket_path_problem
 from core.daemon import Core
 from core.model import (
     REAP_REASONS,
@@ -194,9 +194,11 @@ def demo_config(
     second_cloud: str,
     opts: DemoOptions,
     central_url: str | None = None,
+    admin_socket: Path | None = None,
 ) -> Config:
     """Two sandbox clouds (the first preferred, with a small quota) and short timers; with
-    ``central_url`` the AliEn mode's demand command and JobAgent pilots."""
+    ``central_url`` the AliEn mode's demand command and JobAgent pilots. The admin socket is
+    ``workdir/admin.sock`` unless given."""
     cloud = {
         "region": SANDBOX_REGION,
         "image_id": SANDBOX_IMAGE,
@@ -244,7 +246,7 @@ def demo_config(
             "queue": alien["queue"] if alien else {"kind": "builtin", "max_attempts": 3},
             "state": {"path": str(workdir / "state.db"), "synchronous": "normal"},
             "web": {"host": "127.0.0.1", "port": 0},
-            "admin": {"socket": str(workdir / "admin.sock")},
+            "admin": {"socket": str(admin_socket or workdir / "admin.sock")},
             "contextualisation": {
                 "agent_heartbeat_s": 1,
                 "fetch_wait_s": 20,
@@ -333,6 +335,18 @@ class Demo:
         self.log_path = self.workdir / "demo.log"
         self._log_to(self.log_path)
 
+    def _admin_socket(self) -> Path:
+        """``workdir/admin.sock``, or when that path is too long for a Unix socket (a deep
+        TMPDIR or --workdir) the same name in a private directory under /tmp, removed at the
+        end."""
+        socket = self.workdir / "admin.sock"
+        if socket_path_problem(str(socket)) is None:
+            return socket
+        short = Path(tempfile.mkdtemp(prefix="alienec2-demo-", dir="/tmp"))
+        self._cleanup.append(lambda: shutil.rmtree(short, ignore_errors=True))
+        log.info("event=demo_admin_socket path=%s reason=workdir_path_too_long", short)
+        return short / "admin.sock"
+
     def _log_to(self, path: Path) -> None:
         """Every user's demo logs into its own working directory (never a shared file)."""
         handler = logging.FileHandler(path)
@@ -372,6 +386,7 @@ class Demo:
             self.cloud.url,
             self.opts,
             self.central.url if self.central else None,
+            self._admin_socket(),
         )
         self.core = Core(self.config)
         await self.core.start()

@@ -6,10 +6,12 @@ import asyncio
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from core.clouds.sandbox import MotoEC2Server
-from core.config import load_config
+from core.config import MAX_SOCKET_PATH_BYTES, ConfigError, load_config, parse_config
+from core.demo import Demo, DemoOptions
 from tests.conftest import cloud, running_core
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +52,35 @@ def test_example_config_resolves_next_to_itself() -> None:
     config = load_config(ROOT / "config.example.yaml")
     assert config.state.path == str(ROOT / "alienec2-state.db")
     assert config.admin.socket == str(ROOT / "alienec2-admin.sock")
+
+
+def test_a_socket_path_too_long_to_bind_names_admin_socket(tmp_path: Path) -> None:
+    """bind() refuses a Unix socket path of 108 bytes or more: said when the file is read,
+    not as a traceback when the core starts."""
+    deep = tmp_path / ("d" * (MAX_SOCKET_PATH_BYTES - len(str(tmp_path))))
+    path = write_config(tmp_path, "http://127.0.0.1:1", admin={"socket": f"{deep.name}/a.sock"})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    [line] = caught.value.errors
+    assert line.startswith(f"admin.socket: {deep}/a.sock is ")
+    assert f"at most {MAX_SOCKET_PATH_BYTES}" in line
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"clouds": [cloud("c", "http://x")], "admin": {"socket": "/" + "s" * 107}})
+    assert caught.value.errors[0].startswith("admin.socket: ")
+
+
+async def test_a_demo_in_a_deep_workdir_puts_its_socket_in_a_short_private_directory(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / ("w" * MAX_SOCKET_PATH_BYTES)
+    demo = Demo(DemoOptions(jobs=1), workdir)
+    socket = demo._admin_socket()
+    assert socket.name == "admin.sock" and len(str(socket)) <= MAX_SOCKET_PATH_BYTES
+    assert socket.parent.stat().st_mode & 0o777 == 0o700  # private: mkdtemp's mode
+    for undo in reversed(demo._cleanup):
+        undo()
+    assert not socket.parent.exists()
 
 
 async def admin_cli(cwd: Path, *args: str) -> tuple[int, str, str]:
