@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -184,6 +185,51 @@ async def test_idle_vms_are_reaped_down_to_min_after_the_idle_timer(
     live = store.vms([VMState.IDLE])
     assert {vm.id for vm in live} == running_in_cloud(moto.url)
     assert len(store.vms([VMState.TERMINATED])) == 6
+
+
+async def test_a_vm_that_changes_while_the_decision_is_made_off_the_loop_is_left_to_the_next_cycle(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    """The fleet's snapshot is read on another thread: an idle VM that takes a job, or a lost
+    VM that sends a heartbeat, in the meantime is not terminated on the stale view."""
+    config = make_config(
+        tmp_path,
+        [cloud("only", moto.url)],
+        pool={"min_vms": 0, "max_vms": 10, "idle_timeout_s": 600, "heartbeat_timeout_s": 300},
+    )
+    engine = await start_engine(config)
+    store = engine.store
+    submit(store, 3, clock())
+    await step(engine)
+    clock.advance(30)
+    taker, returner, idle = register_all(store, clock())
+    run_all_jobs(store, clock())
+    heartbeat_all(store, clock())
+    clock.advance(601)  # all three idle past the timer; nothing heard for 601 s
+    for vm_id in (taker, idle):
+        engine.liveness.heartbeat(vm_id, clock())
+    decided = engine._still_as_seen
+    job = 0
+
+    def in_between(*args: Any) -> Any:
+        # What agents do after the snapshot was read and before the engine acts on it.
+        nonlocal job
+        [job] = submit(store, 1, clock())
+        assert store.assign_next_job(taker, clock()) is not None
+        engine.liveness.heartbeat(returner, clock())
+        return decided(*args)
+
+    engine._still_as_seen = in_between  # type: ignore[method-assign]
+    actions = await engine.cycle()
+    await engine.settle()
+    assert [(type(a).__name__, getattr(a, "vm_id", None)) for a in actions] == [("Terminate", idle)]
+    assert store.vm(taker).state == VMState.BUSY
+    assert store.job(job).vm_id == taker and store.job(job).attempt == 1
+    assert store.vm(returner).state == VMState.IDLE  # was lost to the snapshot, not now
+    assert store.vm(idle).state == VMState.TERMINATED
 
 
 async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_a_boot(

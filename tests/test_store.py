@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,26 @@ def test_pilot_runs_go_on_while_their_vm_turns_busy_and_end_when_it_stops_servin
     store.transition_vm("i-1", VMState.LOST, T0 + 2, "no heartbeat")
     ended = store.job(run.id)
     assert ended.state == JobState.FAILED and "lost" in (ended.reason or "")
+
+
+def test_a_reader_sees_one_commit_for_the_whole_of_a_read_and_cannot_write(
+    tmp_path: Path,
+) -> None:
+    """The engine reads the fleet on another thread: every read of one snapshot must see the
+    same commit (a launch completed halfway through would be missed or counted twice)."""
+    store = Store(tmp_path / "state.db")
+    reader = store.reader()
+    assert reader is not None
+    store.submit_job(["echo", "1"], 1.0)
+    with reader.one_read():
+        assert reader.job_counts()[JobState.QUEUED] == 1
+        store.submit_job(["echo", "2"], 2.0)  # committed by the writer meanwhile
+        assert reader.job_counts()[JobState.QUEUED] == 1
+        assert reader.submitted_since(0).jobs == 1
+    assert reader.job_counts()[JobState.QUEUED] == 2
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.submit_job(["echo", "3"], 3.0)
+    assert store.job_counts()[JobState.QUEUED] == 2
+    reader.close()
+    store.close()
+    assert Store(":memory:").reader() is None  # no second connection to an in-memory file

@@ -6,6 +6,7 @@ or announced to listeners, so nothing is reported that a crash could still undo.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 from core.model import EventKind, Reason
 
@@ -157,6 +159,35 @@ class Database:
 
     def close(self) -> None:
         self._db.close()
+
+    def reader(self) -> Self | None:
+        """This store on a read-only connection of its own, for reads on another thread than
+        the writer's (WAL: a reader sees committed transactions only, and never blocks the
+        writer). None for an in-memory database, which no second connection can open."""
+        if self.path == ":memory:":
+            return None
+        clone = copy.copy(self)
+        clone._db = sqlite3.connect(
+            f"{Path(self.path).absolute().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        clone._db.row_factory = sqlite3.Row
+        clone._in_tx, clone._pending, clone.listeners = False, [], []
+        return clone
+
+    @contextmanager
+    def one_read(self) -> Iterator[None]:
+        """Several reads that see the same commit: one read transaction."""
+        if self._db.in_transaction:
+            yield  # inside a transaction already: its reads see one state
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
 
     def _check_integrity(self) -> None:
         problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]

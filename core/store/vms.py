@@ -40,34 +40,43 @@ def _vm(row: tuple[Any, ...], jobs: Mapping[int, int]) -> VM:
 
 
 class VMs(Database):
-    def _select_vms(self, where: str, params: Iterable[Any], vm_id: str | None = None) -> list[VM]:
-        """VMs with the jobs their slots hold; ``vm_id``: the one VM ``where`` selects (its
-        held jobs are then read alone)."""
+    def _select_vms(
+        self, where: str, params: Iterable[Any], held: tuple[str, tuple[Any, ...]] = ("", ())
+    ) -> list[VM]:
+        """VMs with the jobs their slots hold; ``held``: a condition on ``vms`` and its
+        parameters that narrows which held jobs are read (those of one VM, of some states)
+        to the VMs ``where`` selects."""
         cursor = self._db.cursor()
         cursor.row_factory = None
-        if vm_id is None:
-            cursor.execute("SELECT vm_id, slot, id FROM jobs WHERE slot IS NOT NULL")
-        else:
-            cursor.execute(
-                "SELECT vm_id, slot, id FROM jobs WHERE vm_id = ? AND slot IS NOT NULL", (vm_id,)
-            )
-        held: dict[str, dict[int, int]] = {}
+        cursor.execute(
+            "SELECT jobs.vm_id, jobs.slot, jobs.id FROM jobs JOIN vms ON vms.id = jobs.vm_id "
+            f"WHERE jobs.slot IS NOT NULL {held[0]}",
+            held[1],
+        )
+        holding: dict[str, dict[int, int]] = {}
         for owner, slot, job_id in cursor:
-            held.setdefault(owner, {})[slot] = job_id
+            holding.setdefault(owner, {})[slot] = job_id
         cursor.execute(f"SELECT {_VM_FIELDS} FROM vms {where}", tuple(params))
-        return [_vm(row, held.get(row[0], _NO_JOBS)) for row in cursor]
+        return [_vm(row, holding.get(row[0], _NO_JOBS)) for row in cursor]
 
     def vm(self, vm_id: str) -> VM:
-        found = self._select_vms("WHERE id = ?", (vm_id,), vm_id)
+        found = self._select_vms("WHERE id = ?", (vm_id,), ("AND jobs.vm_id = ?", (vm_id,)))
         if not found:
             raise NotFound(f"vm {vm_id} not found")
         return found[0]
 
     def vms(self, states: Iterable[VMState] | None = None) -> list[VM]:
         """VMs (in ``states``) by launch time."""
-        wanted = list(VMState if states is None else states)
+        wanted = tuple(VMState if states is None else states)
         marks = ",".join("?" * len(wanted))
-        return self._select_vms(f"WHERE state IN ({marks}) ORDER BY launched_at, id", wanted)
+        return self._select_vms(
+            f"WHERE state IN ({marks}) ORDER BY launched_at, id",
+            wanted,
+            (
+                "" if states is None else f"AND vms.state IN ({marks})",
+                () if states is None else wanted,
+            ),
+        )
 
     def vm_counts(self) -> dict[VMState, int]:
         counts = dict.fromkeys(VMState, 0)
