@@ -857,13 +857,14 @@ class Engine:
         costs = {cloud.name: 0.0 for cloud in self.config.clouds}
         configs = {cloud.name: cloud for cloud in self.config.clouds}
         types: dict[str, str | None] = {}
-        for vm in self.store.vms(ALIVE_STATES):
-            config = configs.get(vm.cloud)
+        for cloud, ids in self.store.ids_by_cloud(ALIVE_STATES).items():
+            config = configs.get(cloud)
             if config is None:
                 continue
-            kind = self._vm_types.get(vm.id, config.types[0])
-            types[vm.id] = kind
-            costs[vm.cloud] += config.price(kind)
+            for vm_id in ids:
+                kind = self._vm_types.get(vm_id, config.types[0])
+                types[vm_id] = kind
+                costs[cloud] += config.price(kind)
         self._vm_types = types  # forget VMs no longer alive
         for cloud, pending in self.store.pending_counts().items():
             if cloud in configs:

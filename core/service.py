@@ -385,9 +385,7 @@ class PoolService:
         """The pool at a glance: what the console's header and `alienec2 status` show."""
         store, now = self.store, self.clock()
         low, high = self.bounds()
-        alive: dict[str, int] = {}
-        for vm in store.vms(ALIVE_STATES):
-            alive[vm.cloud] = alive.get(vm.cloud, 0) + 1
+        alive = {cloud: len(ids) for cloud, ids in store.ids_by_cloud(ALIVE_STATES).items()}
         clouds = []
         details = self.cloud_details()
         for cloud in self.config.clouds:
