@@ -42,8 +42,9 @@ from core.clouds import (
 )
 from core.config import CloudConfig, Config
 from core.liveness import Liveness
-from core.model import ALIVE_STATES, EventKind, Launch, Reason, VMState
+from core.model import ALIVE_STATES, HEARTBEATING_STATES, EventKind, Launch, Reason, VMState
 from core.queues import DemandError, DemandSource
+from core.queues.builtin import BuiltinQueue
 from core.store import NotFound, Store
 from core.userdata import launch_secret
 
@@ -137,7 +138,7 @@ class Engine:
         self._skipped: dict[str, str] = {}  # per cloud: why launches are being skipped
         # Snapshots and decisions off the event loop: the store on a connection of its own,
         # read on one thread of its own (not the cloud calls' pool, which a hung cloud fills).
-        self._reader = store.reader()
+        self._reader: Store | None = None  # opened at the first cycle (close() closes it)
         self._observer = ThreadPoolExecutor(1, thread_name_prefix="alienec2-observe")
 
     # ---- runtime settings (admin overrides, durable) -----------------------------------
@@ -221,10 +222,15 @@ class Engine:
             _, late = await asyncio.wait(tasks, timeout=grace_s)
             for task in late:
                 task.cancel()  # the intent stays pending in the store; the next start finishes it
+        self.close()
+        log.info("event=engine_stopped")
+
+    def close(self) -> None:
+        """Release the observer thread and its connection (an engine that never ran too)."""
         self._observer.shutdown(wait=True)
         if self._reader is not None:
             self._reader.close()
-        log.info("event=engine_stopped")
+            self._reader = None
 
     async def start(self) -> None:
         """Reconcile before the first decision: finish interrupted launches, adopt our tagged
@@ -256,7 +262,11 @@ class Engine:
         for launch in self._pending():
             self._spawn(self._launching, launch.cloud, self._resume_launch(launch))
         try:
-            waiting: int | None = await self.demand.waiting()
+            # The built-in queue's count is read with the snapshot, in the same transaction:
+            # a job taken between the two would be counted waiting beside its busy VM.
+            waiting: int | None = (
+                None if self._counts_with_snapshot() else await self.demand.waiting()
+            )
         except DemandError as exc:
             self.store.record_event(
                 now, EventKind.DEMAND_ERROR, f"{exc}; no scaling change this cycle"
@@ -264,6 +274,8 @@ class Engine:
             waiting = None
         self._count_interruptions(now)
         settings = self.settings()
+        if self._reader is None:
+            self._reader = self.store.reader()
         if self._reader is None:
             actions, decision, _ = self._observe_and_decide(self.store, now, waiting, settings)
         else:
@@ -276,6 +288,9 @@ class Engine:
         self._send_terminations()
         return actions
 
+    def _counts_with_snapshot(self) -> bool:
+        return isinstance(self.demand, BuiltinQueue)
+
     def _observe_and_decide(
         self, store: Store, now: float, waiting: int | None, settings: policy.Settings
     ) -> tuple[list[policy.Action], policy.Decision, dict[str, policy.VMView]]:
@@ -283,42 +298,54 @@ class Engine:
         be missed, or counted twice) and the policy's decision on it."""
         with store.one_read():
             snapshot = self.snapshot(now, store)
+            if self._counts_with_snapshot():
+                waiting = store.queued_count()
         actions, decision = policy.explain(snapshot, waiting, now, settings)
         return actions, decision, {vm.id: vm for vm in snapshot.vms}
 
     def _still_as_seen(
         self, actions: list[policy.Action], seen: Mapping[str, policy.VMView]
     ) -> list[policy.Action]:
-        """The actions whose VM is as the snapshot showed it. Between the snapshot and now an
-        agent may have taken a job (its idle VM must not be terminated under it), registered
-        or sent a heartbeat (a lost VM is not lost); such a VM waits for the next cycle."""
-        kept = []
+        """The actions still valid now. Between the snapshot and now an agent may have taken a
+        job (its idle VM must not be terminated under it), registered or sent a heartbeat (a
+        lost VM is not lost): such a VM waits for the next cycle. A deferred Fail or Lose
+        holds back the cycle's launches too, which may have counted its replacement."""
+        kept: list[policy.Action] = []
+        health_deferred = False
         for action in actions:
-            vm_id = getattr(action, "vm_id", None)
-            view = seen.get(vm_id) if vm_id is not None else None
-            if view is not None:
-                try:
-                    vm = self.store.vm(view.id)
-                except NotFound:
-                    continue
-                now_seen = (
-                    vm.state,
-                    vm.idle_since,
-                    len(vm.jobs) or int(vm.pilot_busy),
-                    vm.kill_requested,
-                    self.liveness.last_heartbeat(vm.id, vm.last_heartbeat),
-                )
-                then_seen = (view.state, view.idle_since, view.jobs, view.kill_requested)
-                heartbeat_moved = now_seen[4] is not None and (
-                    view.last_heartbeat is None or now_seen[4] > view.last_heartbeat
-                )
-                if now_seen[:4] != then_seen or (
-                    isinstance(action, policy.Lose) and heartbeat_moved
-                ):
-                    log.info("event=action_deferred vm=%s action=%s", vm_id, type(action).__name__)
-                    continue
+            view = seen.get(getattr(action, "vm_id", ""))
+            if view is not None and self._changed_since(action, view):
+                log.info("event=action_deferred vm=%s action=%s", view.id, type(action).__name__)
+                health_deferred |= isinstance(action, (policy.Fail, policy.Lose))
+                continue
             kept.append(action)
+        if health_deferred:
+            kept = [action for action in kept if not isinstance(action, policy.Launch)]
         return kept
+
+    def _changed_since(self, action: policy.Action, view: policy.VMView) -> bool:
+        """Whether what ``action`` was decided on has changed since ``view`` was read: the
+        VM's state, always; for a Lose, a heartbeat since; for terminating a VM that serves
+        and nobody asked to kill (idle, above max, outdated, too old), its jobs or idle time."""
+        try:
+            vm = self.store.vm(view.id)
+        except NotFound:
+            return True
+        if vm.state != view.state:
+            return True
+        if isinstance(action, policy.Lose):
+            heard = self.liveness.last_heartbeat(vm.id, vm.last_heartbeat)
+            return heard is not None and (
+                view.last_heartbeat is None or heard > view.last_heartbeat
+            )
+        if (
+            isinstance(action, policy.Terminate)
+            and vm.state in HEARTBEATING_STATES
+            and not view.kill_requested
+        ):
+            jobs = len(vm.jobs) or int(vm.pilot_busy)
+            return (vm.idle_since, jobs) != (view.idle_since, view.jobs)
+        return False
 
     async def settle(self) -> None:
         """Wait until no cloud call is in flight (tests and shutdown)."""

@@ -136,15 +136,18 @@ async def start_engine_on(tmp_path: Path, clock: ManualClock) -> AsyncIterator[S
     """Start engines on the test's clock from a list of clouds (and config sections); each
     store opened is closed afterwards."""
     stores: list[Store] = []
+    engines: list[Engine] = []
 
     async def start(clouds: list[dict[str, Any]], **sections: Any) -> Engine:
         config = make_config(tmp_path, clouds, **sections)
         stores.append(Store(config.state.path))
-        engine = build_engine(config, stores[-1], clock)
-        await engine.start()
-        return engine
+        engines.append(build_engine(config, stores[-1], clock))
+        await engines[-1].start()
+        return engines[-1]
 
     yield start
+    for engine in engines:
+        engine.close()  # its observer thread and read-only connection
     for store in stores:
         store.close()
 

@@ -20,6 +20,7 @@ import boto3
 import pytest
 import yaml
 
+from core import policy
 from core.clouds import TAG_CLOUD, TAG_CORE, TAG_LAUNCH, TAG_POOL
 from core.clouds.sandbox import SANDBOX_IMAGE, SANDBOX_REGION, FaultyEndpoint, MotoEC2Server
 from core.config import Config
@@ -100,15 +101,18 @@ def open_store() -> Iterator[Callable[[Config], Store]]:
 @pytest.fixture
 def start_engine(
     clock: ManualClock, open_store: Callable[[Config], Store]
-) -> Callable[[Config], Awaitable[Engine]]:
+) -> Iterator[Callable[[Config], Awaitable[Engine]]]:
     """Start an engine (store, providers, start-up reconcile) on the test's clock."""
+    engines: list[Engine] = []
 
     async def start(config: Config) -> Engine:
-        engine = build_engine(config, open_store(config), clock)
-        await engine.start()
-        return engine
+        engines.append(build_engine(config, open_store(config), clock))
+        await engines[-1].start()
+        return engines[-1]
 
-    return start
+    yield start
+    for engine in engines:
+        engine.close()  # its observer thread and read-only connection
 
 
 @pytest.fixture
@@ -230,6 +234,91 @@ async def test_a_vm_that_changes_while_the_decision_is_made_off_the_loop_is_left
     assert store.job(job).vm_id == taker and store.job(job).attempt == 1
     assert store.vm(returner).state == VMState.IDLE  # was lost to the snapshot, not now
     assert store.vm(idle).state == VMState.TERMINATED
+
+
+async def one_vm(engine: Engine, clock: ManualClock, busy: bool) -> tuple[str, int]:
+    """One registered VM, and the job it was launched for (held if ``busy``, else done)."""
+    [job] = submit(engine.store, 1, clock())
+    await step(engine)
+    clock.advance(30)
+    [vm_id] = register_all(engine.store, clock())
+    assert engine.store.assign_next_job(vm_id, clock()) is not None
+    if not busy:
+        engine.store.finish_job(job, 1, vm_id, 0, "ok", clock())
+    heartbeat_all(engine.store, clock())
+    return vm_id, job
+
+
+async def test_a_lost_vm_heard_from_while_the_decision_is_made_is_kept_and_not_replaced(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    config = make_config(
+        tmp_path, [cloud("only", moto.url)], pool={"min_vms": 1, "heartbeat_timeout_s": 300}
+    )
+    engine = await start_engine(config)
+    vm_id, _ = await one_vm(engine, clock, busy=False)
+    clock.advance(301)  # silent past the timeout: lost, and min_vms wants a replacement
+    decided = engine._still_as_seen
+
+    def heard_meanwhile(*args: Any) -> Any:
+        engine.liveness.heartbeat(vm_id, clock())
+        return decided(*args)
+
+    engine._still_as_seen = heard_meanwhile  # type: ignore[method-assign]
+    assert await engine.cycle() == []  # neither lost nor replaced
+    await engine.settle()
+    assert engine.store.vm(vm_id).state == VMState.IDLE
+    assert len(running_in_cloud(moto.url)) == 1
+
+
+async def test_the_queue_is_counted_in_the_snapshots_read_so_a_job_taken_meanwhile_launches_nothing(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
+    vm_id, _ = await one_vm(engine, clock, busy=False)
+    submit(engine.store, 1, clock())  # one job waiting, one idle VM for it
+    read = engine.snapshot
+
+    def taken_first(*args: Any) -> Any:
+        # The VM's agent takes the job just as the engine starts to read.
+        assert engine.store.assign_next_job(vm_id, clock()) is not None
+        return read(*args)
+
+    engine.snapshot = taken_first  # type: ignore[method-assign]
+    actions = await engine.cycle()
+    assert not [a for a in actions if isinstance(a, policy.Launch)]
+    assert engine.decisions[-1].waiting == 0
+
+
+async def test_the_snapshot_is_one_commit_so_a_job_ended_and_another_added_meanwhile_launch_nothing(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
+    vm_id, job = await one_vm(engine, clock, busy=True)
+    reader = engine.store.reader()
+    assert reader is not None
+    engine._reader = reader
+    count = reader.queued_count
+
+    def after_the_fleet_was_read() -> int:
+        # Between the snapshot's reads: the busy VM's job ends and another arrives. Read as
+        # one commit, the VM is busy and nothing waits (or idle with one waiting): no launch.
+        engine.store.finish_job(job, 1, vm_id, 0, "ok", clock())
+        submit(engine.store, 1, clock())
+        return count()
+
+    reader.queued_count = after_the_fleet_was_read  # type: ignore[method-assign]
+    actions = await engine.cycle()
+    assert not [a for a in actions if isinstance(a, policy.Launch)]
 
 
 async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_a_boot(
