@@ -20,8 +20,9 @@ import boto3
 import pytest
 import yaml
 
+from core import engine as engine_module
 from core import policy
-from core.clouds import TAG_CLOUD, TAG_CORE, TAG_LAUNCH, TAG_POOL
+from core.clouds import TAG_CLOUD, TAG_CORE, TAG_LAUNCH, TAG_POOL, Instance, InstanceState
 from core.clouds.sandbox import SANDBOX_IMAGE, SANDBOX_REGION, FaultyEndpoint, MotoEC2Server
 from core.config import Config
 from core.daemon import build_engine
@@ -272,6 +273,39 @@ async def test_a_lost_vm_heard_from_while_the_decision_is_made_is_kept_and_not_r
     await engine.settle()
     assert engine.store.vm(vm_id).state == VMState.IDLE
     assert len(running_in_cloud(moto.url)) == 1
+
+
+async def test_a_large_cloud_answer_is_applied_a_batch_at_a_time_between_agents_requests(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "APPLY_BATCH", 2)
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
+    submit(engine.store, 5, clock())
+    await engine.cycle()  # five VMs requested; their launch is still in flight
+    await engine.settle()
+    ids = [vm.id for vm in engine.store.vms([VMState.REQUESTED])]
+    assert len(ids) == 5
+    order: list[str] = []
+    engine.store.listeners.append(lambda kinds: order.extend(kinds))
+
+    async def other_work() -> None:
+        for _ in range(3):
+            order.append("turn")
+            await asyncio.sleep(0)
+
+    running = [Instance(vm_id, InstanceState.RUNNING, "10.0.0.9") for vm_id in ids]
+    await asyncio.gather(engine._apply_instance_states(running, clock()), other_work())
+    booted = "vm_booting"
+    assert order[:6] == [booted, booted, "turn", booted, booted, "turn"]  # two, then the loop
+    assert {vm.state for vm in engine.store.vms([VMState.BOOTING])} == {VMState.BOOTING}
+    assert len(engine.store.vms([VMState.BOOTING])) == 5
+    before = engine.store.last_seq()
+    await engine._apply_instance_states(running, clock())  # nothing changed: nothing written
+    assert engine.store.last_seq() == before
 
 
 async def test_the_queue_is_counted_in_the_snapshots_read_so_a_job_taken_meanwhile_launches_nothing(
