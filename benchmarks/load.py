@@ -1,6 +1,6 @@
 """Agent API under a real site's load: the most agents one core serves with probe p99 < 50 ms.
 
-    .venv/bin/python benchmarks/load.py [--steps 1000 2500 5000 10000] [--seconds 30]
+    .venv/bin/python benchmarks/load.py [--steps 1000 2500 5000 10000] [--seconds 30] [--repeat 3]
 
 Each step starts a core whose fleet is N VMs (plus one for the probe) in moto, and registers N
 agents through the real agent API (the launch secret read from each launch's user data). The
@@ -462,23 +462,32 @@ async def measure(args: argparse.Namespace) -> None:
     )
     rows = []
     for count in args.steps:
-        row = await one_step(
-            count, args.seconds, args.warmup, args.generators, args.jobs_per_s, pin, args.close
-        )
-        rows.append(row)
-        print(
-            f"{row['agents']:>7} {row['probe_p50_ms']:>7.1f}ms {row['probe_p99_ms']:>7.1f}ms"
-            f" {row['agent_p99_ms']:>7.1f}ms {row['rps']:>11.0f} {row['cpu']:>7.0%}"
-            f" {row['cpu_ms_per_request']:>6.2f}ms"
-            f" {row['rss_mb']:>7.0f} {row['sockets']:>7} {row['jobs']:>6} {row['lost']:>4}"
-            f" {row['twice']:>5} {row['errors']:>6} {row['set_up_s']:>5.0f}s",
-            flush=True,
-        )
-        if row["probe_p99_ms"] >= 50 and not args.all:
+        for _ in range(args.repeat):
+            row = await one_step(
+                count, args.seconds, args.warmup, args.generators, args.jobs_per_s, pin, args.close
+            )
+            rows.append(row)
+            print(
+                f"{row['agents']:>7} {row['probe_p50_ms']:>7.1f}ms {row['probe_p99_ms']:>7.1f}ms"
+                f" {row['agent_p99_ms']:>7.1f}ms {row['rps']:>11.0f} {row['cpu']:>7.0%}"
+                f" {row['cpu_ms_per_request']:>6.2f}ms"
+                f" {row['rss_mb']:>7.0f} {row['sockets']:>7} {row['jobs']:>6} {row['lost']:>4}"
+                f" {row['twice']:>5} {row['errors']:>6} {row['set_up_s']:>5.0f}s",
+                flush=True,
+            )
+        if not _held(rows, count) and not args.all:
             break  # the next, larger step would only take longer to fail
-    passing = [r for r in rows if r["probe_p99_ms"] < 50 and r["lost"] == 0 and r["twice"] == 0]
-    best = max((r["agents"] for r in passing), default=0)
+    best = max((count for count in args.steps if _held(rows, count)), default=0)
     print(f"largest N with probe p99 < 50 ms: {best}")
+
+
+def _held(rows: list[dict[str, Any]], count: int) -> bool:
+    """A step holds if every run of it (``--repeat``) kept probe p99 under 50 ms and lost no
+    job: on a shared machine one good run of several is luck, not capacity."""
+    runs = [r for r in rows if r["agents"] == count]
+    return bool(runs) and all(
+        r["probe_p99_ms"] < 50 and r["lost"] == 0 and r["twice"] == 0 for r in runs
+    )
 
 
 def main() -> None:
@@ -505,6 +514,12 @@ def main() -> None:
     parser.add_argument("--jobs-per-s", type=float, default=20.0)
     parser.add_argument(
         "--all", action="store_true", help="run every step, even after a failing one"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per step; a step holds only if every run does (p99 varies run to run)",
     )
     parser.add_argument(
         "--close",
