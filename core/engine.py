@@ -23,7 +23,7 @@ import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -462,10 +462,8 @@ class Engine:
         await self._apply_instance_states(found, self.clock())
 
     async def _apply_instance_states(self, instances: list[Instance], now: float) -> None:
-        for done, instance in enumerate(instances, 1):
+        async for instance in _a_batch_at_a_time(instances):
             self._apply_instance_state(instance, now)
-            if done % APPLY_BATCH == 0:
-                await asyncio.sleep(0)  # let agents' requests in (each instance is its own write)
 
     def _apply_instance_state(self, instance: Instance, now: float) -> None:
         vm = self.store.vm(instance.id)
@@ -497,9 +495,7 @@ class Engine:
         alive = {vm.id: vm for vm in self.store.vms(ALIVE_STATES) if vm.cloud == cloud}
         seen: set[str] = set()
         zombies: list[str] = []
-        for done, instance in enumerate(listed, 1):
-            if done % APPLY_BATCH == 0:
-                await asyncio.sleep(0)  # a listing of thousands, applied a batch at a time
+        async for instance in _a_batch_at_a_time(listed):
             seen.add(instance.id)
             if instance.id in alive:
                 self._apply_instance_state(instance, now)
@@ -984,6 +980,15 @@ class Engine:
             for slot in (self._launching, self._terminating, self._describing, self._reconciling)
             for task in slot.values()
         ]
+
+
+async def _a_batch_at_a_time(instances: list[Instance]) -> AsyncIterator[Instance]:
+    """A cloud's answer one instance at a time, with a turn of the event loop after every
+    APPLY_BATCH of them: each is its own write, and agents' requests must not wait for all."""
+    for done, instance in enumerate(instances, 1):
+        yield instance
+        if done % APPLY_BATCH == 0:
+            await asyncio.sleep(0)
 
 
 def _with_grace(seen: float | None, launched_at: float, started: float | None) -> float:
