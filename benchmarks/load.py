@@ -187,7 +187,9 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def work(self, spread_s: float) -> None:
-        await asyncio.sleep(self.rng.uniform(0, spread_s))  # no herd of N fetches at once
+        # A fleet in steady state: first polls spread over a whole wait (--poll-spread 20), as
+        # the heartbeats over a period; a restart's herd: all within a few seconds.
+        await asyncio.sleep(self.rng.uniform(0, spread_s))
         while True:
             try:
                 status, reply = await self.fetch.request(
@@ -353,6 +355,7 @@ async def one_step(
     rate: float,
     pin: bool,
     close: bool = False,
+    poll_spread_s: float = WAIT_S,
 ) -> dict[str, Any]:
     set_up = time.monotonic()
     core = CoreProcess(
@@ -376,7 +379,7 @@ async def one_step(
                         "port": core.port,
                         "tokens": part,
                         "first": g * share,
-                        "spread_s": 5.0,
+                        "spread_s": poll_spread_s,
                         "close": close,
                     },
                     pin,
@@ -454,6 +457,7 @@ async def measure(args: argparse.Namespace) -> None:
         f"load average {os.getloadavg()[0]:.2f}; core on CPUs {sorted(CORE_CPUS) if pin else 'any'}"
         f", generators ({args.generators}), probe and moto on {sorted(LOAD_CPUS) if pin else 'any'}"
         f"; {'a connection per request' if args.close else 'a kept-alive connection per loop'}"
+        f"; first polls over {args.poll_spread:g} s"
     )
     print(
         f"{'agents':>7} {'probe p50':>9} {'probe p99':>9} {'agent p99':>9} {'short req/s':>11}"
@@ -464,7 +468,14 @@ async def measure(args: argparse.Namespace) -> None:
     for count in args.steps:
         for _ in range(args.repeat):
             row = await one_step(
-                count, args.seconds, args.warmup, args.generators, args.jobs_per_s, pin, args.close
+                count,
+                args.seconds,
+                args.warmup,
+                args.generators,
+                args.jobs_per_s,
+                pin,
+                args.close,
+                args.poll_spread,
             )
             rows.append(row)
             print(
@@ -525,6 +536,13 @@ def main() -> None:
         "--close",
         action="store_true",
         help="a new connection per request (the agent before keep-alive) instead of one per loop",
+    )
+    parser.add_argument(
+        "--poll-spread",
+        type=float,
+        default=WAIT_S,
+        help=f"seconds over which the agents' first long polls begin (default {WAIT_S}: a fleet"
+        " in steady state; 5: a herd, as after a core restart)",
     )
     parser.add_argument(
         "--pin", action="store_true", help="core on CPU 0, everything else on CPU 1 (taskset)"

@@ -18,7 +18,7 @@ from starlette.types import Scope
 from core.api.access import client_address, forwarded_for, is_allowed, networks
 from core.api.errors import install_error_handlers
 from core.api.fields import INT64_MAX, Identifier, Int64, Secret, StoredText
-from core.api.longpoll import Changes
+from core.api.longpoll import Changes, poll_deadline
 from core.config import WebConfig
 from core.model import VM, Job
 from core.service import PoolService, Unauthorized, action_for
@@ -141,9 +141,10 @@ def create_agent_app(service: PoolService, changes: Changes, heartbeat_s: float)
         slot: Annotated[int, Query(ge=0, le=1023)] = 0,
     ) -> dict[str, Any]:
         """The job of the agent's fetch loop ``slot`` (0 to pool.slots_per_vm - 1): the one
-        it holds, or the oldest queued job, waiting up to ``wait`` seconds for one."""
+        it holds, or the oldest queued job, waiting up to ``wait`` seconds for one (an empty
+        poll ends within the wait's last quarter: ``longpoll.poll_deadline``)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        deadline = poll_deadline(loop.time(), wait)
         woken = False
         while True:
             fetch = service.next_job(vm.id, slot)

@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections import Counter, deque
+from collections.abc import Callable
 
 from core.model import EventKind
 from core.store import Store
 
 JOB_READY_KINDS = (EventKind.JOB_QUEUED, EventKind.JOB_REQUEUED)
+POLL_END_SPREAD = 0.25  # an empty job poll ends within the last quarter of its wait
+
+
+def poll_deadline(now: float, wait: float, draw: Callable[[], float] = random.random) -> float:
+    """When a job poll that finds nothing ends: at a random moment of its wait's last quarter.
+
+    Polls parked together come back together, every ``wait`` seconds, for ever: after a core
+    restart or a network blip a whole fleet re-polls in the same seconds, and each wave parks
+    it together again. Measured (benchmarks/load.py) at 5,000 agents whose polls began within
+    5 s: every 20 s a wave of ~1,000 polls a second, and the probe's p99 over 50 ms in it. A
+    random end widens such a wave by a quarter of the wait each period until it covers the
+    whole wait; the price is ~14% more polls (a mean of 7/8 of the wait)."""
+    return now + wait * (1 - POLL_END_SPREAD * draw())
 
 
 class Signal:
