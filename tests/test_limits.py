@@ -28,9 +28,11 @@ import pytest
 from contextualisation.agent import Core as AgentClient
 from core.api.access import client_address, forwarded_for, networks
 from core.api.limits import (
+    OPEN_FILES_RESERVE,
     ConnectionLimits,
     agent_max_connections,
     body_limit,
+    listeners_capacity,
     open_files_warning,
     throttle_accept_errors,
 )
@@ -290,6 +292,22 @@ def test_default_cap_is_a_connection_per_agent_loop_per_vm_plus_headroom(tmp_pat
     assert agent_max_connections(slots) == 5 * 500 + 256  # a heartbeat and 4 long polls
     pinned = core_config(tmp_path, "http://127.0.0.1:9", web={"max_connections": 300})
     assert agent_max_connections(pinned) == 300
+
+
+def test_the_default_cap_stays_within_the_open_files_limit_and_says_so(tmp_path: Path) -> None:
+    """Past RLIMIT_NOFILE accept() fails and asyncio stops accepting for a second: the agent
+    API's cap stays below it (a newcomer displaces an idle connection), and the start-up
+    warning still tells the admin to raise the limit."""
+    config = core_config(tmp_path, "http://127.0.0.1:9", pool={"max_vms": 10_000})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    try:
+        room = 4096 - OPEN_FILES_RESERVE - config.admin.max_connections
+        assert agent_max_connections(config) == room < 2 * 10_000
+        warning = open_files_warning(listeners_capacity(config))
+        assert warning is not None and "LimitNOFILE" in warning
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_caps_above_the_open_file_limit_are_warned_about() -> None:

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import re
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -311,12 +312,28 @@ async def _too_large(limit: int, send: Send) -> None:
 # ---- per listener and process-wide ------------------------------------------------------------
 
 
-def agent_max_connections(config: Config, max_vms: int = 0) -> int:
+def agent_connections_wanted(config: Config, max_vms: int = 0) -> int:
     """``web.max_connections``, or one per agent loop (the heartbeat and each slot's long
     poll: each keeps its connection open) of every VM, and headroom. ``max_vms``: the bound
     in force when a resize raised it above the configured one."""
     per_vm = 1 + config.pool.slots_per_vm
     return config.web.max_connections or per_vm * max(config.pool.max_vms, max_vms) + 256
+
+
+def agent_max_connections(config: Config, max_vms: int = 0) -> int:
+    """The agent API's cap: the connections wanted, but no more than the open-files limit
+    holds. Past that limit accept() fails (EMFILE) and asyncio stops accepting for a second,
+    every newcomer waiting; at the cap a newcomer displaces an idle connection instead (a
+    heartbeat's, reopened at its next beat)."""
+    return min(agent_connections_wanted(config, max_vms), open_files_room(config))
+
+
+def open_files_room(config: Config) -> int:
+    """Connections the agent API can hold beside the admin listeners and the reserve."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    return max(MIN_AGENT_CONNECTIONS, soft - OPEN_FILES_RESERVE - admin_connections(config))
 
 
 def agent_limits(config: Config, max_vms: int = 0) -> ConnectionLimits:
@@ -347,13 +364,19 @@ def admin_limits(config: Config, name: str = "admin") -> ConnectionLimits:
     )
 
 
+def admin_connections(config: Config) -> int:
+    """Connections the admin listeners (the socket, and TCP if enabled) may hold at once."""
+    return config.admin.max_connections * (2 if config.admin.tcp_host else 1)
+
+
 def listeners_capacity(config: Config, max_vms: int = 0) -> int:
-    """Connections all listeners may hold at once: the agent API, the admin socket, admin TCP."""
-    admin = config.admin.max_connections * (2 if config.admin.tcp_host else 1)
-    return agent_max_connections(config, max_vms) + admin
+    """Connections all listeners would hold at once, the open-files limit aside: the agent
+    API, the admin socket, admin TCP."""
+    return agent_connections_wanted(config, max_vms) + admin_connections(config)
 
 
 OPEN_FILES_RESERVE = 128  # the store, boto3's connection pools, logs, the listeners themselves
+MIN_AGENT_CONNECTIONS = 64  # the agent API's cap, however low the open-files limit
 MIN_ACCEPT_BATCH, MAX_ACCEPT_BATCH = 16, 2048
 
 
@@ -364,8 +387,9 @@ def open_files_warning(connections: int) -> str | None:
         return None
     return (
         f"listeners may hold {connections} connections but RLIMIT_NOFILE is {soft} "
-        f"({OPEN_FILES_RESERVE} more are needed for the rest): raise LimitNOFILE in the "
-        "systemd unit or lower web.max_connections / admin.max_connections"
+        f"({OPEN_FILES_RESERVE} more are needed for the rest), so the agent API holds fewer "
+        "and closes idle ones (heartbeats reconnect): raise LimitNOFILE in the systemd unit "
+        "or lower web.max_connections / admin.max_connections"
     )
 
 
