@@ -1,0 +1,118 @@
+"""Heartbeats and polls through ``HotPaths`` answer exactly as the routes do, whatever comes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core.api.agent import HotPaths, create_agent_app
+from core.clouds.sandbox import MotoEC2Server
+from core.daemon import Core
+from tests.conftest import core_config, running_core, wait_for_vms
+from tests.test_api import register
+
+JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
+
+
+class Delegated:
+    """Counts the requests the hot paths hand on to the routes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.count = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.count += 1
+        await self.app(scope, receive, send)
+
+
+def hot_paths_of(core: Core) -> HotPaths:
+    layer: Any = core._servers[0].config.app  # the listener's RequestGate
+    while not isinstance(layer, HotPaths):
+        layer = layer.middleware_stack if hasattr(layer, "middleware_stack") else layer.app
+    return layer
+
+
+@pytest.fixture
+async def core(tmp_path: Path, moto: MotoEC2Server) -> Any:
+    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 1})) as running:
+        yield running
+
+
+def requests(token: str) -> list[tuple[str, dict[str, Any], bool]]:
+    """(path, httpx arguments, taken by the hot paths)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    beat, poll = "/agent/v1/heartbeat", "/agent/v1/jobs/next"
+    return [
+        (beat, {"json": {"busy": False}, "headers": auth}, True),
+        (beat, {"json": {"busy": False, "running": []}, "headers": auth}, True),
+        (beat, {"content": b'{ "busy" : false }', "headers": {**auth, **JSON}}, True),
+        (poll, {"params": {"wait": 0}, "headers": auth}, True),
+        (poll, {"params": {"wait": "0.05", "slot": 0}, "headers": auth}, True),
+        (poll, {"headers": auth}, True),
+        # Left to the routes: what the hot paths do not take as it is.
+        (beat, {"json": {"busy": False}}, False),
+        (beat, {"json": {"busy": False}, "headers": {"Authorization": "Bearer nope"}}, False),
+        (beat, {"json": {"busy": False}, "headers": {"Authorization": token}}, False),
+        (beat, {"json": {"busy": "yes"}, "headers": auth}, False),
+        (beat, {"json": {"busy": False, "extra": 1}, "headers": auth}, False),
+        (beat, {"json": {"running": [0]}, "headers": auth}, False),
+        (beat, {"json": {"running": [True]}, "headers": auth}, False),
+        (beat, {"json": {"running": [2**63]}, "headers": auth}, False),
+        (beat, {"json": {"running": list(range(1, 1026))}, "headers": auth}, False),
+        (beat, {"json": None, "headers": auth}, False),
+        (beat, {"json": [], "headers": auth}, False),
+        (beat, {"content": b"{not json", "headers": {**auth, **JSON}}, False),
+        (beat, {"content": b'{"busy": NaN}', "headers": {**auth, **JSON}}, False),
+        (beat, {"content": b"\xff\xfe", "headers": {**auth, **JSON}}, False),
+        (beat, {"content": b"[" * 5000 + b"]" * 5000, "headers": {**auth, **JSON}}, False),
+        (beat, {"content": b"", "headers": auth}, False),
+        (
+            beat,
+            {"content": b'{"busy": true}', "headers": {**auth, "Content-Type": "text/plain"}},
+            False,
+        ),
+        (beat, {"json": {"busy": False}, "headers": [*auth.items(), *auth.items()]}, False),
+        (poll, {"params": {"wait": 61}, "headers": auth}, False),
+        (poll, {"params": {"wait": "abc"}, "headers": auth}, False),
+        (poll, {"params": {"wait": "1e-2"}, "headers": auth}, False),
+        (poll, {"params": {"slot": 1}, "headers": auth}, False),
+        (poll, {"params": {"slot": -1}, "headers": auth}, False),
+        (poll, {"params": {"slot": "00", "wait": "00"}, "headers": auth}, False),
+        (poll, {"params": {"other": 1}, "headers": auth}, False),
+        (poll, {"params": [("wait", 0), ("wait", 0)], "headers": auth}, False),
+        (poll, {"headers": {"Authorization": "Basic x"}}, False),
+    ]
+
+
+async def test_hot_paths_answer_every_request_as_the_routes_do(
+    core: Core, moto: MotoEC2Server
+) -> None:
+    [vm_id] = await wait_for_vms(core, 1)
+    routes_only = create_agent_app(core.service, core.changes, 30.0, hot_paths=False)
+    async with (
+        httpx.AsyncClient(base_url=core.agent_url, timeout=20) as served,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=routes_only), base_url="http://core"
+        ) as routes,
+    ):
+        token = await register(served, moto.url, vm_id)
+        await served.post("/agent/v1/heartbeat", json={}, headers={"Authorization": "x"})
+        hot = hot_paths_of(core)
+        hot.app = delegated = Delegated(hot.app)
+        for path, arguments, taken in requests(token):
+            before = delegated.count
+            hot_reply = await served.post(path, **arguments)
+            route_reply = await routes.post(path, **arguments)
+            what = f"{path} {arguments}"
+            assert (hot_reply.status_code, hot_reply.json()) == (
+                route_reply.status_code,
+                route_reply.json(),
+            ), what
+            assert hot_reply.headers["content-type"] == route_reply.headers["content-type"], what
+            assert (delegated.count == before) == taken, what
