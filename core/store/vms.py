@@ -165,9 +165,10 @@ class VMs(Database):
 
     def vm_by_token(self, token_hash: str) -> VM | None:
         """The VM that holds this token, while it has not left."""
-        row = self._db.execute("SELECT id FROM vms WHERE token_hash = ?", (token_hash,)).fetchone()
-        vm = self.vm(row[0]) if row else None
-        return None if vm is None or vm.state in TOKEN_REVOKED_STATES else vm
+        found = self._select_vms(
+            "WHERE token_hash = ?", (token_hash,), ("AND vms.token_hash = ?", (token_hash,))
+        )
+        return found[0] if found and found[0].state not in TOKEN_REVOKED_STATES else None
 
     def has_token(self, vm_id: str) -> bool:
         row = self._db.execute("SELECT token_hash FROM vms WHERE id = ?", (vm_id,)).fetchone()
