@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -55,6 +56,9 @@ Clock = Callable[[], float]
 BASELINE_REFRESH_S = 60.0  # the day's average arrival rate is recounted this often
 HEARTBEAT_SAVE_S = 5.0  # in-memory heartbeats are written this often
 WAKE_GAP_S = 1.0  # the least time between two cycles, however often the engine is woken
+# A cycle reads the whole fleet: woken cycles are spaced at least this many times its cost,
+# so observing takes at most 1/20 of the core (see wake_gap).
+OBSERVE_SPACING = 20.0
 LIVENESS_SAVED_SETTING = "liveness_saved_at"
 # What a VM is launched with: a change of any of these makes running VMs outdated (a rollout).
 # Prices, quotas, priorities, timers and backoffs change nothing on a VM.
@@ -85,6 +89,15 @@ PRUNE_BATCH = 500  # rows per pruning transaction: short writes between agents' 
 # Instances of a cloud's answer applied between two turns of the event loop: describing a
 # launch of 5,000 instances applied them in one 0.7 s callback, every agent's request waiting.
 APPLY_BATCH = 200
+
+
+def wake_gap(observe_cpu_s: float) -> float:
+    """The least time between two woken cycles: a second, or OBSERVE_SPACING times what the
+    last observation cost. Every submission and report wakes the engine and each cycle reads
+    the whole fleet, so at 20 jobs/s a fixed second let a 10,000-VM snapshot take a quarter
+    of the core (benchmarks/README.md). A launch waits a few seconds more at that scale; a
+    VM takes minutes to boot."""
+    return max(WAKE_GAP_S, observe_cpu_s * OBSERVE_SPACING)
 
 
 class Engine:
@@ -125,6 +138,7 @@ class Engine:
         self._cloud_configs = {cloud.name: cloud for cloud in config.clouds}
         self._stopping = False
         self.cycles = 0
+        self.observe_cpu_s = 0.0  # CPU time the last cycle's snapshot and decision took
         self.outdated = 0  # VMs launched with settings since changed (the last snapshot's)
         self.on_ready: Callable[[], None] = lambda: None  # after the start-up reconcile
         self.on_cycle: Callable[[], None] = lambda: None  # after each cycle (watchdog)
@@ -185,7 +199,7 @@ class Engine:
         saver = asyncio.create_task(self._save_liveness_until(stop))
         while not stop.is_set():
             sleep_s = min(self.config.pool.cycle_interval_s, self.max_sleep_s)  # reloadable
-            gap_s = min(WAKE_GAP_S, sleep_s)
+            gap_s = min(wake_gap(self.observe_cpu_s), sleep_s)
             self.wake.clear()  # a wake during the cycle or the gap runs the next one
             try:
                 await self.cycle()
@@ -299,11 +313,13 @@ class Engine:
     ) -> tuple[list[policy.Action], policy.Decision, dict[str, policy.VMView]]:
         """The snapshot (one read transaction: a launch completed halfway through must not
         be missed, or counted twice) and the policy's decision on it."""
+        started = time.thread_time()
         with store.one_read():
             snapshot = self.snapshot(now, store)
             if self._counts_with_snapshot():
                 waiting = store.queued_count()
         actions, decision = policy.explain(snapshot, waiting, now, settings)
+        self.observe_cpu_s = time.thread_time() - started
         return actions, decision, {vm.id: vm for vm in snapshot.vms}
 
     def _still_as_seen(

@@ -330,6 +330,30 @@ async def test_the_queue_is_counted_in_the_snapshots_read_so_a_job_taken_meanwhi
     assert engine.decisions[-1].waiting == 0
 
 
+async def test_woken_cycles_are_spaced_by_what_observing_the_fleet_costs(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    """Every submission wakes the engine and each cycle reads the whole fleet: at 10,000 VMs
+    a cycle a second took a quarter of the core. The gap grows with the cost measured."""
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
+    read = engine.snapshot
+
+    def costly(*args: Any) -> Any:
+        started = time.thread_time()
+        while time.thread_time() - started < 0.1:  # a large fleet's read, in CPU time
+            pass
+        return read(*args)
+
+    engine.snapshot = costly  # type: ignore[method-assign]
+    await engine.cycle()
+    assert engine.observe_cpu_s >= 0.1
+    assert engine_module.wake_gap(engine.observe_cpu_s) >= 2.0
+    assert engine_module.wake_gap(0.001) == engine_module.WAKE_GAP_S  # a small fleet: 1 s
+
+
 async def test_the_snapshot_is_one_commit_so_a_job_ended_and_another_added_meanwhile_launch_nothing(
     tmp_path: Path,
     moto: MotoEC2Server,
