@@ -386,21 +386,32 @@ class Engine:
         current = {c.name: self.launch_fingerprint(c.name) for c in self.config.clouds}
         vms = tuple(
             policy.VMView(
-                id=vm.id,
-                cloud=vm.cloud,
-                state=vm.state,
-                launched_at=max(vm.launched_at, started) if vm.id in graced else vm.launched_at,
-                idle_since=vm.idle_since,
+                id=vm_id,
+                cloud=cloud,
+                state=state,
+                launched_at=max(launched_at, started) if vm_id in graced else launched_at,
+                idle_since=idle_since,
                 last_heartbeat=_with_grace(
-                    liveness.last_heartbeat(vm.id, vm.last_heartbeat),
-                    vm.launched_at,
-                    started if vm.id in graced else None,
+                    liveness.last_heartbeat(vm_id, last_heartbeat),
+                    launched_at,
+                    started if vm_id in graced else None,
                 ),
-                jobs=len(vm.jobs) or int(vm.pilot_busy),
-                outdated=_outdated(launched_with.get(vm.launch_id), current.get(vm.cloud)),
-                kill_requested=vm.kill_requested,
+                jobs=jobs or int(pilot_busy),
+                outdated=_outdated(launched_with.get(launch_id), current.get(cloud)),
+                kill_requested=kill_requested,
             )
-            for vm in store.vms(ALIVE_STATES)
+            for (
+                vm_id,
+                cloud,
+                state,
+                launched_at,
+                idle_since,
+                last_heartbeat,
+                launch_id,
+                kill_requested,
+                pilot_busy,
+                jobs,
+            ) in store.fleet(ALIVE_STATES)
         )
         pending = store.pending_counts()
         clouds = tuple(

@@ -63,6 +63,22 @@ def test_a_busy_vm_takes_a_job_on_each_free_slot_and_is_idle_only_when_all_are_f
     assert [e.kind for e in store.events_for_vm("i-1")].count("vm_idle") == 2  # register, end
 
 
+def test_the_fleet_as_the_policy_reads_it_counts_the_slots_holding_a_job(store: Store) -> None:
+    idle_vm(store, "i-1")
+    idle_vm(store, "i-2")
+    a, b, _ = (store.submit_job(["true"], T0).id for _ in range(3))
+    store.assign_next_job("i-1", T0 + 2, slot=0)
+    store.assign_next_job("i-1", T0 + 3, slot=1)
+    store.finish_job(a, 1, "i-1", 0, "", T0 + 4)  # a finished job holds no slot
+    store.set_pilot_busy("i-2", True, T0 + 4)
+    rows = {row[0]: row for row in store.fleet([VMState.IDLE, VMState.BUSY])}
+    busy, pilot = rows["i-1"], rows["i-2"]
+    assert (busy[1], busy[2], busy[3], busy[6], busy[9]) == ("a", VMState.BUSY, T0, "L-i-1", 1)
+    assert store.job(b).slot == 1
+    assert (pilot[2], pilot[4], pilot[8], pilot[9]) == (VMState.BUSY, None, True, 0)
+    assert store.fleet([VMState.BOOTING]) == []
+
+
 def test_a_vm_that_stops_serving_requeues_every_job_its_slots_hold(store: Store) -> None:
     idle_vm(store)
     jobs = [store.submit_job(["x"], T0, max_attempts=3).id for _ in range(3)]

@@ -25,6 +25,9 @@ from core.store.errors import Conflict, NotFound
 # ``jobs`` is no column: the jobs that hold a slot of the VM say it.
 _VM_FIELDS = ", ".join(field.name for field in dataclasses.fields(VM) if field.name != "jobs")
 _VM_STATES = {state.value: state for state in VMState}
+# A VM as the policy reads it (``VMs.fleet``): id, cloud, state, launched_at, idle_since,
+# last_heartbeat, launch_id, kill_requested, pilot_busy and how many slots hold a job.
+FleetRow = tuple[str, str, VMState, float, float | None, float | None, str, bool, bool, int]
 
 
 # What a VM that holds no job is read with: one shared empty dict, not one per VM (most of a
@@ -77,6 +80,26 @@ class VMs(Database):
                 () if states is None else wanted,
             ),
         )
+
+    def fleet(self, states: Iterable[VMState]) -> list[FleetRow]:
+        """What the policy reads of each VM in ``states``, by launch time: a few columns and
+        how many slots hold a job, without building whole VMs (the engine reads the fleet at
+        every cycle: 10,000 VMs take about half the time read this way)."""
+        wanted = tuple(states)
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        cursor.execute(
+            "SELECT id, cloud, state, launched_at, idle_since, last_heartbeat, launch_id, "
+            "kill_requested, pilot_busy, (SELECT COUNT(*) FROM jobs WHERE jobs.vm_id = vms.id "
+            f"AND jobs.slot IS NOT NULL) FROM vms WHERE state IN ({','.join('?' * len(wanted))}) "
+            "ORDER BY launched_at, id",
+            wanted,
+        )
+        state_of = _VM_STATES
+        return [
+            (r[0], r[1], state_of[r[2]], r[3], r[4], r[5], r[6], bool(r[7]), bool(r[8]), r[9])
+            for r in cursor
+        ]
 
     def ids_by_cloud(self, states: Iterable[VMState]) -> dict[str, list[str]]:
         """The ids of the VMs in ``states``, per cloud: counts and prices of a large fleet
