@@ -261,7 +261,7 @@ class WebConfig(_Section):
     ssl_keyfile: str | None = None
     # Open connections at once; None: per VM of pool.max_vms one for the heartbeat and one per
     # slot's long poll (agents keep them open), plus 256 for registrations and retries. Idle
-    # kept-alive connections count, but a newcomer at the cap displaces the longest idle.
+    # kept-alive connections count, but a newcomer at the cap displaces one of them.
     max_connections: Annotated[int, Field(ge=1)] | None = None
     # A connection must deliver a complete request (headers and body) within this time.
     header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0

@@ -280,6 +280,56 @@ async def test_at_the_cap_an_idle_kept_alive_connection_makes_room(
         assert (limits.displaced, limits.refused) == (1, 0)
 
 
+class Link:
+    """A connection as ConnectionLimits sees it: dropped, it leaves every set."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.limits.open.discard(self)  # type: ignore[arg-type]
+        self.limits.waiting.pop(self, None)  # type: ignore[call-overload]
+        self.limits.idle.pop(self, None)  # type: ignore[call-overload]
+
+
+def test_at_the_cap_a_stale_request_goes_first_then_the_connection_idle_the_shortest_time() -> None:
+    limits = ConnectionLimits(max_connections=10)
+    idle_long, idle_recent, idle_now, sending, trickling = (Link(limits) for _ in range(5))
+    limits.idle.update({idle_long: 0.0, idle_recent: 10.0, idle_now: 19.8})  # type: ignore[dict-item]
+    assert limits.to_displace(20.0) is idle_recent  # its next use is the farthest away
+    limits.waiting[sending] = 19.9  # type: ignore[index]  # a request arriving: not yet
+    assert limits.to_displace(20.0) is idle_recent
+    limits.waiting = {trickling: 15.0, sending: 19.9}  # type: ignore[dict-item]
+    assert limits.to_displace(20.0) is trickling  # waited 5 s for its request
+    limits.idle = {idle_now: 19.8}  # type: ignore[dict-item]
+    limits.waiting = {sending: 19.9}  # type: ignore[dict-item]
+    assert limits.to_displace(20.0) is idle_now  # nothing stale: the oldest of either
+    limits.idle, limits.waiting = {}, {}
+    assert limits.to_displace(20.0) is None  # all busy with requests: refuse the newcomer
+
+
+def test_a_fleet_over_the_cap_reconnects_a_few_heartbeats_not_every_one() -> None:
+    """100 agents beat every 30 s on kept-alive connections; the cap holds 95 (an open-files
+    limit below the fleet's loops). Displacing the longest idle would pick the next to beat,
+    so every beat would reconnect and displace the next one: 900 in ten periods."""
+    clock = [0.0]
+    limits = ConnectionLimits(max_connections=95, clock=lambda: clock[0])
+    links: list[Link | None] = [None] * 100
+    reconnects = 0
+    for beat in range(1000):
+        agent, clock[0] = beat % 100, beat * 0.3  # each agent every 30 s, phases spread
+        link = links[agent]
+        if link is None or link.dropped:
+            link = links[agent] = Link(limits)
+            assert limits.admit(link)  # type: ignore[arg-type]
+            reconnects += beat >= 100  # after the first period
+        limits.idle.pop(link, None)  # type: ignore[call-overload]  # the beat's request
+        limits.idle[link] = clock[0]  # type: ignore[index]  # answered: idle again
+    assert reconnects <= 5 * 9 + 5  # about the five the cap lacks, once a period
+
+
 def test_default_cap_is_a_connection_per_agent_loop_per_vm_plus_headroom(tmp_path: Path) -> None:
     config = core_config(tmp_path, "http://127.0.0.1:9", pool={"max_vms": 500})
     assert agent_max_connections(config) == 1256
