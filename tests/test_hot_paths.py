@@ -7,9 +7,10 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.api.agent import HotPaths, create_agent_app
+from core.api.limits import RequestGate
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
 from tests.conftest import core_config, running_core, wait_for_vms
@@ -116,3 +117,76 @@ async def test_hot_paths_answer_every_request_as_the_routes_do(
             ), what
             assert hot_reply.headers["content-type"] == route_reply.headers["content-type"], what
             assert (delegated.count == before) == taken, what
+
+
+async def call(app: ASGIApp, headers: list[tuple[bytes, bytes]], receive: Receive) -> list[Message]:
+    """One heartbeat straight through ``app`` (no socket): what it sends back."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/agent/v1/heartbeat",
+        "raw_path": b"/agent/v1/heartbeat",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 9),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+        "http_version": "1.1",
+        "root_path": "",
+    }
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_the_token_is_judged_once_the_body_is_in_as_the_routes_do(
+    core: Core, moto: MotoEC2Server
+) -> None:
+    """A VM drained while its heartbeat's body was on the way hears "drain", not "run"."""
+    [vm_id] = await wait_for_vms(core, 1)
+    async with httpx.AsyncClient(base_url=core.agent_url, timeout=20) as served:
+        token = await register(served, moto.url, vm_id)
+    body = b'{"busy": false}'
+
+    async def drained_meanwhile() -> Message:
+        core.service.drain(vm_id)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [
+        (b"authorization", f"Bearer {token}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    app = create_agent_app(core.service, core.changes, 30.0)
+    sent = await call(app, headers, drained_meanwhile)
+    assert sent[0]["status"] == 200
+    assert b'"action":"drain"' in sent[1]["body"]
+
+
+async def test_a_chunked_body_past_its_declared_length_gets_the_routes_413(
+    core: Core, moto: MotoEC2Server
+) -> None:
+    """h11 lets Transfer-Encoding decide when both framing headers come: the gate counts the
+    chunks and refuses past the limit; the hot path must not turn that into a 500."""
+    [vm_id] = await wait_for_vms(core, 1)
+    async with httpx.AsyncClient(base_url=core.agent_url, timeout=20) as served:
+        token = await register(served, moto.url, vm_id)
+    chunks = [b'{"busy": false, "x": "', b"y" * 20_000, b'"}']
+
+    async def chunked() -> Message:
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    headers = [
+        (b"authorization", f"Bearer {token}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"2"),
+        (b"transfer-encoding", b"chunked"),
+    ]
+    gate = RequestGate(create_agent_app(core.service, core.changes, 30.0))
+    sent = await call(gate, headers, chunked)
+    assert sent[0]["status"] == 413

@@ -180,18 +180,22 @@ class HotPaths:
 
     async def _heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _single_headers(scope)
-        vm = self._vm(headers)
-        if vm is None or headers.get(b"content-type") != b"application/json":
-            await self.app(scope, receive, send)
-            return
-        if b"content-length" not in headers:  # a chunked body: the gate counts it for the app
+        if (
+            headers.get(b"content-type") != b"application/json"
+            or b"content-length" not in headers
+            or b"transfer-encoding" in headers
+        ):
+            # A chunked body may pass its declared length: the gate's 413 is the routes' to give.
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
         if body is None:
             return  # the agent went away
+        # The token is checked once the body is in, as the routes do: the VM may have left
+        # while its body arrived.
+        vm = self._vm(headers)
         busy = _plain_heartbeat(body)
-        if busy is None:
+        if vm is None or busy is None:
             await self.app(scope, _replay(body, receive), send)
             return
         await self._answer(scope, receive, send, heartbeat_answer(self.service, vm, busy))
@@ -249,7 +253,7 @@ class HotPaths:
 # Numbers as agents write them (no sign, exponent or leading zero): anything else, the routes.
 _POLL_WAIT = re.compile(rb"(?:0|[1-9]\d{0,2})(?:\.\d{1,9})?")
 _POLL_SLOT = re.compile(rb"0|[1-9]\d{0,3}")
-_HOT_HEADERS = (b"authorization", b"content-type", b"content-length")
+_HOT_HEADERS = (b"authorization", b"content-type", b"content-length", b"transfer-encoding")
 
 
 def _single_headers(scope: Scope) -> dict[bytes, bytes]:
