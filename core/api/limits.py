@@ -199,6 +199,7 @@ class LimitedH11Protocol(H11Protocol):
         self.transport.abort()
 
     def _await_request(self) -> None:
+        self.limits.waiting.pop(self, None)  # to the end: the dict stays oldest first
         self.limits.waiting[self] = self.limits.clock()
         self._arm_deadline()
 
