@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.api.access import client_address, forwarded_for, is_allowed, networks
 from core.api.errors import install_error_handlers
 from core.api.fields import INT64_MAX, Identifier, Int64, Secret, StoredText
+from core.api.limits import send_json
 from core.api.longpoll import Changes, poll_deadline
 from core.config import WebConfig
 from core.model import VM, Job
@@ -236,18 +237,7 @@ class HotPaths:
             await response(scope, receive, send)
             return
         body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        encoded = body.encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(encoded)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": encoded})
+        await send_json(send, 200, body.encode())
 
 
 # Numbers as agents write them (no sign, exponent or leading zero): anything else, the routes.

@@ -311,35 +311,22 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _forbidden(send: Send) -> None:
-    body = b'{"error":"forbidden","code":"forbidden"}'
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 403,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+async def send_json(send: Send, status: int, body: bytes, close: bool = False) -> None:
+    """A whole JSON response from a pure ASGI layer (``close``: the connection ends with it)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _forbidden(send: Send) -> None:
+    await send_json(send, 403, b'{"error":"forbidden","code":"forbidden"}')
 
 
 async def _too_large(limit: int, send: Send) -> None:
     body = b'{"error":"request body larger than %d bytes","code":"body_too_large"}' % limit
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, 413, body, close=True)
 
 
 # ---- per listener and process-wide ------------------------------------------------------------
