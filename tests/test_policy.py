@@ -363,8 +363,7 @@ def test_three_jobs_thirty_seconds_apart_on_an_empty_pool_launch_at_most_three_v
         for view in list(vms.values()):
             if view.state == VMState.BOOTING and now - view.launched_at >= 90:
                 has = bool(queue) and queue.pop(0) is not None
-                vms[view.id] = replace(
-                    view,
+                vms[view.id] = view._replace(
                     state=VMState.BUSY if has else VMState.IDLE,
                     jobs=int(has),
                     idle_since=None if has else now,
