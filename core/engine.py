@@ -59,6 +59,12 @@ WAKE_GAP_S = 1.0  # the least time between two cycles, however often the engine 
 # A cycle reads the whole fleet: woken cycles are spaced at least this many times its cost,
 # so observing takes at most 1/20 of the core (see wake_gap).
 OBSERVE_SPACING = 20.0
+# The observer thread's CPU time is at most this share of its cycle's wall time. While it
+# holds the GIL the event loop serves no agent: a 10,000-VM cycle taken at once (~200 ms of
+# CPU on a busy core) halved the loop's share for its length, requests queued behind, and
+# eight of the ten slowest probe round trips fell in those windows (benchmarks/README.md).
+OBSERVER_DUTY = 0.25
+PACE_ROWS = 1000  # VMs viewed between two of the observer's pauses
 LIVENESS_SAVED_SETTING = "liveness_saved_at"
 # What a VM is launched with: a change of any of these makes running VMs outdated (a rollout).
 # Prices, quotas, priorities, timers and backoffs change nothing on a VM.
@@ -89,6 +95,36 @@ PRUNE_BATCH = 500  # rows per pruning transaction: short writes between agents' 
 # Instances of a cloud's answer applied between two turns of the event loop: describing a
 # launch of 5,000 instances applied them in one 0.7 s callback, every agent's request waiting.
 APPLY_BATCH = 200
+
+
+class Pacer:
+    """Called between chunks of a long computation on a thread beside the event loop: sleeps
+    (the GIL released) long enough that the thread's CPU time stays ``duty`` of the wall time
+    since it began. The work takes 1/duty times longer and the loop keeps the rest."""
+
+    def __init__(
+        self,
+        duty: float,
+        cpu: Callable[[], float] = time.thread_time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.duty = duty
+        self.cpu = cpu
+        self.sleep = sleep
+        self.slept_s = 0.0
+        self._mark = cpu()
+
+    def __call__(self) -> None:
+        spent = self.cpu() - self._mark
+        pause = spent * (1 - self.duty) / self.duty
+        if pause > 0:
+            self.sleep(pause)
+            self.slept_s += pause
+        self._mark = self.cpu()
+
+
+def _no_pause() -> None:
+    """The pacer of work on the event loop's own thread, which must never sleep."""
 
 
 def wake_gap(observe_cpu_s: float) -> float:
@@ -297,7 +333,13 @@ class Engine:
             actions, decision, _ = self._observe_and_decide(self.store, now, waiting, settings)
         else:
             actions, decision, seen = await asyncio.get_running_loop().run_in_executor(
-                self._observer, self._observe_and_decide, self._reader, now, waiting, settings
+                self._observer,
+                self._observe_and_decide,
+                self._reader,
+                now,
+                waiting,
+                settings,
+                Pacer(OBSERVER_DUTY),
             )
             actions = self._still_as_seen(actions, seen)
         self.decisions.append(decision)
@@ -309,15 +351,22 @@ class Engine:
         return isinstance(self.demand, BuiltinQueue)
 
     def _observe_and_decide(
-        self, store: Store, now: float, waiting: int | None, settings: policy.Settings
+        self,
+        store: Store,
+        now: float,
+        waiting: int | None,
+        settings: policy.Settings,
+        pace: Callable[[], None] = _no_pause,
     ) -> tuple[list[policy.Action], policy.Decision, dict[str, policy.VMView]]:
         """The snapshot (one read transaction: a launch completed halfway through must not
-        be missed, or counted twice) and the policy's decision on it."""
+        be missed, or counted twice) and the policy's decision on it. ``pace``: called between
+        chunks of the work (a ``Pacer`` on the observer thread)."""
         started = time.thread_time()
         with store.one_read():
-            snapshot = self.snapshot(now, store)
+            snapshot = self.snapshot(now, store, pace)
             if self._counts_with_snapshot():
                 waiting = store.queued_count()
+        pace()
         actions, decision = policy.explain(snapshot, waiting, now, settings)
         self.observe_cpu_s = time.thread_time() - started
         return actions, decision, {vm.id: vm for vm in snapshot.vms}
@@ -373,46 +422,54 @@ class Engine:
 
     # ---- observe ------------------------------------------------------------------------
 
-    def snapshot(self, now: float, store: Store | None = None) -> policy.Snapshot:
+    def snapshot(
+        self, now: float, store: Store | None = None, pace: Callable[[], None] = _no_pause
+    ) -> policy.Snapshot:
         """The pool as the policy sees it, read from ``store`` (the engine's own by default).
         Liveness comes from memory, and the start-up grace applies: no VM's heartbeat or boot
         clock counts from before this process started, so a core that was down (or whose wall
-        clock stepped) loses no healthy VM."""
+        clock stepped) loses no healthy VM. ``pace`` is called every PACE_ROWS VMs."""
         store = store or self.store
         started = self.liveness.started_at
         liveness = self.liveness
         graced = self._graced
         launched_with = store.launch_settings()
         current = {c.name: self.launch_fingerprint(c.name) for c in self.config.clouds}
-        vms = tuple(
-            policy.VMView(
-                id=vm_id,
-                cloud=cloud,
-                state=state,
-                launched_at=max(launched_at, started) if vm_id in graced else launched_at,
-                idle_since=idle_since,
-                last_heartbeat=_with_grace(
-                    liveness.last_heartbeat(vm_id, last_heartbeat),
+        fleet = store.fleet(ALIVE_STATES)
+        pace()
+        views: list[policy.VMView] = []
+        for first in range(0, len(fleet), PACE_ROWS):
+            views.extend(
+                policy.VMView(
+                    id=vm_id,
+                    cloud=cloud,
+                    state=state,
+                    launched_at=max(launched_at, started) if vm_id in graced else launched_at,
+                    idle_since=idle_since,
+                    last_heartbeat=_with_grace(
+                        liveness.last_heartbeat(vm_id, last_heartbeat),
+                        launched_at,
+                        started if vm_id in graced else None,
+                    ),
+                    jobs=jobs or int(pilot_busy),
+                    outdated=_outdated(launched_with.get(launch_id), current.get(cloud)),
+                    kill_requested=kill_requested,
+                )
+                for (
+                    vm_id,
+                    cloud,
+                    state,
                     launched_at,
-                    started if vm_id in graced else None,
-                ),
-                jobs=jobs or int(pilot_busy),
-                outdated=_outdated(launched_with.get(launch_id), current.get(cloud)),
-                kill_requested=kill_requested,
+                    idle_since,
+                    last_heartbeat,
+                    launch_id,
+                    kill_requested,
+                    pilot_busy,
+                    jobs,
+                ) in fleet[first : first + PACE_ROWS]
             )
-            for (
-                vm_id,
-                cloud,
-                state,
-                launched_at,
-                idle_since,
-                last_heartbeat,
-                launch_id,
-                kill_requested,
-                pilot_busy,
-                jobs,
-            ) in store.fleet(ALIVE_STATES)
-        )
+            pace()
+        vms = tuple(views)
         pending = store.pending_counts()
         clouds = tuple(
             policy.CloudView(

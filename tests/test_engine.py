@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -352,6 +353,59 @@ async def test_woken_cycles_are_spaced_by_what_observing_the_fleet_costs(
     assert engine.observe_cpu_s >= 0.1
     assert engine_module.wake_gap(engine.observe_cpu_s) >= 2.0
     assert engine_module.wake_gap(0.001) == engine_module.WAKE_GAP_S  # a small fleet: 1 s
+
+
+def test_a_pacer_keeps_its_thread_to_its_share_of_the_wall_time() -> None:
+    """At duty 1/4 a chunk that took 10 ms of CPU is followed by 30 ms asleep (the GIL free
+    for the event loop); the sleep's own CPU time is not counted as work."""
+    cpu = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        cpu[0] += 0.001  # waking up costs a little CPU, which is not the work's
+
+    pacer = engine_module.Pacer(0.25, cpu=lambda: cpu[0], sleep=sleep)
+    cpu[0] += 0.010
+    pacer()
+    cpu[0] += 0.002
+    pacer()
+    pacer()  # nothing done since: no pause
+    assert slept == pytest.approx([0.030, 0.006])
+    assert pacer.slept_s == pytest.approx(0.036)
+
+
+async def test_the_observer_thread_pauses_between_chunks_of_the_fleet_and_sees_all_of_it(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the observer thread holds the GIL the event loop serves no agent: it pauses
+    after reading the fleet, after every PACE_ROWS VMs viewed and before deciding."""
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
+    store = engine.store
+    with store.transaction():
+        store.add_launch("L", "only", 25, "token", clock())
+        store.complete_launch("L", [(f"i-{n:017x}", "10.0.0.1") for n in range(25)], clock())
+    register_all(store, clock())
+    heartbeat_all(store, clock())
+    monkeypatch.setattr(engine_module, "PACE_ROWS", 10)
+    paced: list[tuple[float, str]] = []
+
+    class RecordingPacer(engine_module.Pacer):
+        def __call__(self) -> None:
+            paced.append((self.duty, threading.current_thread().name))
+            super().__call__()
+
+    monkeypatch.setattr(engine_module, "Pacer", RecordingPacer)
+    await engine.cycle()
+    # The fleet read, three chunks of at most 10 VMs, the decision.
+    assert len(paced) == 5
+    assert {duty for duty, _ in paced} == {engine_module.OBSERVER_DUTY}
+    assert threading.main_thread().name not in {thread for _, thread in paced}
+    assert engine.decisions[-1].idle == 25
 
 
 async def test_the_snapshot_is_one_commit_so_a_job_ended_and_another_added_meanwhile_launch_nothing(
