@@ -26,7 +26,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from core import policy, userdata
 from core.clock import CoreClock
@@ -47,6 +47,8 @@ from core.model import ALIVE_STATES, HEARTBEATING_STATES, EventKind, Launch, Rea
 from core.queues import DemandError, DemandSource
 from core.queues.builtin import BuiltinQueue
 from core.store import NotFound, Store
+from core.store.jobs import Submitted
+from core.store.vms import FleetRow
 from core.userdata import launch_secret
 
 log = logging.getLogger("alienec2.engine")
@@ -97,30 +99,52 @@ PRUNE_BATCH = 500  # rows per pruning transaction: short writes between agents' 
 APPLY_BATCH = 200
 
 
+class PoolReads(NamedTuple):
+    """What a snapshot reads from the store, in one read transaction."""
+
+    fleet: list[FleetRow]
+    launched_with: dict[str, str | None]  # launch id -> its settings' fingerprint
+    pending: dict[str, int]  # cloud -> VMs of launches not yet recorded
+    backoff_until: dict[str, float]  # cloud -> its launch backoff
+    recent: Submitted  # in the arrival window
+    last_minute: Submitted
+    baseline_rate: float
+    boot_times: list[float]
+    finished: int  # jobs finished in the arrival window
+
+
 class Pacer:
     """Called between chunks of a long computation on a thread beside the event loop: sleeps
-    (the GIL released) long enough that the thread's CPU time stays ``duty`` of the wall time
-    since it began. The work takes 1/duty times longer and the loop keeps the rest."""
+    (the GIL released) so that the thread's CPU time is at most ``duty`` of the wall time
+    since the last call. The work takes up to 1/duty times longer and the loop keeps the
+    rest; time already spent waiting for the GIL counts toward the pause. Make it on the
+    thread it paces: CPU time is per thread."""
 
     def __init__(
         self,
         duty: float,
         cpu: Callable[[], float] = time.thread_time,
+        wall: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty must be in (0, 1], not {duty}")
         self.duty = duty
         self.cpu = cpu
+        self.wall = wall
         self.sleep = sleep
         self.slept_s = 0.0
-        self._mark = cpu()
+        self._cpu_mark = cpu()
+        self._wall_mark = wall()
 
     def __call__(self) -> None:
-        spent = self.cpu() - self._mark
-        pause = spent * (1 - self.duty) / self.duty
+        spent = self.cpu() - self._cpu_mark
+        pause = spent / self.duty - (self.wall() - self._wall_mark)
         if pause > 0:
             self.sleep(pause)
             self.slept_s += pause
-        self._mark = self.cpu()
+        self._cpu_mark = self.cpu()
+        self._wall_mark = self.wall()
 
 
 def _no_pause() -> None:
@@ -339,7 +363,7 @@ class Engine:
                 now,
                 waiting,
                 settings,
-                Pacer(OBSERVER_DUTY),
+                True,
             )
             actions = self._still_as_seen(actions, seen)
         self.decisions.append(decision)
@@ -356,17 +380,20 @@ class Engine:
         now: float,
         waiting: int | None,
         settings: policy.Settings,
-        pace: Callable[[], None] = _no_pause,
+        paced: bool = False,
     ) -> tuple[list[policy.Action], policy.Decision, dict[str, policy.VMView]]:
         """The snapshot (one read transaction: a launch completed halfway through must not
-        be missed, or counted twice) and the policy's decision on it. ``pace``: called between
-        chunks of the work (a ``Pacer`` on the observer thread)."""
+        be missed, or counted twice) and the policy's decision on it. ``paced``: on the
+        observer thread, which pauses between chunks of the work to leave the event loop the
+        GIL (``Pacer``); the read transaction ends before the first pause."""
+        pace = Pacer(OBSERVER_DUTY) if paced else _no_pause
         started = time.thread_time()
         with store.one_read():
-            snapshot = self.snapshot(now, store, pace)
+            reads = self._read_pool(now, store)
             if self._counts_with_snapshot():
                 waiting = store.queued_count()
         pace()
+        snapshot = self._build_snapshot(now, reads, pace)
         actions, decision = policy.explain(snapshot, waiting, now, settings)
         self.observe_cpu_s = time.thread_time() - started
         return actions, decision, {vm.id: vm for vm in snapshot.vms}
@@ -422,23 +449,49 @@ class Engine:
 
     # ---- observe ------------------------------------------------------------------------
 
-    def snapshot(
-        self, now: float, store: Store | None = None, pace: Callable[[], None] = _no_pause
-    ) -> policy.Snapshot:
-        """The pool as the policy sees it, read from ``store`` (the engine's own by default).
-        Liveness comes from memory, and the start-up grace applies: no VM's heartbeat or boot
-        clock counts from before this process started, so a core that was down (or whose wall
-        clock stepped) loses no healthy VM. ``pace`` is called every PACE_ROWS VMs."""
+    def snapshot(self, now: float, store: Store | None = None) -> policy.Snapshot:
+        """The pool as the policy sees it, read from ``store`` (the engine's own by default)
+        in one read transaction."""
         store = store or self.store
+        with store.one_read():
+            reads = self._read_pool(now, store)
+        return self._build_snapshot(now, reads)
+
+    def _read_pool(self, now: float, store: Store) -> PoolReads:
+        """Everything a snapshot needs from the store (call it in one read transaction)."""
+        pool = self.config.pool
+        return PoolReads(
+            fleet=store.fleet(ALIVE_STATES),
+            launched_with=store.launch_settings(),
+            pending=store.pending_counts(),
+            backoff_until={
+                cloud.name: store.cloud_status(cloud.name).backoff_until
+                for cloud in self.config.clouds
+                if cloud.name in self.providers
+            },
+            recent=store.submitted_since(now - pool.arrival_window_s),
+            last_minute=store.submitted_since(now - policy.BURST_WINDOW_S),
+            baseline_rate=self._baseline_rate(now, store),
+            boot_times=store.recent_boot_times(),
+            finished=store.finished_since(now - pool.arrival_window_s),
+        )
+
+    def _build_snapshot(
+        self, now: float, reads: PoolReads, pace: Callable[[], None] = _no_pause
+    ) -> policy.Snapshot:
+        """The snapshot from what was read: no store access, so the observer may pause
+        (``pace``, every PACE_ROWS VMs) without holding a read transaction open. Liveness
+        comes from memory, and the start-up grace applies: no VM's heartbeat or boot clock
+        counts from before this process started, so a core that was down (or whose wall
+        clock stepped) loses no healthy VM."""
         started = self.liveness.started_at
         liveness = self.liveness
         graced = self._graced
-        launched_with = store.launch_settings()
+        launched_with = reads.launched_with
         current = {c.name: self.launch_fingerprint(c.name) for c in self.config.clouds}
-        fleet = store.fleet(ALIVE_STATES)
-        pace()
+        fleet, rows = reads.fleet, PACE_ROWS
         views: list[policy.VMView] = []
-        for first in range(0, len(fleet), PACE_ROWS):
+        for first in range(0, len(fleet), rows):
             views.extend(
                 policy.VMView(
                     id=vm_id,
@@ -466,19 +519,18 @@ class Engine:
                     kill_requested,
                     pilot_busy,
                     jobs,
-                ) in fleet[first : first + PACE_ROWS]
+                ) in fleet[first : first + rows]
             )
             pace()
         vms = tuple(views)
-        pending = store.pending_counts()
+        pending = reads.pending
         clouds = tuple(
             policy.CloudView(
                 name=cloud.name,
                 priority=cloud.priority,
                 max_instances=cloud.max_instances,
                 backoff_until=max(
-                    store.cloud_status(cloud.name).backoff_until,
-                    self._placements_reopen_at(cloud, now),
+                    reads.backoff_until[cloud.name], self._placements_reopen_at(cloud, now)
                 ),
                 launch_in_flight=cloud.name in self._launching or cloud.name in pending,
                 pending=pending.get(cloud.name, 0),
@@ -489,8 +541,7 @@ class Engine:
             if cloud.name in self.providers
         )
         pool = self.config.pool
-        recent = store.submitted_since(now - pool.arrival_window_s)
-        last_minute = store.submitted_since(now - policy.BURST_WINDOW_S)
+        recent, last_minute = reads.recent, reads.last_minute
         self.outdated = sum(1 for vm in vms if vm.outdated)
         return policy.Snapshot(
             vms=vms,
@@ -504,11 +555,9 @@ class Engine:
                 recent_submissions=recent.submissions,
                 last_minute_submissions=last_minute.submissions,
             ),
-            baseline_rate=self._baseline_rate(now, store),
-            boot_time_s=policy.boot_time(store.recent_boot_times(), pool.boot_time_guess_s),
-            completion_rate=policy.completion_rate(
-                store.finished_since(now - pool.arrival_window_s), pool.arrival_window_s
-            ),
+            baseline_rate=reads.baseline_rate,
+            boot_time_s=policy.boot_time(reads.boot_times, pool.boot_time_guess_s),
+            completion_rate=policy.completion_rate(reads.finished, pool.arrival_window_s),
         )
 
     def _baseline_rate(self, now: float, store: Store) -> float:

@@ -318,14 +318,14 @@ async def test_the_queue_is_counted_in_the_snapshots_read_so_a_job_taken_meanwhi
     engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
     vm_id, _ = await one_vm(engine, clock, busy=False)
     submit(engine.store, 1, clock())  # one job waiting, one idle VM for it
-    read = engine.snapshot
+    read = engine._read_pool
 
     def taken_first(*args: Any) -> Any:
         # The VM's agent takes the job just as the engine starts to read.
         assert engine.store.assign_next_job(vm_id, clock()) is not None
         return read(*args)
 
-    engine.snapshot = taken_first  # type: ignore[method-assign]
+    engine._read_pool = taken_first  # type: ignore[method-assign]
     actions = await engine.cycle()
     assert not [a for a in actions if isinstance(a, policy.Launch)]
     assert engine.decisions[-1].waiting == 0
@@ -340,15 +340,15 @@ async def test_woken_cycles_are_spaced_by_what_observing_the_fleet_costs(
     """Every submission wakes the engine and each cycle reads the whole fleet: at 10,000 VMs
     a cycle a second took a quarter of the core. The gap grows with the cost measured."""
     engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
-    read = engine.snapshot
+    build = engine._build_snapshot
 
     def costly(*args: Any) -> Any:
         started = time.thread_time()
-        while time.thread_time() - started < 0.1:  # a large fleet's read, in CPU time
+        while time.thread_time() - started < 0.1:  # a large fleet's views, in CPU time
             pass
-        return read(*args)
+        return build(*args)
 
-    engine.snapshot = costly  # type: ignore[method-assign]
+    engine._build_snapshot = costly  # type: ignore[method-assign]
     await engine.cycle()
     assert engine.observe_cpu_s >= 0.1
     assert engine_module.wake_gap(engine.observe_cpu_s) >= 2.0
@@ -356,26 +356,32 @@ async def test_woken_cycles_are_spaced_by_what_observing_the_fleet_costs(
 
 
 def test_a_pacer_keeps_its_thread_to_its_share_of_the_wall_time() -> None:
-    """At duty 1/4 a chunk that took 10 ms of CPU is followed by 30 ms asleep (the GIL free
-    for the event loop); the sleep's own CPU time is not counted as work."""
-    cpu = [0.0]
+    """At duty 1/4 a chunk that ran 10 ms (10 ms of CPU) is followed by 30 ms asleep, the
+    GIL free for the event loop; wall time already spent waiting counts toward the pause, and
+    the sleep's own CPU time is not counted as work."""
+    cpu, wall = [0.0], [0.0]
     slept: list[float] = []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
+        wall[0] += seconds
         cpu[0] += 0.001  # waking up costs a little CPU, which is not the work's
 
-    pacer = engine_module.Pacer(0.25, cpu=lambda: cpu[0], sleep=sleep)
+    pacer = engine_module.Pacer(0.25, cpu=lambda: cpu[0], wall=lambda: wall[0], sleep=sleep)
     cpu[0] += 0.010
+    wall[0] += 0.010
     pacer()
     cpu[0] += 0.002
+    wall[0] += 0.020  # most of it waiting for the GIL: 8 ms would be the chunk's share
     pacer()
     pacer()  # nothing done since: no pause
-    assert slept == pytest.approx([0.030, 0.006])
-    assert pacer.slept_s == pytest.approx(0.036)
+    assert slept == pytest.approx([0.030])
+    assert pacer.slept_s == pytest.approx(0.030)
+    with pytest.raises(ValueError, match="duty"):
+        engine_module.Pacer(0.0)
 
 
-async def test_the_observer_thread_pauses_between_chunks_of_the_fleet_and_sees_all_of_it(
+async def test_the_observer_thread_pauses_between_chunks_of_the_fleet_outside_its_read(
     tmp_path: Path,
     moto: MotoEC2Server,
     clock: ManualClock,
@@ -383,7 +389,8 @@ async def test_the_observer_thread_pauses_between_chunks_of_the_fleet_and_sees_a
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While the observer thread holds the GIL the event loop serves no agent: it pauses
-    after reading the fleet, after every PACE_ROWS VMs viewed and before deciding."""
+    after reading the store and after every PACE_ROWS VMs viewed. Its pacer is made on its
+    own thread (CPU time is per thread), and no pause holds the read transaction open."""
     engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
     store = engine.store
     with store.transaction():
@@ -392,19 +399,27 @@ async def test_the_observer_thread_pauses_between_chunks_of_the_fleet_and_sees_a
     register_all(store, clock())
     heartbeat_all(store, clock())
     monkeypatch.setattr(engine_module, "PACE_ROWS", 10)
-    paced: list[tuple[float, str]] = []
+    made_on: list[str] = []
+    paced: list[tuple[str, bool]] = []
 
     class RecordingPacer(engine_module.Pacer):
+        def __init__(self, duty: float) -> None:
+            assert duty == engine_module.OBSERVER_DUTY
+            made_on.append(threading.current_thread().name)
+            super().__init__(duty)
+
         def __call__(self) -> None:
-            paced.append((self.duty, threading.current_thread().name))
+            assert engine._reader is not None
+            paced.append((threading.current_thread().name, engine._reader._db.in_transaction))
             super().__call__()
 
     monkeypatch.setattr(engine_module, "Pacer", RecordingPacer)
     await engine.cycle()
-    # The fleet read, three chunks of at most 10 VMs, the decision.
-    assert len(paced) == 5
-    assert {duty for duty, _ in paced} == {engine_module.OBSERVER_DUTY}
-    assert threading.main_thread().name not in {thread for _, thread in paced}
+    # The store read, then three chunks of at most 10 VMs.
+    assert len(paced) == 4
+    assert len(made_on) == 1
+    assert made_on[0] != threading.main_thread().name
+    assert paced == [(made_on[0], False)] * 4
     assert engine.decisions[-1].idle == 25
 
 
