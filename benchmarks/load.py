@@ -400,8 +400,9 @@ async def one_step(
         cpu_share = (usage.cpu_s() - window[1]) / (time.time() - window[0])
         window_end = time.time()
         probed = finish(prober)["samples"]
-        if os.environ.get("ALIENEC2_BENCH_PROBE_SAMPLES"):  # (wall time, seconds) per round trip
-            Path(os.environ["ALIENEC2_BENCH_PROBE_SAMPLES"]).write_text(json.dumps(probed))
+        if os.environ.get("ALIENEC2_BENCH_PROBE_SAMPLES"):  # a JSON line per run of a step
+            with open(os.environ["ALIENEC2_BENCH_PROBE_SAMPLES"], "a") as kept:
+                kept.write(json.dumps({"agents": count, "samples": probed}) + "\n")
         stop.set()
         submitted = await feeder
         async with core.admin() as admin:  # let the last jobs finish before the agents stop
