@@ -62,9 +62,9 @@ WAKE_GAP_S = 1.0  # the least time between two cycles, however often the engine 
 # so observing takes at most 1/20 of the core (see wake_gap).
 OBSERVE_SPACING = 20.0
 # The observer thread's CPU time is at most this share of its cycle's wall time. While it
-# holds the GIL the event loop serves no agent: a 10,000-VM cycle taken at once (~200 ms of
-# CPU on a busy core) halved the loop's share for its length, requests queued behind, and
-# eight of the ten slowest probe round trips fell in those windows (benchmarks/README.md).
+# holds the GIL the event loop serves no agent: a 10,000-VM cycle taken at once (150-240 ms
+# of CPU on a busy core, over 0.25-0.5 s) left requests queued behind it, and seven of the
+# ten slowest probe round trips fell in those windows (benchmarks/README.md).
 OBSERVER_DUTY = 0.25
 PACE_ROWS = 1000  # VMs viewed between two of the observer's pauses
 LIVENESS_SAVED_SETTING = "liveness_saved_at"
