@@ -437,6 +437,62 @@ def memory_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for process {pid}")
 
 
+async def test_a_header_block_over_16_kib_sent_in_one_write_gets_431_and_is_closed(
+    core: Core,
+) -> None:
+    """h11 bounds headers only while they are incomplete: 100 KB arriving in one read passed
+    it, on any route, before any token was looked at."""
+    port = port_of(core.agent_url)
+    big = b"X-Big: " + b"a" * 100_000 + b"\r\n"
+    request = b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\n" + big
+    request += b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    status, body = await asyncio.to_thread(raw_request, port, request)  # read to EOF: closed
+    assert status == 431
+    assert json.loads(body)["code"] == "headers_too_large"
+    many = b"".join(b"X-H%d: %s\r\n" % (n, b"v" * 10) for n in range(3000))
+    request = b"GET /healthz HTTP/1.1\r\nHost: core\r\n" + many + b"\r\n"
+    status, _ = await asyncio.to_thread(raw_request, port, request)
+    assert status == 431
+
+
+async def test_both_framing_headers_get_400_and_the_connection_is_closed(core: Core) -> None:
+    """Content-Length beside Transfer-Encoding is how requests are smuggled past a proxy that
+    reads the other one (RFC 9112 6.3): refused, and nothing more is read on the connection."""
+    port = port_of(core.agent_url)
+    request = (
+        b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Length: 13\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: core\r\n\r\n"
+    )
+    status, body = await asyncio.to_thread(raw_request, port, request)  # one reply, then EOF
+    assert status == 400
+    assert json.loads(body)["code"] == "bad_framing"
+    assert b"HTTP/1.1" not in body
+
+
+async def test_a_malformed_chunk_gets_400_without_a_traceback_in_the_log(
+    core: Core, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The headers start the app, then h11 refuses a chunk and answers 400 itself: the app
+    must not answer again on the closed connection (that logged two tracebacks a request,
+    from anyone, on any path)."""
+    port = port_of(core.agent_url)
+    caplog.set_level(logging.WARNING)
+    for path in (b"/healthz", b"/agent/v1/heartbeat", b"/agent/v1/register"):
+        request = (
+            b"POST " + path + b" HTTP/1.1\r\nHost: core\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5000\r\n" + b"a" * 0x4FFF + b"\r\n0\r\n\r\n"
+        )
+        status, _ = await asyncio.to_thread(raw_request, port, request)
+        assert status == 400
+    # The app's task ends on the loop after the reply: let it run before reading the log.
+    status, _ = await asyncio.to_thread(
+        raw_request, port, b"GET /healthz HTTP/1.1\r\nHost: core\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @contextlib.contextmanager
 def core_process(
     tmp_path: Path, moto_url: str, nofile: int | None = None, **sections: Any

@@ -65,6 +65,10 @@ BODY_LIMITS: tuple[tuple[re.Pattern[str], int], ...] = (
     (re.compile(r"^/admin/v1/"), 1 * MIB),
 )
 DEFAULT_BODY_LIMIT = 16 * KIB
+# A request line plus headers. h11 applies its bound (uvicorn's h11_max_incomplete_event_size,
+# set to this) only while headers are still incomplete, so a larger block arriving in one read
+# passes it; the gate measures every request's headers again.
+MAX_HEADER_BYTES = 16 * KIB
 
 
 class RateLimitedLog:
@@ -193,6 +197,17 @@ class LimitedH11Protocol(H11Protocol):
         # deadline starts with the next request's first byte.
         self.limits.idle[self] = self.limits.clock()
 
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the rest of a request whose headers had started the app (a malformed
+        chunk): the 400 is the answer. Mark the cycle disconnected first, so the app reads
+        a disconnect and its own response is dropped; otherwise it answered on a connection
+        h11 had closed and every such request logged two tracebacks."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        super().send_400_response(msg)
+
     def drop(self) -> None:
         """Close now, freeing the slot at once (the transport reports the loss later)."""
         self._forget()
@@ -279,8 +294,18 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = scope["headers"]
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+        if size > MAX_HEADER_BYTES:
+            await _headers_too_large(send)
+            return
         limit = body_limit(scope["path"])
         declared = _content_length(scope)
+        if declared is not None and any(name == b"transfer-encoding" for name, _ in headers):
+            await _double_framing(send)  # RFC 9112 6.3: a smuggling attempt, or a bad proxy
+            return
         if declared is not None and declared > limit:
             await _too_large(limit, send)
             return
@@ -322,6 +347,18 @@ async def send_json(send: Send, status: int, body: bytes, close: bool = False) -
 
 async def _forbidden(send: Send) -> None:
     await send_json(send, 403, b'{"error":"forbidden","code":"forbidden"}')
+
+
+async def _headers_too_large(send: Send) -> None:
+    body = b'{"error":"request headers larger than %d bytes","code":"headers_too_large"}' % (
+        MAX_HEADER_BYTES
+    )
+    await send_json(send, 431, body, close=True)
+
+
+async def _double_framing(send: Send) -> None:
+    body = b'{"error":"both Content-Length and Transfer-Encoding: send one","code":"bad_framing"}'
+    await send_json(send, 400, body, close=True)
 
 
 async def _too_large(limit: int, send: Send) -> None:

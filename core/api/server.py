@@ -21,15 +21,13 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from core.api.limits import (
+    MAX_HEADER_BYTES,
     ConnectionLimits,
     RequestGate,
     accept_batch,
     protocol_for,
     throttle_accept_errors,
 )
-
-# h11's own bound on a request line plus headers (its default, stated: larger is refused 400).
-MAX_HEADER_BYTES = 16 * 1024
 
 
 class EmbeddedServer(uvicorn.Server):
