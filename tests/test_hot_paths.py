@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ from core.api.agent import HotPaths, create_agent_app
 from core.api.limits import RequestGate
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
-from tests.conftest import core_config, running_core, wait_for_vms
-from tests.test_api import register
+from tests.conftest import core_config, eventually, running_core, wait_for_vms
+from tests.test_api import bearer, register
 
 JSON = {"Content-Type": "application/json"}
 TEXT = {"Content-Type": "text/plain"}
@@ -189,3 +190,29 @@ async def test_a_chunked_body_past_its_limit_gets_the_routes_413(
     gate = RequestGate(create_agent_app(core.service, core.changes, 30.0))
     sent = await call(gate, headers, chunked)
     assert sent[0]["status"] == 413
+
+
+async def test_a_newer_poll_of_a_slot_ends_the_one_parked_before_it(
+    core: Core, moto: MotoEC2Server
+) -> None:
+    """Parked polls are busy connections, never displaced: one VM's token (a job on it) held
+    300 of them, filled the agent API's cap and cut every other VM off. A slot keeps one
+    parked poll; an older one is answered "no job" at once, its connection free again."""
+    [vm_id] = await wait_for_vms(core, 1)
+    async with (
+        httpx.AsyncClient(base_url=core.agent_url, timeout=90) as first,
+        httpx.AsyncClient(base_url=core.agent_url, timeout=90) as second,
+    ):
+        token = await register(first, moto.url, vm_id)
+        poll = "/agent/v1/jobs/next?wait=60"
+        parked = asyncio.ensure_future(first.post(poll, headers=bearer(token)))
+        await eventually(lambda: core.changes.jobs.waiting == 1)
+        newer = asyncio.ensure_future(second.post(poll, headers=bearer(token)))
+        # Without the bound the first poll would end 45-60 s from now, at its deadline.
+        reply = await asyncio.wait_for(parked, 30)
+        assert reply.status_code == 200
+        assert reply.json()["job"] is None
+        await eventually(lambda: core.changes.jobs.waiting == 1)  # the newer one is parked
+        job = core.store.submit_job(["true"], core.clock())
+        reply = await asyncio.wait_for(newer, 30)
+        assert reply.json()["job"]["id"] == job.id

@@ -127,22 +127,29 @@ async def heartbeat_answer(service: PoolService, vm: VM, busy: bool) -> dict[str
 async def next_job_answer(
     service: PoolService, changes: Changes, vm: VM, slot: int, wait: float
 ) -> dict[str, Any]:
-    """The job of ``slot`` now, or the first one that a wake-up brings before the deadline."""
+    """The job of ``slot`` now, or the first one that a wake-up brings before the deadline
+    (or before a newer poll of the same slot ends this one: ``SlotPolls``)."""
     loop = asyncio.get_running_loop()
     deadline = poll_deadline(loop.time(), wait)
     woken = False
-    while True:
-        fetch = service.next_job(vm.id, slot)
-        if fetch.job is not None:
-            return {"job": job_body(fetch.job), "action": fetch.action}
-        remaining = deadline - loop.time()
-        if not fetch.wait or remaining <= 0 or changes.closing:
-            if woken and not fetch.wait:
-                # Woken for a job this VM may no longer take (drained, killed while
-                # parked): the next parked poll gets it, not the end of its wait.
-                changes.jobs.notify(1)
-            return {"job": None, "action": fetch.action}
-        woken = await changes.jobs.wait(remaining)
+    superseded = changes.polls.take(vm.id, slot)
+    try:
+        while True:
+            fetch = service.next_job(vm.id, slot)
+            if fetch.job is not None:
+                return {"job": job_body(fetch.job), "action": fetch.action}
+            remaining = deadline - loop.time()
+            ended = superseded.done()
+            if not fetch.wait or remaining <= 0 or changes.closing or ended:
+                if woken and (not fetch.wait or ended):
+                    # Woken for a job this poll will not take (its VM drained or killed
+                    # while parked, or a newer poll of the slot): the next parked poll
+                    # gets it, not the end of its wait.
+                    changes.jobs.notify(1)
+                return {"job": None, "action": fetch.action}
+            woken = await changes.jobs.wait(remaining, superseded)
+    finally:
+        changes.polls.release(vm.id, slot, superseded)
 
 
 class HotPaths:

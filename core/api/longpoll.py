@@ -53,18 +53,20 @@ class Signal:
                 waiter.set_result(True)
                 woken += 1
 
-    async def wait(self, timeout: float) -> bool:
-        """Return when notified (True) or after ``timeout`` seconds (False), whichever comes
-        first."""
+    async def wait(self, timeout: float, ended: asyncio.Future[None] | None = None) -> bool:
+        """Return when notified (True), or after ``timeout`` seconds or once ``ended`` is
+        done (False), whichever comes first."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters[waiter] = None
 
-        def expire() -> None:
+        def expire(_: object = None) -> None:
             if not waiter.done():
                 waiter.set_result(False)
 
         timer = loop.call_later(timeout, expire)
+        if ended is not None:
+            ended.add_done_callback(expire)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -73,7 +75,35 @@ class Signal:
             raise
         finally:
             timer.cancel()
+            if ended is not None:
+                ended.remove_done_callback(expire)
             self._waiters.pop(waiter, None)
+
+
+class SlotPolls:
+    """One parked poll per VM slot: a newer poll of a slot ends the one before it. An agent
+    polls each slot in turn, so an older poll still parked is one its agent gave up on (a
+    dropped connection the core has not noticed yet), or a job on the VM using the VM's
+    token to hold connections: parked polls are busy and never displaced, so 300 of them
+    from one VM filled the connection cap and cut every other VM off."""
+
+    def __init__(self) -> None:
+        self._current: dict[tuple[str, int], asyncio.Future[None]] = {}
+
+    def take(self, vm_id: str, slot: int) -> asyncio.Future[None]:
+        """The new poll's end signal, done once a newer poll takes the slot."""
+        key = (vm_id, slot)
+        previous = self._current.get(key)
+        if previous is not None and not previous.done():
+            previous.set_result(None)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._current[key] = mine
+        return mine
+
+    def release(self, vm_id: str, slot: int, mine: asyncio.Future[None]) -> None:
+        key = (vm_id, slot)
+        if self._current.get(key) is mine:
+            del self._current[key]
 
 
 class Changes:
@@ -83,6 +113,7 @@ class Changes:
     def __init__(self, store: Store) -> None:
         self.jobs = Signal()
         self.events = Signal()
+        self.polls = SlotPolls()
         self.closing = False
         store.listeners.append(self._committed)
 
