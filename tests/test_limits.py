@@ -184,16 +184,20 @@ async def test_a_request_not_complete_within_the_deadline_is_closed(
 async def test_at_the_cap_with_every_connection_busy_a_newcomer_is_refused(
     tmp_path: Path, moto: MotoEC2Server
 ) -> None:
-    config = core_config(tmp_path, moto.url, pool={"min_vms": 1}, web={"max_connections": 2})
+    config = core_config(
+        tmp_path, moto.url, pool={"min_vms": 1, "slots_per_vm": 2}, web={"max_connections": 2}
+    )
     async with running_core(config) as core:
         limits = agent_limits_of(core)
         [vm_id] = await wait_for_vms(core, 1)
         agent, registration = agent_client(moto.url, core.agent_url, vm_id)
         _, reply = await asyncio.to_thread(agent.call, "/agent/v1/register", registration)
         agent.token = reply["token"]
-        polls = [
-            asyncio.create_task(asyncio.to_thread(agent.call, "/agent/v1/jobs/next?wait=30", {}))
-            for _ in range(2)
+        polls = [  # one per slot: a slot keeps one parked poll
+            asyncio.create_task(
+                asyncio.to_thread(agent.call, f"/agent/v1/jobs/next?wait=30&slot={slot}", {})
+            )
+            for slot in range(2)
         ]
         await eventually(lambda: core.changes.jobs.waiting == 2)
         with connect(port_of(core.agent_url), b"GET /healthz HTTP/1.1\r\nHost: c\r\n\r\n") as sock:
@@ -679,12 +683,22 @@ async def test_admin_tcp_needs_a_token_for_every_route_and_the_schema(
         async with httpx.AsyncClient(base_url=core.admin_url, timeout=5) as http:
             for path in ("/openapi.json", "/healthz", "/metrics", "/admin/v1/status"):
                 assert (await http.get(path)).status_code == 401, path
+            # Without a valid token nothing else is told: not which routes exist, nor how a
+            # body parses.
+            wrong = {"Authorization": "Bearer not-the-token"}
+            for headers in ({}, wrong):
+                for path in ("/docs", "/nonexistent", "/admin/v1/vms/i-nope"):
+                    assert (await http.get(path, headers=headers)).status_code == 401, path
+                for body in (b"{bad", b"[1", b'{"command": []}'):
+                    reply = await http.post("/admin/v1/jobs", content=body, headers=headers)
+                    assert reply.status_code == 401, body
+                    assert reply.json() == {"error": "unauthorized", "code": "unauthorized"}
+                    assert reply.headers["www-authenticate"] == "Bearer"
             auth = {"Authorization": f"Bearer {FULL}"}
             schema = await http.get("/openapi.json", headers=auth)
             assert schema.status_code == 200 and "/admin/v1/status" in schema.json()["paths"]
-            for path in ("/docs", "/redoc"):  # off: no page, with or without the token
-                for headers in ({}, auth):
-                    assert (await http.get(path, headers=headers)).status_code == 404
+            for path in ("/docs", "/redoc"):  # off: no page
+                assert (await http.get(path, headers=auth)).status_code == 404
             status = await http.get("/admin/v1/status", headers=auth)
             assert status.json()["access"] == "full"
 

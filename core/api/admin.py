@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.api import metrics
-from core.api.errors import ApiError, install_error_handlers, unauthorized
+from core.api.errors import ApiError, error_body, install_error_handlers, unauthorized
 from core.api.fields import EnvName, ProcessText
 from core.api.longpoll import Changes
 from core.model import ALIVE_STATES, VM, EventKind, Job, JobState, VMState
@@ -107,6 +108,29 @@ class EngineView(Protocol):
         ...
 
 
+class TokenGate:
+    """401 for a request without a valid token before routing or reading its body: a caller
+    without one learns nothing, not which routes exist (404 against 401) nor how its body
+    parses (422). The route dependency still tells full from read-only access."""
+
+    def __init__(self, app: ASGIApp, access_of: Callable[[bytes], str | None]) -> None:
+        self.app = app
+        self.access_of = access_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if self.access_of(authorization) is None:
+                response = JSONResponse(
+                    error_body("unauthorized", "unauthorized"),
+                    401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_admin_app(
     service: PoolService,
     changes: Changes,
@@ -125,18 +149,23 @@ def create_admin_app(
 
     tokens = [(t.encode(), a) for t, a in ((token, "full"), (readonly_token, "readonly")) if t]
 
+    def access_of(authorization: bytes) -> str | None:
+        """ "full" or "readonly" for a header holding one of the tokens, else None."""
+        scheme, _, presented = authorization.partition(b" ")
+        # Compare with every token, always: the time taken must not tell which one matched.
+        matches = [a for t, a in tokens if hmac.compare_digest(presented, t)]
+        return matches[0] if scheme.lower() == b"bearer" and matches else None
+
     async def authenticated(request: Request) -> None:
         request.state.access = "full"
         if token is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        presented = given.encode("utf-8", "surrogateescape")
-        # Compare with every token, always: the time taken must not tell which one matched.
-        matches = [a for t, a in tokens if hmac.compare_digest(presented, t)]
-        if scheme.lower() != "bearer" or not matches:
+        raw = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        access = access_of(raw)
+        if access is None:
             raise unauthorized()
-        request.state.access = matches[0]
-        if matches[0] == "readonly" and request.method not in READ_METHODS:
+        request.state.access = access
+        if access == "readonly" and request.method not in READ_METHODS:
             raise ApiError(403, "this token may only read", "read_only")
 
     app = FastAPI(
@@ -148,6 +177,8 @@ def create_admin_app(
         openapi_url=None,  # served below, behind the same dependency as every route
     )
     install_error_handlers(app)
+    if token is not None:
+        app.add_middleware(TokenGate, access_of=access_of)
 
     def spec(body: SubmitRequest) -> JobSpec:
         return JobSpec(body.command, body.env, body.wall_time_s, body.max_attempts or max_attempts)
