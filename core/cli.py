@@ -30,6 +30,7 @@ from core.config import Config, ConfigError, load_config, summary
 from core.model import JobState, VMState
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2  # a bad command line, as argparse
 
 
 def _configure_logging(level: str) -> None:
@@ -164,6 +165,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         slots_per_vm=args.slots,
     )
     workdir = Path(args.workdir).absolute() if args.workdir else None
+    if workdir is not None:
+        try:  # here, as one line: not as a traceback from inside the demo
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"error: --workdir {workdir}: {exc.strerror}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
     if args.headless:
         _configure_logging("warning")
         for handler in logging.getLogger().handlers:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -246,3 +247,18 @@ async def test_events_lists_the_last_ones_and_follow_streams_json_lines(
             _, err = await asyncio.wait_for(follower.communicate(), 30)
         assert follower.returncode == 130
         assert b"Traceback" not in err
+
+
+def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
+    """A file where the directory should be: one line and exit 2, not a traceback."""
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "core.cli", "demo", "--headless", "--workdir", str(taken)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: --workdir {taken}: File exists"
