@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -268,6 +269,17 @@ class WebConfig(_Section):
     # An idle kept-alive connection is closed after this; keep it above the agents' heartbeat
     # period and their 60 s bound on reusing an idle connection, or every heartbeat reconnects.
     keep_alive_s: Annotated[float, Field(gt=0, le=3600)] = 75.0
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        """The address written into every VM's user data: a typo here strands the fleet."""
+        if value is None:
+            return value
+        parsed = urllib.parse.urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host (got {value!r})")
+        return value
 
     @field_validator("allowed_networks", "trusted_proxies")
     @classmethod

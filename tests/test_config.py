@@ -112,6 +112,10 @@ def test_check_config_prints_one_line_summary_and_exits_0() -> None:
         ("clouds: [{name: a}]\npool: {min_vms: 5, max_vms: 2}\n", "pool.max_vms: must be >="),
         ("clouds: [{name: a, image_id: x, max_instances: lots}]\n", "clouds[0].max_instances:"),
         ("\xff\xfe", "not UTF-8 text"),
+        (
+            "clouds: [{name: a, image_id: x}]\nweb: {public_url: ftp//x}\n",
+            "web.public_url: must be an http:// or https:// URL with a host",
+        ),
     ],
 )
 def test_check_config_exits_2_with_a_clear_line_and_no_traceback(
