@@ -618,7 +618,8 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --env takes KEY=VALUE (got {pair!r})")
+            print(f"error: --env takes KEY=VALUE (got {pair!r})", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE)  # a bad command line
         env[key] = value
     return env
 

@@ -113,6 +113,8 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
         assert (code, err.strip()) == (2, "error: give either a command after -- or --file FILE")
         code, _, err = await cli(core, "drain")
         assert (code, err.strip()) == (2, "error: give a VM id or --all")
+        code, _, err = await cli(core, "submit", "--env", "FOO", "--", "true")
+        assert (code, err.strip()) == (2, "error: --env takes KEY=VALUE (got 'FOO')")
         code, _, err = await cli(core, "vm", "i-0123")
         assert (code, err.strip()) == (1, "error: vm i-0123 not found")
         code, _, err = await cli(core, "job", "999")
