@@ -160,7 +160,9 @@ class CoreProcess:
         if self.cpus is not None:
             os.sched_setaffinity(self.proc.pid, self.cpus)
         self.ec2 = boto3.client("ec2", endpoint_url=self.cloud.url, region_name=SANDBOX_REGION)
-        deadline = time.monotonic() + (self.launch_timeout_s or 120 + vms / 100)
+        # moto creates instances one at a time: ~20 ms each on a busy machine (10,001 took over
+        # 220 s twice while the machine was still busy with other work).
+        deadline = time.monotonic() + (self.launch_timeout_s or 120 + vms / 40)
         while len(self.instances()) < vms:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("the core did not launch its instances")
