@@ -184,7 +184,15 @@ class PoolService:
         alien_job_id: str | None,
         idle: bool | None,
     ) -> Job:
-        """A pilot run (e.g. one AliEn JobAgent) as a job record of kind "pilot"."""
+        """A pilot run (e.g. one AliEn JobAgent) as a job record of kind "pilot". Only VMs
+        started with a pilot template run pilots; any other VM's run would be a made-up job
+        record in the admin's list."""
+        template = self.config.contextualisation.template
+        if template != "alien":
+            raise Conflict(
+                f"contextualisation.template is {template}: this pool's VMs run jobs from "
+                "the built-in queue, not pilot runs"
+            )
         command = list(self.config.contextualisation.alien.pilot_command) or ["pilot"]
         job = self.store.record_run(
             vm,
@@ -210,9 +218,12 @@ class PoolService:
         held = vm.jobs.get(slot)
         if held is not None:
             job = self.store.job(held)
-            if job.state != JobState.CANCELLED:
+            if job.state != JobState.CANCELLED or job.started_at is not None:
+                # A started job frees its slot only by its report: a cancelled one is handed
+                # back, and the agent learns it is cancelled when it reports it started. A
+                # fetch is no word that its process stopped.
                 return Fetch(action, job, wait=False)
-            # Cancelled before the agent ever got it (it is fetching again): free the slot.
+            # Cancelled before the agent ever started it (it is fetching again): free the slot.
             self.store.release_cancelled(vm.id, job.id, self.clock())
             vm = self.store.vm(vm_id)
         if action != "run":

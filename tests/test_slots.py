@@ -161,6 +161,29 @@ async def test_cancelling_one_job_tells_the_agent_that_job_only_and_frees_its_sl
     assert job_a["id"] == a["id"]
 
 
+async def test_a_started_job_that_was_cancelled_keeps_its_slot_until_its_report(
+    core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
+) -> None:
+    """Fetching again is no word that the job's process stopped: the slot stays held (no new
+    job beside an orphan still running), and an agent that lost track of the job gets it
+    back and learns from its started report that it is cancelled."""
+    vm_id, token = vm
+    a, b = [await admin.submit(["true"]) for _ in range(2)]
+    job_a = (await fetch(http, token, 0))["job"]
+    assert (await report(http, token, job_a, "started"))["state"] == "running"
+    await admin.cancel(a["id"])
+    for _ in range(2):
+        again = (await fetch(http, token, 0))["job"]
+        assert again["id"] == a["id"]
+        assert core.store.vm(vm_id).jobs == {0: a["id"]}
+        assert core.store.job(b["id"]).state == JobState.QUEUED
+    assert (await report(http, token, again, "started"))["state"] == "cancelled"
+    assert core.store.vm(vm_id).jobs == {0: a["id"]}
+    assert (await report(http, token, again, "cancelled"))["state"] == "cancelled"
+    assert core.store.vm(vm_id).jobs == {}
+    assert (await fetch(http, token, 0))["job"]["id"] == b["id"]
+
+
 async def test_a_draining_vm_takes_no_job_on_any_slot_and_goes_when_all_are_free(
     core: Core, http: httpx.AsyncClient, admin: AdminClient, vm: tuple[str, str]
 ) -> None:
