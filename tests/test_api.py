@@ -248,6 +248,19 @@ async def test_malformed_requests_get_422_with_a_message(
     assert "exit_code is required" in reply.json()["error"]
     reply = await http.post("/agent/v1/jobs/next", params={"wait": 999}, headers=bearer(token))
     assert reply.status_code == 422 and "wait" in reply.json()["error"]
+    reply = await http.post("/agent/v1/jobs/next", params={"wait": "nan"}, headers=bearer(token))
+    assert reply.status_code == 422
+    assert reply.json()["error"] == "query.wait: Input should be a finite number"
+    for body, field in (({"busy": "yes"}, "busy"), ({"running": ["7"]}, "running.0")):
+        reply = await http.post("/agent/v1/heartbeat", json=body, headers=bearer(token))
+        assert reply.status_code == 422  # a string is no boolean or job id: never coerced
+        assert reply.json()["error"].startswith(f"{field}: Input should be a valid")
+    assert core.store.vm(vm_id).pilot_busy is False
+    run = {"run": "r1", "status": "started"}
+    reply = await http.post("/agent/v1/runs", json=run, headers=bearer(token))
+    assert reply.status_code == 409  # a VM of the built-in template runs no pilots
+    assert "contextualisation.template is builtin" in reply.json()["error"]
+    assert core.store.jobs(kind="pilot") == []
 
     async with httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)), base_url="http://core"

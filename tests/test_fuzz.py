@@ -222,7 +222,16 @@ def test_deep_nesting_gets_4xx(live: LiveCore) -> None:
     within_the_size_limit = '{"busy": ' + "[" * 5000 + "]" * 5000 + "}"
     agent = {"Authorization": f"Bearer {live.agent_token}"}
     reply = post_raw(live.core.agent_url, "/agent/v1/heartbeat", within_the_size_limit, agent)
-    assert "body" in problem(reply)  # not parsed, so no field to name: the body is the fault
+    # Not parsed, so no field to name: the body is the fault, and the answer says why.
+    assert problem(reply) == "body: JSON nested too deeply"
+    assert reply.status_code == 422
+    reply = httpx.post(
+        live.core.agent_url + "/agent/v1/heartbeat",
+        content=b'{"busy": "\xff\xfe"}',  # not UTF-8
+        headers={"Content-Type": "application/json", **agent},
+        timeout=10,
+    )
+    assert "body" in problem(reply) and reply.status_code == 422
 
 
 # ---- generated: last, as they drain, kill and resize at random ----------------------------------

@@ -38,7 +38,9 @@ MAX_POOL_VMS = 1_000_000  # far beyond any quota; keeps the number a number SQLi
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """Strict: a value has the JSON type it claims ("yes" is no boolean, "1" no number)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class SubmitRequest(_Body):

@@ -38,7 +38,9 @@ NEXT_JOB_PATH = "/agent/v1/jobs/next"
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """Strict: a value has the JSON type it claims ("yes" is no boolean, "1" no number)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class RegisterRequest(_Body):
@@ -363,7 +365,7 @@ def create_agent_app(
     @app.post(NEXT_JOB_PATH)
     async def next_job(
         vm: CurrentVM,
-        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, allow_inf_nan=False)] = 0,
         slot: Annotated[int, Query(ge=0, le=MAX_SLOT)] = 0,
     ) -> dict[str, Any]:
         """The job of the agent's fetch loop ``slot`` (0 to pool.slots_per_vm - 1): the one

@@ -58,6 +58,18 @@ def _out_of_range(request: Request) -> list[str]:
     return found
 
 
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """What FastAPI's 400 "error parsing the body" was (it names no cause): JSON nested
+    deeper than the parser's stack, or bytes that are not UTF-8."""
+    if exc.status_code != 400:
+        return None
+    if isinstance(exc.__cause__, RecursionError):
+        return "body: JSON nested too deeply"
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return "body: not valid UTF-8"
+    return None
+
+
 def invalid(problems: list[str]) -> JSONResponse:
     return JSONResponse(
         {**error_body("; ".join(problems), "invalid_request"), "problems": problems}, 422
@@ -125,10 +137,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unreadable = _unreadable_body(exc)
+        if unreadable:
+            return invalid([unreadable])
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status_code, "http_error"
         )
-        return JSONResponse(error_body(str(exc.detail), code), exc.status_code)
+        # The rest of a body refused midway is still on its way: the connection cannot be
+        # reused, and the client is told so.
+        headers = {"Connection": "close"} if exc.status_code == 413 else None
+        return JSONResponse(error_body(str(exc.detail), code), exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
