@@ -171,6 +171,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"error: --workdir {workdir}: {exc.strerror}", file=sys.stderr)
             raise SystemExit(EXIT_USAGE) from None
+        if (workdir / "state.db").exists():
+            # Its VMs lived in that run's embedded cloud, gone with it: the summary and the
+            # wait for every job would count the earlier run's. Kept, never overwritten.
+            print(
+                f"error: --workdir {workdir}: holds an earlier demo's state (state.db); "
+                "give a new or empty directory",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_USAGE)
     if args.headless:
         _configure_logging("warning")
         for handler in logging.getLogger().handlers:
@@ -772,6 +781,17 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _wall_time(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (the API's bound, 10**9)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 10**9:  # False for nan, too
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1e9 (got {text})")
+    return value
+
+
 def _version() -> str:
     try:
         return metadata.version("alienec2")
@@ -868,7 +888,8 @@ def parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="headless time limit in seconds (default 300)"
     )
     demo.add_argument(
-        "--workdir", help="keep state, log, sockets and instances here (kept afterwards)"
+        "--workdir",
+        help="keep state, log, sockets and instances here (kept afterwards; a new directory)",
     )
     demo.set_defaults(run=cmd_demo)
 
@@ -999,7 +1020,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an environment variable for the job (repeatable)",
     )
-    submit.add_argument("--wall-time", type=float, metavar="SECONDS", help="kill after this long")
+    submit.add_argument(
+        "--wall-time", type=_wall_time, metavar="SECONDS", help="kill after this long"
+    )
     submit.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     submit.set_defaults(run=cmd_submit)
 

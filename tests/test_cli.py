@@ -115,6 +115,10 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
         assert (code, err.strip()) == (2, "error: give a VM id or --all")
         code, _, err = await cli(core, "submit", "--env", "FOO", "--", "true")
         assert (code, err.strip()) == (2, "error: --env takes KEY=VALUE (got 'FOO')")
+        for wall in ("-3", "0", "nan", "ten"):
+            code, _, err = await cli(core, "submit", "--wall-time", wall, "--", "true")
+            assert code == 2 and err.count("\n") == 1, (wall, err)
+            assert err.startswith("alienec2 submit: error: argument --wall-time: "), err
         code, _, err = await cli(core, "vm", "i-0123")
         assert (code, err.strip()) == (1, "error: vm i-0123 not found")
         code, _, err = await cli(core, "job", "999")
@@ -264,3 +268,17 @@ def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: --workdir {taken}: File exists"
+
+    used = tmp_path / "used"  # an earlier demo's: kept as it is, not mixed into a new run
+    used.mkdir()
+    (used / "state.db").write_bytes(b"earlier")
+    done = subprocess.run(
+        [sys.executable, "-m", "core.cli", "demo", "--headless", "--workdir", str(used)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1)
+    assert done.stderr.startswith(f"error: --workdir {used}: holds an earlier demo's state")
+    assert (used / "state.db").read_bytes() == b"earlier"
