@@ -440,6 +440,8 @@ def _message(error: Any) -> str:
         return f"must be one of builtin, command, htcondor (got {error['input'].get('kind')!r})"
     if kind == "union_tag_not_found":
         return "required key is missing (builtin, command or htcondor)"
+    if kind in ("model_type", "dict_type"):
+        return f"must be a mapping of keys (got {error['input']!r})"
     message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
@@ -477,6 +479,32 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(format_errors(exc)) from None
 
 
+def _duplicate_keys(node: yaml.Node, path: str = "", seen: set[int] | None = None) -> list[str]:
+    """Keys written twice in one mapping, by key path: YAML loaders keep the last one, so an
+    admin's earlier line would be silently ignored."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: its anchor was walked already
+        return []
+    seen.add(id(node))
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            where = f"{path}.{key}" if path else key
+            if not isinstance(key_node, yaml.ScalarNode) or key == "<<":
+                continue
+            if key in lines:
+                line = key_node.start_mark.line + 1
+                found.append(f"{where}: written twice (lines {lines[key]} and {line})")
+            lines[key] = key_node.start_mark.line + 1
+            found += _duplicate_keys(value_node, where, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found += _duplicate_keys(item, f"{path}[{index}]", seen)
+    return found
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML file; every failure becomes a ConfigError with a readable line."""
     path = Path(path)
@@ -497,6 +525,8 @@ def load_config(path: str | Path) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}: invalid YAML at {where}{problem}"]) from None
+    if twice := _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
+        raise ConfigError(twice)
     return resolve_paths(parse_config(data), path.absolute().parent)
 
 

@@ -113,6 +113,12 @@ def test_check_config_prints_one_line_summary_and_exits_0() -> None:
         ("clouds: [{name: a, image_id: x, max_instances: lots}]\n", "clouds[0].max_instances:"),
         ("\xff\xfe", "not UTF-8 text"),
         (
+            "clouds: [{name: a, image_id: x}]\npool:\n  min_vms: 1\n  min_vms: 3\n",
+            "pool.min_vms: written twice (lines 3 and 4)",
+        ),
+        ("clouds: [{name: a, image_id: x, name: b}]\n", "clouds[0].name: written twice"),
+        ("clouds: [{name: a, image_id: x}]\npool: 3\n", "pool: must be a mapping of keys (got 3)"),
+        (
             "clouds: [{name: a, image_id: x}]\nweb: {public_url: ftp//x}\n",
             "web.public_url: must be an http:// or https:// URL with a host",
         ),
