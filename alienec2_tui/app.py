@@ -20,7 +20,7 @@ from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Input
 
 from alienec2_tui.client import AdminClient, AdminError, CoreUnreachable
 from alienec2_tui.keys import APP_KEYS, MUTATING, ROW_ACTIONS, bindings
@@ -28,6 +28,7 @@ from alienec2_tui.screens.dialogs import ConfirmDialog, ResizeDialog, SubmitDial
 from alienec2_tui.screens.help import HelpScreen
 from alienec2_tui.screens.job_details import JobDetails
 from alienec2_tui.screens.vm_details import VMDetails
+from alienec2_tui.widgets.footer import FittedFooter
 from alienec2_tui.widgets.job_flow import JobFlow
 from alienec2_tui.widgets.job_table import JobTable
 from alienec2_tui.widgets.keyed_table import KeyedTable
@@ -43,6 +44,7 @@ JOBS_VIEW_LIMIT = 500  # the jobs view's: the newest jobs, kept current from eve
 BACKLOG_EVENTS = 500  # events shown in the log on attach
 STATUS_EVERY_S = 5.0  # the status without an event: cloud backoffs count down, costs move
 HEARTBEAT_EVERY_S = 5.0  # heartbeat times, which are not events
+GONE_STATES = frozenset({"terminating", "terminated"})  # the core kills or drains none
 MUTATING_KEYS = frozenset(k for key in APP_KEYS if key.mutating for k in key.keys.split(","))
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
@@ -97,7 +99,7 @@ class ConsoleApp(App[None]):
                 )
             yield JobFlow(id="flow")
         yield LogPanel(id="log")
-        yield Footer(compact=True)
+        yield FittedFooter()
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
@@ -152,7 +154,8 @@ class ConsoleApp(App[None]):
                     pass
                 self.snapshots_for_gaps += 1
             except CoreUnreachable:
-                self._set_connection(f"disconnected — retrying every {backoff:.0f}s")
+                where = self.client.where  # a mistyped --socket or --url shows here
+                self._set_connection(f"disconnected — retrying every {backoff:.0f}s: {where}")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
             except AdminError as exc:
@@ -199,8 +202,19 @@ class ConsoleApp(App[None]):
         )
         self._apply_jobs(reply.get("jobs", {}))
         self._log_events(events)
+        self._close_dialog_of_a_gone_vm()
         self.status_due = True
         return True
+
+    def _close_dialog_of_a_gone_vm(self) -> None:
+        """A kill or drain question about a VM that has since ended asks about nothing."""
+        dialog = self.screen
+        if not isinstance(dialog, ConfirmDialog) or dialog.vm_id is None:
+            return
+        vm = self.query_one(VMTable).records.get(dialog.vm_id)
+        if vm is None or vm["state"] in GONE_STATES:
+            dialog.dismiss(False)
+            self.notify(f"{dialog.vm_id} is {vm['state'] if vm else 'gone'}: nothing to do")
 
     def _apply_jobs(self, changed: dict[str, dict[str, Any] | None]) -> None:
         """Keep the newest JOBS_VIEW_LIMIT jobs, as the snapshot listed them."""
@@ -397,7 +411,7 @@ class ConsoleApp(App[None]):
                 self.notify(f"draining {vm['id']}")
 
         question = f"Drain VM {vm['id']}? It finishes its job, takes no other, then ends."
-        self.push_screen(ConfirmDialog(question, "Drain"), confirmed)
+        self.push_screen(ConfirmDialog(question, "Drain", vm["id"]), confirmed)
 
     def action_drain_all(self) -> None:
         async def confirmed(yes: bool | None) -> None:
@@ -418,7 +432,8 @@ class ConsoleApp(App[None]):
             if yes and await self._call("kill", self.client.kill(vm["id"])):
                 self.notify(f"terminating {vm['id']}")
 
-        self.push_screen(ConfirmDialog(f"Kill VM {vm['id']} now?{job}", "Kill"), confirmed)
+        question = f"Kill VM {vm['id']} now?{job}"
+        self.push_screen(ConfirmDialog(question, "Kill", vm["id"]), confirmed)
 
     async def action_pause(self) -> None:
         if self.status:
@@ -510,7 +525,7 @@ class ConsoleApp(App[None]):
                 and self.check_action(key.action, ())
             ):
                 yield SystemCommand(
-                    key.description, key.description, lambda a=key.action: self.run_action(a)
+                    key.description, f"key: {key.display}", lambda a=key.action: self.run_action(a)
                 )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.widgets._footer import FooterKey
 
 from alienec2_tui.app import ConsoleApp
 from alienec2_tui.client import AdminClient
@@ -14,6 +15,7 @@ from alienec2_tui.screens.dialogs import ConfirmDialog, ResizeDialog
 from alienec2_tui.screens.help import HelpScreen
 from alienec2_tui.screens.job_details import JobDetails
 from alienec2_tui.screens.vm_details import VMDetails
+from alienec2_tui.widgets.footer import PALETTE, FittedFooter, key_width
 from alienec2_tui.widgets.job_flow import JobFlow
 from alienec2_tui.widgets.job_table import JobTable
 from alienec2_tui.widgets.log_panel import LogPanel
@@ -135,6 +137,7 @@ async def test_disconnected_state_appears_when_the_core_stops_and_clears_when_it
                 await eventually(lambda: app.connected)
                 seq_before = core.store.last_seq()
             await eventually(lambda: "disconnected — retrying" in header_text(app))
+            assert app.query_one(PoolHeader).connection.endswith(f": unix:{config.admin.socket}")
             assert not app.connected
             async with running_core(config) as core:
                 await client.submit(["echo", "after the restart"])
@@ -191,6 +194,18 @@ async def test_ctrl_k_then_y_kills_the_selected_vm(console: Any) -> None:
     await eventually(lambda: core.store.vm(victim).state == VMState.TERMINATED, timeout=15)
     states = {vm["id"]: vm["state"] for vm in (await client.vms("terminated"))["vms"]}
     assert states.get(victim) == "terminated"
+
+
+async def test_a_kill_question_closes_itself_when_its_vm_ends_meanwhile(console: Any) -> None:
+    app, pilot, core, client = console
+    victim, other = sorted(shown_ids(app))
+    await select(app, victim)
+    await pilot.press("ctrl+k")
+    await eventually(lambda: isinstance(app.screen, ConfirmDialog))
+    await client.kill(victim)  # another admin was quicker
+    await eventually(lambda: not isinstance(app.screen, ConfirmDialog), timeout=15)
+    await eventually(lambda: notified(app, f"{victim} is terminat"))
+    assert untouched(core, other)
 
 
 async def test_d_asks_then_y_drains_the_selected_vm(console: Any) -> None:
@@ -296,6 +311,48 @@ async def test_help_lists_every_key_and_marks_the_ones_acting_on_the_row(console
     await eventually(lambda: not isinstance(app.screen, HelpScreen))
 
 
+def footer_fits(app: ConsoleApp) -> bool:
+    """The footer shows its keys in order, each whole and left of the palette key, and the
+    first key it leaves out would not have fitted."""
+    footer = app.query_one(FittedFooter)
+    keys = list(footer.query(FooterKey))
+    palette = [k for k in keys if k.has_class(PALETTE)]
+    shown = [k for k in keys if k not in palette]
+    if len(palette) != 1 or not shown or footer.size.width != app.size.width:
+        return False
+    edge = palette[0].region.x
+    if any(k.region.right > edge or k.region.width + 1 != key_width(k) for k in shown):
+        return False
+    wanted: dict[str, int] = {}  # action -> its footer width, in the footer's order
+    for _, binding, _, _ in app.screen.active_bindings.values():
+        if binding.show and binding.action != "command_palette":
+            display = app.get_key_display(binding)
+            wanted.setdefault(binding.action, len(display) + len(binding.description) + 2)
+    if [k.action for k in shown] != list(wanted)[: len(shown)]:
+        return False
+    left_out = list(wanted.values())[len(shown) :]
+    return not left_out or left_out[0] > edge - shown[-1].region.right
+
+
+async def test_the_footer_shows_whole_keys_only_at_any_width(tmp_path: Path) -> None:
+    """Textual's footer drew the palette key over the keys past the edge: a stray letter."""
+    async with AdminClient(socket_path=str(tmp_path / "no-core.sock")) as client:
+        app = ConsoleApp(client, refresh_s=5, catch_signals=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            counts = {}
+            for width in (120, 80, 97, 160, 120):
+                await pilot.resize_terminal(width, 40)
+                await eventually(lambda: footer_fits(app))
+                counts[width] = len(app.query_one(FittedFooter).query(FooterKey))
+            assert counts[80] < counts[120] < counts[160]
+            # The palette names each command once, and its key beneath.
+            commands = list(app.get_system_commands(app.screen))
+            assert len({c.title for c in commands}) == len(commands)
+            assert not [c for c in commands if c.help == c.title]
+            [kill] = [c for c in commands if c.title.startswith("Kill the selected VM")]
+            assert kill.help == "key: ^k"
+
+
 async def test_resize_dialog_keeps_its_input_and_shows_the_cores_refusal(console: Any) -> None:
     app, pilot, core, _ = console
     await eventually(lambda: app.status is not None)
@@ -382,6 +439,11 @@ async def test_jobs_view_lists_jobs_and_enter_opens_a_job_that_updates_live(
     screen = app.screen
     output = screen.query_one("#output-tail")
     await eventually(lambda: "hello-from-job" in str(output.render()), timeout=20)
+    # One argument with spaces stays one on the screen, as the shell line that runs it.
+    command = str(screen.query_one("#job-command").render())
+    assert command == "$ sh -c 'sleep 1; echo hello-from-job'"
+    shown = jobs.row_for(jobs.records[str(job["id"])], jobs.now)
+    assert shown[-1] == "sh -c 'sleep 1; echo hello-from-job'"
     facts = str(screen.query_one("#job-facts").render())
     assert "env names: SECRET" in facts and "x" not in facts.split("env names:")[1]
     assert "attempt 1 of 3" in facts and "exit code 0" in facts

@@ -180,6 +180,9 @@ async def test_at_120x40_every_vm_column_is_whole_and_the_flow_has_a_time_axis(
     assert "-30m" in axis and axis.index("-60m") < axis.index("-30m") < axis.index("now")
     footer = footer_line(screen)
     assert "? help" in footer and "q quit" in footer
+    # Whole keys only: "p pause" does not fit, and no stray "p" stands before the palette key.
+    before_palette = footer.split("^p palette")[0].rstrip(" ▏│|")
+    assert before_palette.endswith("r resize"), footer
 
 
 async def test_keys_in_a_real_terminal_help_escape_jobs_view_and_q(
@@ -188,6 +191,12 @@ async def test_keys_in_a_real_terminal_help_escape_jobs_view_and_q(
     [vm] = core.store.vms()
     await terminal.start(tui(core), 120, 40)
     await terminal.wait_for(vm.id, "pool default min 1 max 10")
+    await terminal.tmux("send-keys", "-t", "console", "d")  # the question is whole, wrapped
+    screen = await terminal.wait_for(f"Drain VM {vm.id}?", "Cancel (n, esc)")
+    assert lines_with(screen, " ends. "), screen  # its last word, wrapped onto a line of its own
+    await terminal.tmux("send-keys", "-t", "console", "Escape")
+    await terminal.wait_gone("Cancel (n, esc)")
+    assert core.store.vm(vm.id).state != "draining"
     await terminal.tmux("send-keys", "-t", "console", "?")
     await terminal.wait_for("alienec2 console — keys", "^k", "esc", "tab")
     await terminal.tmux("send-keys", "-t", "console", "Escape")

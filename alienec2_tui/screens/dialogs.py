@@ -21,10 +21,11 @@ class ConfirmDialog(ModalScreen[bool]):
     AUTO_FOCUS = "#cancel"
     BINDINGS = [Binding("escape,n", "cancel", "Cancel"), Binding("y", "confirm", "Confirm")]
 
-    def __init__(self, question: str, confirm: str = "Yes") -> None:
+    def __init__(self, question: str, confirm: str = "Yes", vm_id: str | None = None) -> None:
         super().__init__()
         self._question = question
         self._confirm = confirm
+        self.vm_id = vm_id  # the VM it acts on: the app closes the dialog if the VM goes
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):

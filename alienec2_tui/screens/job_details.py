@@ -13,7 +13,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
 
 from alienec2_tui.screens.live import Fetch, LiveScreen
-from alienec2_tui.widgets.format import age, state_text
+from alienec2_tui.widgets.format import age, command_line, state_text
 from alienec2_tui.widgets.job_table import run_time
 
 ENDED = ("done", "failed", "cancelled")
@@ -46,7 +46,7 @@ class JobDetails(LiveScreen):
     def show(self, record: dict[str, Any]) -> None:
         job, now = record, self._clock()
         self.query_one("#job-state", Static).update(state_text(job["state"]))
-        self.query_one("#job-command", Static).update(Text("$ " + " ".join(job["command"])))
+        self.query_one("#job-command", Static).update(Text("$ " + command_line(job["command"])))
         env = ", ".join(sorted(job["env"])) or "-"
         wait = age(job["wait_s"]) if job["wait_s"] is not None else "-"
         lines = [

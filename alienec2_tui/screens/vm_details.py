@@ -10,7 +10,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
 
 from alienec2_tui.screens.live import Fetch, LiveScreen
-from alienec2_tui.widgets.format import age, state_text
+from alienec2_tui.widgets.format import age, command_line, state_text
 
 
 class VMDetails(LiveScreen):
@@ -44,7 +44,7 @@ class VMDetails(LiveScreen):
             self.query_one("#job-line", Label).update(
                 f"job {job['id']} (attempt {job['attempt']}): {job['state']}"
             )
-            self.query_one("#job-command", Static).update(Text(" ".join(job["command"])))
+            self.query_one("#job-command", Static).update(Text(command_line(job["command"])))
             self.query_one("#output-tail", Static).update(
                 Text(job["output_tail"] or "(no output yet)")
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from rich.text import Text
 
 STATE_STYLES = {
@@ -39,3 +41,9 @@ def age(seconds: float | None, step: int = 1) -> str:
 
 def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def command_line(argv: list[str]) -> str:
+    """A job's command as the shell line that runs it: an argument with spaces or quotes
+    stays one argument on the screen, as the CLI prints it."""
+    return shlex.join(argv)

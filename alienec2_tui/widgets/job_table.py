@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from alienec2_tui.widgets.format import TABLE_STEP_S, age
+from alienec2_tui.widgets.format import TABLE_STEP_S, age, command_line
 from alienec2_tui.widgets.keyed_table import KeyedTable
 
 COLUMNS = ("id", "state", "vm", "attempts", "wait", "run", "exit", "command")
@@ -23,7 +23,7 @@ def what_ran(job: dict[str, Any]) -> str:
     """The command; for a pilot run (an AliEn JobAgent, whose command line is the same every
     time) what it ran: the AliEn job its output named, if any."""
     if job.get("kind") != "pilot":
-        return " ".join(job["command"])
+        return command_line(job["command"])
     named = job.get("alien_job_id")
     return f"pilot run: AliEn job {named}" if named else "pilot run"
 
@@ -71,7 +71,7 @@ class JobTable(KeyedTable):
             record["state"],
             record["vm_id"] or "",
             what_ran(record),
-            " ".join(record["command"]),
+            command_line(record["command"]),
         )
 
     def selected_job(self) -> dict[str, Any] | None:
