@@ -1060,8 +1060,25 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+CONNECTION_OPTIONS = ("--socket", "--config", "--url", "--token-env")
+
+
+def _connection_first(argv: Sequence[str]) -> list[str]:
+    """``alienec2 --socket S status`` read as ``alienec2 status --socket S``: where git and
+    kubectl users put the connection. Only options before the command move (to just after
+    it, ahead of a ``--``); a command that takes none says so as for any unknown option."""
+    moved: list[str] = []
+    rest = list(argv)
+    while rest and rest[0].split("=", 1)[0] in CONNECTION_OPTIONS:
+        option = rest.pop(0)
+        moved.append(option)
+        if "=" not in option and rest:
+            moved.append(rest.pop(0))
+    return rest[:1] + moved + rest[1:] if moved and rest else list(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_connection_first(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.run(args))
     except ModuleNotFoundError as exc:

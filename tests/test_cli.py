@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from core.cli import parser
+from core.cli import _connection_first, parser
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
 from core.model import JobState, VMState
@@ -282,3 +282,28 @@ def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr.count("\n")) == (2, 1)
     assert done.stderr.startswith(f"error: --workdir {used}: holds an earlier demo's state")
     assert (used / "state.db").read_bytes() == b"earlier"
+
+
+def test_connection_options_may_come_before_the_command(tmp_path: Path) -> None:
+    """``alienec2 --socket S status``, as git and kubectl users write it."""
+    assert _connection_first(["--socket", "/s", "status", "--json"]) == [
+        *("status", "--socket", "/s", "--json")
+    ]
+    # Only before the command, and ahead of the job's own "--" arguments.
+    assert _connection_first(["--url=http://x", "submit", "--", "echo", "--socket"]) == [
+        *("submit", "--url=http://x", "--", "echo", "--socket")
+    ]
+    assert _connection_first(["status", "--socket", "/s"]) == ["status", "--socket", "/s"]
+    assert _connection_first(["--socket"]) == ["--socket"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "core.cli", *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    nowhere = str(tmp_path / "no-core.sock")
+    done = run("--socket", nowhere, "status")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: no core listening at {nowhere}; start one with")
+    done = run("--socket", nowhere, "check-config", str(ROOT / "config.example.yaml"))
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1)
+    assert "unrecognized arguments: --socket" in done.stderr
