@@ -699,14 +699,19 @@ class Agent:
         slot.cancel.clear()
         slot.job_id = job["id"]
         try:
-            with contextlib.suppress(Unreachable):  # only the last report matters; it is spooled
-                status, reply = self.core.call(
-                    f"/agent/v1/jobs/{job['id']}/report",
-                    {"attempt": job["attempt"], "status": "started"},
-                    timeout=10,
-                )
-                if status == 200 and reply.get("state") == "cancelled":
-                    slot.cancel.set()
+            if job.get("state") == "cancelled":
+                # Handed back after a cancel (this agent restarted while it ran): never again,
+                # even if the started report below were lost.
+                slot.cancel.set()
+            else:
+                with contextlib.suppress(Unreachable):  # only the last report matters: spooled
+                    status, reply = self.core.call(
+                        f"/agent/v1/jobs/{job['id']}/report",
+                        {"attempt": job["attempt"], "status": "started"},
+                        timeout=10,
+                    )
+                    if status == 200 and reply.get("state") == "cancelled":
+                        slot.cancel.set()
             if slot.cancel.is_set():
                 outcome = Outcome(None, "[alienec2-agent: cancelled before it started]", True)
             else:

@@ -310,6 +310,21 @@ def test_a_job_cancelled_before_it_started_never_runs(
     assert not marker.exists()
 
 
+def test_a_cancelled_job_handed_back_after_a_restart_is_reported_and_never_run(
+    tmp_path: Path, stand_in: StandInCore, stand_in_agent: Callable[..., StandInAgent]
+) -> None:
+    """The core hands a started job back to a slot that fetches again; cancelled meanwhile,
+    it says so in the job itself: no started report (which could be lost) decides."""
+    marker = tmp_path / "ran"
+    stand_in.add_job(8, ["touch", str(marker)], state="cancelled")
+    stand_in_agent(stand_in)
+    stand_in.wait_for(lambda: bool(stand_in.reports("cancelled")))
+    assert not stand_in.reports("started")
+    [report] = stand_in.reports("cancelled")
+    assert report["exit_code"] is None
+    assert not marker.exists()
+
+
 def test_a_report_answered_503_and_429_is_kept_and_sent_until_accepted(
     stand_in: StandInCore, stand_in_agent: Callable[..., StandInAgent]
 ) -> None:

@@ -86,12 +86,16 @@ class RunRequest(_Body):
 
 
 def job_body(job: Job) -> dict[str, Any]:
+    """A job as an agent runs it. ``state``: "cancelled" for a started job handed back after
+    an admin cancelled it (its agent restarted and lost track): the agent reports it
+    cancelled and never runs it again."""
     return {
         "id": job.id,
         "attempt": job.attempt,
         "command": job.command,
         "env": job.env,
         "wall_time_s": job.wall_time_s,
+        "state": job.state,
     }
 
 
