@@ -186,9 +186,10 @@ class PoolService:
     ) -> Job:
         """A pilot run (e.g. one AliEn JobAgent) as a job record of kind "pilot". Only VMs
         started with a pilot template run pilots; any other VM's run would be a made-up job
-        record in the admin's list."""
+        record in the admin's list. A VM that already reported runs was started with one:
+        after a reload to the built-in template it drains, its pilots' runs still recorded."""
         template = self.config.contextualisation.template
-        if template != "alien":
+        if template != "alien" and not self.store.has_pilot_runs(vm.id):
             raise Conflict(
                 f"contextualisation.template is {template}: this pool's VMs run jobs from "
                 "the built-in queue, not pilot runs"

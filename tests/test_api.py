@@ -261,6 +261,22 @@ async def test_malformed_requests_get_422_with_a_message(
     assert reply.status_code == 409  # a VM of the built-in template runs no pilots
     assert "contextualisation.template is builtin" in reply.json()["error"]
     assert core.store.jobs(kind="pilot") == []
+    # A VM that reported runs before a reload to the built-in template drains with its
+    # pilots still running: their runs are still recorded.
+    core.store.record_run(
+        core.store.vm(vm_id),
+        f"{vm_id}/r0",
+        ["pilot"],
+        core.clock(),
+        finished=False,
+        exit_code=None,
+        output_tail="",
+        alien_job_id=None,
+        idle=None,
+    )
+    reply = await http.post("/agent/v1/runs", json=run, headers=bearer(token))
+    assert reply.status_code == 200, reply.text
+    assert [j.state for j in core.store.jobs(kind="pilot")] == ["running", "running"]
 
     async with httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=str(core.admin_socket)), base_url="http://core"

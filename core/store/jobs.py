@@ -390,6 +390,12 @@ class Jobs(VMs):
                 job_id=job_id,
             )
 
+    def has_pilot_runs(self, vm_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE vm_id = ? AND kind = 'pilot' LIMIT 1", (vm_id,)
+        ).fetchone()
+        return row is not None
+
     def record_run(
         self,
         vm: VM,
