@@ -441,13 +441,19 @@ def _message(error: Any) -> str:
     if kind == "union_tag_not_found":
         return "required key is missing (builtin, command or htcondor)"
     if kind in ("model_type", "dict_type"):
-        return f"must be a mapping of keys (got {error['input']!r})"
+        return f"must be a mapping of keys (got {_shown(error['input'])})"
     message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     if kind.endswith(("_type", "_parsing")) or kind == "literal_error":
-        message += f" (got {error['input']!r})"
+        message += f" (got {_shown(error['input'])})"
     return message
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A wrong value as the error line quotes it: cut short, as it reaches logs and events."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_errors(exc: ValidationError) -> list[str]:
@@ -488,16 +494,22 @@ def _duplicate_keys(node: yaml.Node, path: str = "", seen: set[int] | None = Non
     seen.add(id(node))
     found: list[str] = []
     if isinstance(node, yaml.MappingNode):
-        lines: dict[str, int] = {}
+        marks: dict[tuple[str, str], yaml.Mark] = {}
         for key_node, value_node in node.value:
             key = str(key_node.value)
             where = f"{path}.{key}" if path else key
-            if not isinstance(key_node, yaml.ScalarNode) or key == "<<":
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
                 continue
-            if key in lines:
-                line = key_node.start_mark.line + 1
-                found.append(f"{where}: written twice (lines {lines[key]} and {line})")
-            lines[key] = key_node.start_mark.line + 1
+            typed = (key_node.tag, key)  # 1 and "1" are two keys
+            if typed in marks:
+                first, again = marks[typed], key_node.start_mark
+                if first.line == again.line:  # a flow mapping: {a: 1, a: 2}
+                    places = f"line {again.line + 1}, columns {first.column + 1} and "
+                    places += f"{again.column + 1}"
+                else:
+                    places = f"lines {first.line + 1} and {again.line + 1}"
+                found.append(f"{where}: written twice ({places})")
+            marks[typed] = key_node.start_mark
             found += _duplicate_keys(value_node, where, seen)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):

@@ -116,7 +116,10 @@ def test_check_config_prints_one_line_summary_and_exits_0() -> None:
             "clouds: [{name: a, image_id: x}]\npool:\n  min_vms: 1\n  min_vms: 3\n",
             "pool.min_vms: written twice (lines 3 and 4)",
         ),
-        ("clouds: [{name: a, image_id: x, name: b}]\n", "clouds[0].name: written twice"),
+        (
+            "clouds: [{name: a, image_id: x, name: b}]\n",
+            "clouds[0].name: written twice (line 1, columns 11 and 33)",
+        ),
         ("clouds: [{name: a, image_id: x}]\npool: 3\n", "pool: must be a mapping of keys (got 3)"),
         (
             "clouds: [{name: a, image_id: x}]\nweb: {public_url: ftp//x}\n",
@@ -135,6 +138,22 @@ def test_check_config_exits_2_with_a_clear_line_and_no_traceback(
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert all(line.startswith("error: ") for line in result.stderr.strip().splitlines())
+
+
+def test_anchors_and_merge_keys_are_not_keys_written_twice(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "clouds:\n"
+        "  - &base {name: a, image_id: ami-1, tags: {team: x}}\n"
+        "  - <<: *base\n"
+        "    name: b\n"
+        "    tags: {team: y}\n"
+    )
+    config = load_config(path)
+    assert [(c.name, c.image_id, c.tags) for c in config.clouds] == [
+        ("a", "ami-1", {"team": "x"}),
+        ("b", "ami-1", {"team": "y"}),
+    ]
 
 
 def test_slots_above_one_serve_the_builtin_queue_and_alien_pilots_and_zero_is_refused() -> None:
