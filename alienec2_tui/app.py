@@ -184,6 +184,7 @@ class ConsoleApp(App[None]):
         self._heartbeats_at = (snap["now"], time.monotonic())
         self._resnapshot_pending = False
         panel.refresh_flow(snap["now"])
+        self._close_dialog_of_a_gone_vm()  # it may have ended while we were away
 
     async def _next_events(self) -> bool:
         """Apply the next events; False when they cannot be applied (a gap): snapshot again."""

@@ -72,6 +72,7 @@ class JobTable(KeyedTable):
             record["vm_id"] or "",
             what_ran(record),
             command_line(record["command"]),
+            " ".join(record["command"]),  # typed without the shell's quotes
         )
 
     def selected_job(self) -> dict[str, Any] | None:
