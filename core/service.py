@@ -259,6 +259,12 @@ class PoolService:
             raise Forbidden() from None
         if not self.store.was_assigned(job_id, vm.id):
             raise Forbidden()
+        if status == "cancelled":
+            current = self.store.job(job_id)
+            if current.state != JobState.CANCELLED and current.attempt == attempt:
+                # An agent stops a job only when told it was cancelled: any other stop is an
+                # end with an exit code, which counts as the job's result.
+                raise Conflict(f"job {job_id} was not cancelled: report it finished")
         now = self.clock()
         if status == "started":
             job = self.store.start_job(job_id, attempt, vm.id, now)

@@ -232,6 +232,10 @@ def test_deep_nesting_gets_4xx(live: LiveCore) -> None:
         timeout=10,
     )
     assert "body" in problem(reply) and reply.status_code == 422
+    too_long = '{"running": [' + "1" * 5000 + "]}"  # past Python's 4,300 digits
+    reply = post_raw(live.core.agent_url, "/agent/v1/heartbeat", too_long, agent)
+    assert problem(reply).startswith("body: not readable JSON (Exceeds the limit (4300 digits)")
+    assert reply.status_code == 422
 
 
 # ---- generated: last, as they drain, kill and resize at random ----------------------------------

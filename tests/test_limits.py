@@ -29,6 +29,7 @@ from contextualisation.agent import Core as AgentClient
 from core.api.access import client_address, forwarded_for, networks
 from core.api.limits import (
     OPEN_FILES_RESERVE,
+    UVICORN_FLOOD_LINES,
     ConnectionLimits,
     agent_max_connections,
     body_limit,
@@ -496,6 +497,31 @@ async def test_a_malformed_chunk_gets_400_without_a_traceback_in_the_log(
     )
     assert status == 200
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_flood_of_malformed_requests_is_one_warning_a_second(core: Core) -> None:
+    """uvicorn logs each malformed request it refuses, before any token is read: anyone
+    could fill the log. Its line passes once a second at most, with how many it stands for."""
+    port = port_of(core.agent_url)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # its own logger does not propagate
+    records: list[logging.LogRecord] = []
+    collect = logging.Handler(logging.WARNING)
+    collect.emit = records.append  # type: ignore[method-assign]
+    uvicorn_log.addHandler(collect)
+    try:
+        UVICORN_FLOOD_LINES._last.clear()  # an earlier test's flood in this process
+        UVICORN_FLOOD_LINES._suppressed.clear()
+        started = time.monotonic()
+        for _ in range(30):
+            status, _ = await asyncio.to_thread(raw_request, port, b"NOT HTTP AT ALL\r\n\r\n")
+            assert status == 400
+        elapsed = time.monotonic() - started
+    finally:
+        uvicorn_log.removeHandler(collect)
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("Invalid HTTP")]
+    assert 1 <= len(lines) <= 1 + elapsed  # not 30
+    assert lines[0] == "Invalid HTTP request received. count=1"
+    assert all(line.startswith("Invalid HTTP request received. count=") for line in lines)
 
 
 @contextlib.contextmanager

@@ -145,6 +145,14 @@ async def test_cancelling_one_job_tells_the_agent_that_job_only_and_frees_its_sl
     job_a = (await fetch(http, token, 0))["job"]
     job_b = (await fetch(http, token, 1))["job"]
     await admin.cancel(b["id"])
+    # Only a cancelled job may be reported cancelled: a VM cannot end one that way.
+    reply = await http.post(
+        f"/agent/v1/jobs/{job_a['id']}/report",
+        json={"attempt": job_a["attempt"], "status": "cancelled"},
+        headers=bearer(token),
+    )
+    assert reply.status_code == 409 and "was not cancelled" in reply.json()["error"]
+    assert core.store.job(a["id"]).state == JobState.ASSIGNED
     beat = (await http.post("/agent/v1/heartbeat", headers=bearer(token))).json()
     assert beat["cancel"] == [b["id"]]
     assert core.store.vm(vm_id).jobs == {0: a["id"], 1: b["id"]}  # until the agent stops it

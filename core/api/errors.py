@@ -60,13 +60,15 @@ def _out_of_range(request: Request) -> list[str]:
 
 def _unreadable_body(exc: StarletteHTTPException) -> str | None:
     """What FastAPI's 400 "error parsing the body" was (it names no cause): JSON nested
-    deeper than the parser's stack, or bytes that are not UTF-8."""
+    deeper than the parser's stack, bytes that are not UTF-8, a number Python will not read."""
     if exc.status_code != 400:
         return None
     if isinstance(exc.__cause__, RecursionError):
         return "body: JSON nested too deeply"
     if isinstance(exc.__cause__, UnicodeDecodeError):
         return "body: not valid UTF-8"
+    if isinstance(exc.__cause__, ValueError):  # e.g. an integer of over 4,300 digits
+        return f"body: not readable JSON ({str(exc.__cause__).split(':')[0]})"
     return None
 
 

@@ -89,6 +89,34 @@ class RateLimitedLog:
         log.log(level, message + " count=%d", *args, count)
 
 
+class RateLimitedRecords(logging.Filter):
+    """A log filter in the spirit of ``RateLimitedLog`` for lines we do not write: uvicorn
+    logs a WARNING for every malformed request, anyone's, before any token is read. Each of
+    ``messages`` passes once per ``interval_s`` at most, saying how many it stands for."""
+
+    def __init__(self, messages: frozenset[str], interval_s: float = 1.0) -> None:
+        super().__init__()
+        self.messages = messages
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message not in self.messages:
+            return True
+        now = time.monotonic()
+        if now - self._last.get(message, -float("inf")) < self.interval_s:
+            self._suppressed[message] = self._suppressed.get(message, 0) + 1
+            return False
+        self._last[message] = now
+        record.msg, record.args = message + " count=%d", (self._suppressed.pop(message, 0) + 1,)
+        return True
+
+
+UVICORN_FLOOD_LINES = RateLimitedRecords(frozenset({"Invalid HTTP request received."}))
+
+
 @dataclass(slots=True, eq=False)
 class ConnectionLimits:
     """One listener's bounds and its live connections (shared by all its protocol objects)."""

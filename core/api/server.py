@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import resource
 import socket
@@ -22,6 +23,7 @@ from starlette.types import Scope
 
 from core.api.limits import (
     MAX_HEADER_BYTES,
+    UVICORN_FLOOD_LINES,
     ConnectionLimits,
     RequestGate,
     accept_batch,
@@ -124,6 +126,9 @@ def make_server(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
+    # After uvicorn.Config, which configures its loggers: a flood of malformed requests is
+    # one line a second, not one each.
+    logging.getLogger("uvicorn.error").addFilter(UVICORN_FLOOD_LINES)
     server = EmbeddedServer(config)
     server.limits = limits
     return server
