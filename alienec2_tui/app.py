@@ -20,6 +20,7 @@ from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Input
 
 from alienec2_tui.client import AdminClient, AdminError, CoreUnreachable
@@ -33,6 +34,7 @@ from alienec2_tui.widgets.job_flow import JobFlow
 from alienec2_tui.widgets.job_table import JobTable
 from alienec2_tui.widgets.keyed_table import KeyedTable
 from alienec2_tui.widgets.log_panel import LogPanel
+from alienec2_tui.widgets.ordered_input import OrderedInput
 from alienec2_tui.widgets.pool_header import PoolHeader
 from alienec2_tui.widgets.vm_table import VMTable
 
@@ -52,7 +54,13 @@ SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 class ConsoleApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "alienec2"
-    BINDINGS: ClassVar[list[BindingType]] = bindings(APP_KEYS, priority=frozenset({"ctrl+c"}))
+    # Keys that move the focus act as soon as the app reads them (priority), not once the
+    # focused widget has passed them back: keys typed in the same burst (a fast typist, a
+    # paste, one terminal read) were already queued for the old widget, so `/abcp` paused
+    # scaling and `Tab BSpace 2` in the resize dialog edited the field Tab had left.
+    BINDINGS: ClassVar[list[BindingType]] = bindings(
+        APP_KEYS, priority=frozenset({"ctrl+c", "slash", "tab", "shift+tab"})
+    )
     # The job-flow panel gives way first: beside the tables when wide, below them when
     # narrow, gone when narrow and short (80x24).
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]
@@ -94,7 +102,7 @@ class ConsoleApp(App[None]):
             with Vertical(id="left"):
                 yield VMTable(id="vms")
                 yield JobTable(id="jobs")
-                yield Input(
+                yield OrderedInput(
                     placeholder="filter as you type · enter keeps · esc clears", id="filter"
                 )
             yield JobFlow(id="flow")
@@ -335,12 +343,21 @@ class ConsoleApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MUTATING and self.readonly:
             return False
+        if action == "filter" and (self._typing() or self.screen is not self.screen_stack[0]):
+            return False  # a `/` typed into a field or a dialog is a character
         return self.view == "vms" or action not in ROW_ACTIONS
 
     def on_key(self, event: events.Key) -> None:
         if self.readonly and event.key in MUTATING_KEYS and not self._typing():
             event.stop()
             self.notify("this console is read-only", severity="warning")
+
+    @staticmethod
+    def _focus_now(widget: Widget) -> None:
+        """Focus before the next key is handled. ``Widget.focus()`` waits its turn in the
+        app's queue, behind keys typed in the same burst: `/abcp` sent `p` to the table
+        (scaling paused) and `/hi from` opened the resize dialog."""
+        widget.screen.set_focus(widget)
 
     def _typing(self) -> bool:
         return isinstance(self.focused, Input)
@@ -462,7 +479,7 @@ class ConsoleApp(App[None]):
         box = self.query_one("#filter", Input)
         box.display = bool(self.table().filter_text)
         box.value = self.table().filter_text
-        self.table().focus()
+        self._focus_now(self.table())
 
     def action_show_vms(self) -> None:
         self._switch("vms")
@@ -473,7 +490,7 @@ class ConsoleApp(App[None]):
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.display = True
-        box.focus()
+        self._focus_now(box)
 
     @on(Input.Changed, "#filter")
     def filter_as_you_type(self, event: Input.Changed) -> None:
@@ -484,7 +501,7 @@ class ConsoleApp(App[None]):
     def keep_filter(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             event.input.display = False
-        self.table().focus()
+        self._focus_now(self.table())
 
     async def action_back(self) -> None:
         """esc on the main screen: clear the filter and return to the table."""
@@ -493,7 +510,7 @@ class ConsoleApp(App[None]):
             box.value = ""
             box.display = False
             self.table().set_filter("")
-            self.table().focus()
+            self._focus_now(self.table())
 
     def action_sort(self) -> None:
         column = self.table().cycle_sort()
@@ -512,7 +529,7 @@ class ConsoleApp(App[None]):
         )
 
     def action_logs(self) -> None:
-        self.query_one(LogPanel).focus()
+        self._focus_now(self.query_one(LogPanel))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(readonly=self.readonly))

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.widgets import Input
 from textual.widgets._footer import FooterKey
 
 from alienec2_tui.app import ConsoleApp
 from alienec2_tui.client import AdminClient
-from alienec2_tui.screens.dialogs import ConfirmDialog, ResizeDialog
+from alienec2_tui.screens.dialogs import ConfirmDialog, ResizeDialog, SubmitDialog
 from alienec2_tui.screens.help import HelpScreen
 from alienec2_tui.screens.job_details import JobDetails
 from alienec2_tui.screens.vm_details import VMDetails
@@ -283,6 +284,21 @@ async def test_slash_filters_as_you_type_enter_keeps_it_escape_clears(console: A
     await eventually(lambda: len(shown_ids(app)) == 2)
     await pilot.press("slash", "x", "escape")  # from the box: clears and closes it
     assert len(shown_ids(app)) == 2 and not app.query_one("#filter").display
+
+
+async def test_a_slash_typed_into_a_field_is_a_character_not_the_filter(console: Any) -> None:
+    """`/` moves to the filter at once (a priority key, for keys typed in one burst), but not
+    from a field: a job's command has paths in it."""
+    app, pilot, core, _ = console
+    await pilot.press("s")
+    await eventually(lambda: isinstance(app.screen, SubmitDialog))
+    await pilot.press(*"ls /tmp", "enter")
+    await eventually(lambda: len(core.store.jobs()) == 1)
+    [job] = core.store.jobs()
+    assert job.command == ["ls", "/tmp"]
+    assert not app.query_one("#filter", Input).display
+    await pilot.press("slash", *"i-")
+    assert app.query_one("#filter", Input).value == "i-"
 
 
 async def test_o_cycles_the_sort_and_the_cursor_stays_on_its_vm(console: Any) -> None:

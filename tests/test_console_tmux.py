@@ -218,6 +218,28 @@ async def test_readonly_flag_hides_mutating_keys_from_the_footer(
     assert "? help" in footer and "kill" not in footer and "drain" not in footer
 
 
+async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter(
+    core: Core, terminal: Terminal
+) -> None:
+    """One write, as a fast typist or a paste: focus moved only after the keys already
+    queued, so `/abcp` paused scaling and `/hi from` opened the resize dialog."""
+    [vm] = core.store.vms()
+    await terminal.start(tui(core), 120, 40)
+    await terminal.wait_for(vm.id, "pool default min 1 max 10")
+    await terminal.tmux("send-keys", "-t", "console", "-l", "/abcpr")
+    screen = await terminal.wait_for("abcpr", "VMs (0 of 1)")
+    assert "PAUSED" not in screen and "Resize the pool" not in screen
+    await terminal.tmux("send-keys", "-t", "console", "Escape")
+    await terminal.wait_for("VMs (1)")
+    assert core.store.setting("paused", False) is False
+    # The resize dialog: Tab moves to max (its text selected), BSpace clears it, 2 types.
+    await terminal.tmux("send-keys", "-t", "console", "r")
+    await terminal.wait_for("Resize the pool")
+    await terminal.tmux("send-keys", "-t", "console", "Tab", "BSpace", "2", "Enter")
+    await terminal.wait_for("min 1 max 2")
+    assert (core.engine.settings().min_vms, core.engine.settings().max_vms) == (1, 2)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=str)
 async def test_a_signal_ends_the_console_and_gives_the_terminal_back(
     core: Core, terminal: Terminal, signum: signal.Signals

@@ -13,6 +13,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label
 
+from alienec2_tui.widgets.ordered_input import OrderedInput
+
 
 class ConfirmDialog(ModalScreen[bool]):
     """Asks before anything terminates or drains. Cancel has the focus: Enter on the default
@@ -61,9 +63,9 @@ class ResizeDialog(ModalScreen[tuple[int, int] | None]):
         with Vertical(classes="dialog"):
             yield Label("Resize the pool")
             yield Label("min VMs")
-            yield Input(str(self._min), id="min", type="integer")
+            yield OrderedInput(str(self._min), id="min", type="integer")
             yield Label("max VMs")
-            yield Input(str(self._max), id="max", type="integer")
+            yield OrderedInput(str(self._max), id="max", type="integer")
             yield Label("", id="problem", classes="problem")
             with Horizontal(classes="buttons"):
                 yield Button("Resize", variant="primary", id="ok")
@@ -105,7 +107,7 @@ class SubmitDialog(ModalScreen[list[str] | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Submit a job: a command line, split like a shell would")
-            yield Input(placeholder="sh -c 'echo hello; sleep 5'", id="command")
+            yield OrderedInput(placeholder="sh -c 'echo hello; sleep 5'", id="command")
             yield Label("", id="problem", classes="problem")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
