@@ -766,6 +766,10 @@ VM_STATES = [str(state) for state in VMState]
 JOB_STATES = [str(state) for state in JobState]
 
 
+JOB_ID_MAX = 2**63 - 1  # what SQLite stores; the admin API's bound too
+POOL_VMS_MAX = 1_000_000  # the admin API's bound on min_vms and max_vms (api.admin.MAX_POOL_VMS)
+
+
 def _count(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high], refused in one line otherwise."""
 
@@ -933,7 +937,11 @@ def parser() -> argparse.ArgumentParser:
         admin,
     )
     why.add_argument(
-        "--last", type=int, default=10, metavar="N", help="how many decisions (default 10)"
+        "--last",
+        type=_count(1, 1000),
+        default=10,
+        metavar="N",
+        help="how many decisions (1-1000, default 10)",
     )
     why.add_argument(
         "--json", action="store_true", help="one JSON document: {now, decisions: [...]}"
@@ -974,7 +982,12 @@ def parser() -> argparse.ArgumentParser:
     vm.set_defaults(run=cmd_vm)
 
     job = command("job", "show one job", "Its command, attempts, exit code and output.", admin)
-    job.add_argument("job", metavar="JOB", type=int, help="the job's number (see alienec2 jobs)")
+    job.add_argument(
+        "job",
+        metavar="JOB",
+        type=_count(1, JOB_ID_MAX),
+        help="the job's number (see alienec2 jobs)",
+    )
     job.add_argument("--json", action="store_true", help="the job as one JSON document")
     job.set_defaults(run=cmd_job)
 
@@ -1027,7 +1040,7 @@ def parser() -> argparse.ArgumentParser:
     submit.set_defaults(run=cmd_submit)
 
     cancel = command("cancel", "cancel a job", parents=admin)
-    cancel.add_argument("job", metavar="JOB", type=int, help="the job's number")
+    cancel.add_argument("job", metavar="JOB", type=_count(1, JOB_ID_MAX), help="the job's number")
     cancel.set_defaults(run=cmd_cancel)
 
     drain = command(
@@ -1045,8 +1058,8 @@ def parser() -> argparse.ArgumentParser:
     kill.set_defaults(run=cmd_kill)
 
     resize = command("resize", "change the pool bounds", "Kept across restarts.", admin)
-    resize.add_argument("--min", type=int, help="new min_vms")
-    resize.add_argument("--max", type=int, help="new max_vms")
+    resize.add_argument("--min", type=_count(0, POOL_VMS_MAX), help="new min_vms")
+    resize.add_argument("--max", type=_count(0, POOL_VMS_MAX), help="new max_vms")
     resize.set_defaults(run=cmd_resize)
 
     tui = command("tui", "the console: watch and steer the pool", parents=admin)

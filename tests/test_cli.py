@@ -115,6 +115,10 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
         assert (code, err.strip()) == (2, "error: give a VM id or --all")
         code, _, err = await cli(core, "submit", "--env", "FOO", "--", "true")
         assert (code, err.strip()) == (2, "error: --env takes KEY=VALUE (got 'FOO')")
+        for args in (("why", "--last", "0"), ("job", "0"), ("resize", "--min", "-1")):
+            code, _, err = await cli(core, *args)
+            assert code == 2 and err.count("\n") == 1, (args, err)
+            assert f"alienec2 {args[0]}: error: argument " in err and "must be" in err, err
         for wall in ("-3", "0", "nan", "ten"):
             code, _, err = await cli(core, "submit", "--wall-time", wall, "--", "true")
             assert code == 2 and err.count("\n") == 1, (wall, err)
@@ -126,7 +130,7 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
         code, _, err = await cli(core, "job", "x")
         assert code == 2
         assert err.strip() == (
-            "alienec2 job: error: argument JOB: invalid int value: 'x' (see alienec2 job --help)"
+            "alienec2 job: error: argument JOB: not a whole number: 'x' (see alienec2 job --help)"
         )
         code, _, err = await cli(core, "vms", "--state", "sleeping")
         assert code == 2
