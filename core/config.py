@@ -35,7 +35,8 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `idle_timeout_s: 1e400` is YAML's infinity, no number of seconds.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LaunchTemplateConfig(_Section):
@@ -537,9 +538,14 @@ def load_config(path: str | Path) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}: invalid YAML at {where}{problem}"]) from None
-    if twice := _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
+    twice = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+    try:
+        config = parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(twice + exc.errors) from None  # every problem in one go
+    if twice:
         raise ConfigError(twice)
-    return resolve_paths(parse_config(data), path.absolute().parent)
+    return resolve_paths(config, path.absolute().parent)
 
 
 def _against(base: Path, value: str | None) -> str | None:

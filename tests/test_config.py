@@ -122,6 +122,14 @@ def test_check_config_prints_one_line_summary_and_exits_0() -> None:
         ),
         ("clouds: [{name: a, image_id: x}]\npool: 3\n", "pool: must be a mapping of keys (got 3)"),
         (
+            "clouds: [{name: a, image_id: x}]\npool: {idle_timeout_s: 1e400}\n",
+            "pool.idle_timeout_s: Input should be a finite number",
+        ),
+        (  # the key written twice, and the other problems with it
+            "clouds: [{name: a, image_id: x, imageid: y}]\npool: {min_vms: 1, min_vms: 3}\n",
+            "clouds[0].imageid: unknown key",
+        ),
+        (
             "clouds: [{name: a, image_id: x}]\nweb: {public_url: ftp//x}\n",
             "web.public_url: must be an http:// or https:// URL with a host",
         ),
