@@ -458,8 +458,11 @@ async def test_jobs_view_lists_jobs_and_enter_opens_a_job_that_updates_live(
     # One argument with spaces stays one on the screen, as the shell line that runs it.
     command = str(screen.query_one("#job-command").render())
     assert command == "$ sh -c 'sleep 1; echo hello-from-job'"
+    await eventually(lambda: bool(jobs.records[str(job["id"])]["finished_at"]))
     shown = jobs.row_for(jobs.records[str(job["id"])], jobs.now)
     assert shown[-1] == "sh -c 'sleep 1; echo hello-from-job'"
+    # It slept a second: a finished job's run time is exact, not in 5 s steps ("0s").
+    assert shown[jobs.COLUMNS.index("run")] not in ("0s", "-")
     facts = str(screen.query_one("#job-facts").render())
     assert "env names: SECRET" in facts and "x" not in facts.split("env names:")[1]
     assert "attempt 1 of 3" in facts and "exit code 0" in facts

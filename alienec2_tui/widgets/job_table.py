@@ -35,7 +35,8 @@ def row_for(job: dict[str, Any], now: float) -> tuple[str, ...]:
         job["vm_id"] or "-",
         f"{job['attempt']}/{job['max_attempts']}",
         age(job["wait_s"]) if job["wait_s"] is not None else "-",
-        age(run_time(job, now), TABLE_STEP_S),
+        # A finished job's run time no longer ticks: exact (a 2 s job showed "0s").
+        age(run_time(job, now), 1 if job["finished_at"] else TABLE_STEP_S),
         str(job["exit_code"]) if job["exit_code"] is not None else "-",
         what_ran(job)[:48],
     )
