@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from core.api.admin import create_admin_app
+from core.api.admin import create_admin_app, token_gate
 from core.api.agent import create_agent_app, network_guard
 from core.api.limits import (
     admin_limits,
@@ -190,6 +190,7 @@ class Core:
             server = make_server(
                 app,
                 limits=admin_limits(config, "admin_tcp"),
+                guard=token_gate(admin_token, config.admin.resolved_readonly_token()),
                 ssl_certfile=config.admin.ssl_certfile,
                 ssl_keyfile=config.admin.ssl_keyfile,
             )

@@ -721,6 +721,15 @@ async def test_admin_tcp_needs_a_token_for_every_route_and_the_schema(
                     assert reply.status_code == 401, body
                     assert reply.json() == {"error": "unauthorized", "code": "unauthorized"}
                     assert reply.headers["www-authenticate"] == "Bearer"
+            # Nor a route's body limit (1 MiB here, 32 MiB for a batch): 401 comes first.
+            port = port_of(core.admin_url)
+            for path in (b"/admin/v1/jobs/batch", b"/admin/v1/jobs", b"/nonexistent"):
+                request = (
+                    b"POST " + path + b" HTTP/1.1\r\nHost: core\r\nConnection: close\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n"
+                )
+                status, _ = await asyncio.to_thread(raw_request, port, request)
+                assert status == 401, path
             auth = {"Authorization": f"Bearer {FULL}"}
             schema = await http.get("/openapi.json", headers=auth)
             assert schema.status_code == 200 and "/admin/v1/status" in schema.json()["paths"]

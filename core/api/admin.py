@@ -133,6 +133,27 @@ class TokenGate:
         await self.app(scope, receive, send)
 
 
+def token_access(token: str | None, readonly_token: str | None) -> Callable[[bytes], str | None]:
+    """The access an Authorization header grants: "full", "readonly" or None."""
+    tokens = [(t.encode(), a) for t, a in ((token, "full"), (readonly_token, "readonly")) if t]
+
+    def access_of(authorization: bytes) -> str | None:
+        scheme, _, presented = authorization.partition(b" ")
+        # Compare with every token, always: the time taken must not tell which one matched.
+        matches = [a for t, a in tokens if hmac.compare_digest(presented, t)]
+        return matches[0] if scheme.lower() == b"bearer" and matches else None
+
+    return access_of
+
+
+def token_gate(token: str | None, readonly_token: str | None) -> Callable[[ASGIApp], ASGIApp]:
+    """The outermost layer of the admin API on TCP (``server.make_server(guard=)``): its 401
+    comes before the request gate sizes a body by its route (1 MiB here, 32 MiB there),
+    which told a caller without a token which routes exist."""
+    access_of = token_access(token, readonly_token)
+    return lambda app: TokenGate(app, access_of)
+
+
 def create_admin_app(
     service: PoolService,
     changes: Changes,
@@ -141,7 +162,8 @@ def create_admin_app(
     readonly_token: str | None = None,
 ) -> FastAPI:
     """``token`` None: no authentication (the unix socket); else every request, the OpenAPI
-    schema included, needs it, or ``readonly_token``, which allows reads and events only."""
+    schema included, needs it, or ``readonly_token``, which allows reads and events only.
+    With a token, serve it behind ``token_gate`` (``server.make_server(guard=)``)."""
     store = service.store
     config = service.config
     max_attempts = getattr(config.queue, "max_attempts", 3)
@@ -149,14 +171,7 @@ def create_admin_app(
     def slots() -> int:
         return service.config.pool.slots_per_vm  # a reload may change it
 
-    tokens = [(t.encode(), a) for t, a in ((token, "full"), (readonly_token, "readonly")) if t]
-
-    def access_of(authorization: bytes) -> str | None:
-        """ "full" or "readonly" for a header holding one of the tokens, else None."""
-        scheme, _, presented = authorization.partition(b" ")
-        # Compare with every token, always: the time taken must not tell which one matched.
-        matches = [a for t, a in tokens if hmac.compare_digest(presented, t)]
-        return matches[0] if scheme.lower() == b"bearer" and matches else None
+    access_of = token_access(token, readonly_token)
 
     async def authenticated(request: Request) -> None:
         request.state.access = "full"
@@ -179,8 +194,6 @@ def create_admin_app(
         openapi_url=None,  # served below, behind the same dependency as every route
     )
     install_error_handlers(app)
-    if token is not None:
-        app.add_middleware(TokenGate, access_of=access_of)
 
     def spec(body: SubmitRequest) -> JobSpec:
         return JobSpec(body.command, body.env, body.wall_time_s, body.max_attempts or max_attempts)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import Scope
+from starlette.types import ASGIApp, Scope
 
 from core.api.limits import (
     MAX_HEADER_BYTES,
@@ -101,14 +101,17 @@ def make_server(
     *,
     limits: ConnectionLimits | None = None,
     admits: Callable[[Scope], bool] | None = None,
+    guard: Callable[[ASGIApp], ASGIApp] | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
 ) -> EmbeddedServer:
     """``limits`` None: the defaults (10 s request deadline, 1,024 connections); ``admits``:
-    whose requests reach ``app`` (the agent API's allowed networks), None: everyone's."""
+    whose requests reach ``app`` (the agent API's allowed networks), None: everyone's;
+    ``guard``: a layer in front of everything, the request gate too (the admin token)."""
     limits = limits or ConnectionLimits()
+    front: ASGIApp = RequestGate(app, admits)
     config = uvicorn.Config(
-        RequestGate(app, admits),
+        guard(front) if guard is not None else front,
         http=protocol_for(limits),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         backlog=accept_batch(limits.max_connections),
