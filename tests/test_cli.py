@@ -259,30 +259,24 @@ async def test_events_lists_the_last_ones_and_follow_streams_json_lines(
         assert b"Traceback" not in err
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``alienec2 ARGS`` as its own process, for what it does before any core is reached."""
+    command = [sys.executable, "-m", "core.cli", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
     """A file where the directory should be: one line and exit 2, not a traceback."""
     taken = tmp_path / "afile"
     taken.write_text("")
-    done = subprocess.run(
-        [sys.executable, "-m", "core.cli", "demo", "--headless", "--workdir", str(taken)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("demo", "--headless", "--workdir", str(taken))
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: --workdir {taken}: File exists"
 
     used = tmp_path / "used"  # an earlier demo's: kept as it is, not mixed into a new run
     used.mkdir()
     (used / "state.db").write_bytes(b"earlier")
-    done = subprocess.run(
-        [sys.executable, "-m", "core.cli", "demo", "--headless", "--workdir", str(used)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("demo", "--headless", "--workdir", str(used))
     assert (done.returncode, done.stderr.count("\n")) == (2, 1)
     assert done.stderr.startswith(f"error: --workdir {used}: holds an earlier demo's state")
     assert (used / "state.db").read_bytes() == b"earlier"
@@ -300,14 +294,10 @@ def test_connection_options_may_come_before_the_command(tmp_path: Path) -> None:
     assert _connection_first(["status", "--socket", "/s"]) == ["status", "--socket", "/s"]
     assert _connection_first(["--socket"]) == ["--socket"]
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "core.cli", *args]
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
-
     nowhere = str(tmp_path / "no-core.sock")
-    done = run("--socket", nowhere, "status")
+    done = run_cli("--socket", nowhere, "status")
     assert done.returncode == 1
     assert done.stderr.startswith(f"error: no core listening at {nowhere}; start one with")
-    done = run("--socket", nowhere, "check-config", str(ROOT / "config.example.yaml"))
+    done = run_cli("--socket", nowhere, "check-config", str(ROOT / "config.example.yaml"))
     assert (done.returncode, done.stderr.count("\n")) == (2, 1)
     assert "unrecognized arguments: --socket" in done.stderr
