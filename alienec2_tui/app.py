@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import events, on, work
+from textual.actions import SkipAction
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
@@ -343,8 +344,6 @@ class ConsoleApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MUTATING and self.readonly:
             return False
-        if action == "filter" and (self._typing() or self.screen is not self.screen_stack[0]):
-            return False  # a `/` typed into a field or a dialog is a character
         return self.view == "vms" or action not in ROW_ACTIONS
 
     def on_key(self, event: events.Key) -> None:
@@ -488,6 +487,11 @@ class ConsoleApp(App[None]):
         self._switch("jobs")
 
     def action_filter(self) -> None:
+        if self._typing() or self.screen is not self.screen_stack[0]:
+            # `/` is a priority key: typed into a field or a dialog it is a character.
+            # Skipped here, not refused in check_action, which would hide the filter from
+            # the command palette (its own field has the focus while it lists commands).
+            raise SkipAction()
         box = self.query_one("#filter", Input)
         box.display = True
         self._focus_now(box)

@@ -299,6 +299,10 @@ async def test_a_slash_typed_into_a_field_is_a_character_not_the_filter(console:
     assert not app.query_one("#filter", Input).display
     await pilot.press("slash", *"i-")
     assert app.query_one("#filter", Input).value == "i-"
+    await pilot.press("escape", "ctrl+p")  # the palette lists the filter while its field types
+    await eventually(lambda: app.screen is not app.screen_stack[0])
+    titles = {c.title for c in app.get_system_commands(app.screen)}
+    assert "Filter the table as you type (esc clears)" in titles
 
 
 async def test_o_cycles_the_sort_and_the_cursor_stays_on_its_vm(console: Any) -> None:

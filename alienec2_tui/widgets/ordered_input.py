@@ -14,8 +14,9 @@ class OrderedInput(Input):
     already typed: `Tab BSpace 2` in the resize dialog deleted the 2 and left max empty."""
 
     async def _on_key(self, event: events.Key) -> None:
-        own = self._bindings.key_to_bindings.get(event.key)
-        if own:
-            event.stop()
-            event.prevent_default()  # not again by Input's handler, nor by the app
-            await self.run_action(own[0].action)
+        for binding in self._bindings.key_to_bindings.get(event.key, []):
+            if await self.app.run_action(binding.action, self):
+                event.stop()
+                event.prevent_default()  # not again by Input's handler, nor by the app
+                return
+        # Not one of its keys, or its action declined (copy with nothing selected): on as before.
