@@ -359,6 +359,9 @@ class Slot:
         self.run_started: float | None = None  # monotonic start of the current pilot run
         self.named_job = False  # the current pilot run's output has named an AliEn job
         self.cancel = threading.Event()
+        # Held while the job changes and while a cancel is matched to it: a cancel for the
+        # job that just ended must not hit the one that starts next in this slot.
+        self.lock = threading.Lock()
         self.runs = 0
 
 
@@ -492,7 +495,9 @@ class Agent:
 
     def cancel_jobs(self, job_ids: list[Any]) -> None:
         for slot in self.slots:
-            if slot.job_id is not None and slot.job_id in job_ids and not slot.cancel.is_set():
+            with slot.lock:
+                if slot.job_id is None or slot.job_id not in job_ids or slot.cancel.is_set():
+                    continue
                 log.info("event=job_cancel job=%s", slot.job_id)
                 slot.cancel.set()
 
@@ -696,8 +701,9 @@ class Agent:
         log.info(
             "event=job_started job=%s attempt=%s slot=%d", job["id"], job["attempt"], slot.index
         )
-        slot.cancel.clear()
-        slot.job_id = job["id"]
+        with slot.lock:
+            slot.cancel.clear()
+            slot.job_id = job["id"]
         try:
             if job.get("state") == "cancelled":
                 # Handed back after a cancel (this agent restarted while it ran): never again,
@@ -726,8 +732,9 @@ class Agent:
             self.spool_report(job, status_word, outcome.exit_code, outcome.tail)
             log.info("event=job_%s job=%s exit_code=%s", status_word, job["id"], outcome.exit_code)
         finally:
-            slot.job_id = None
-            slot.cancel.clear()
+            with slot.lock:
+                slot.job_id = None
+                slot.cancel.clear()
 
     def _may_take_work(self) -> bool:
         """False once the loop must end; waits while a Spot notice holds new work back."""
