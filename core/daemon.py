@@ -180,17 +180,18 @@ class Core:
         if config.admin.tcp_host:
             admin_tcp = tcp_socket(config.admin.tcp_host, config.admin.tcp_port)
             self.admin_url = _url(admin_tcp, bool(config.admin.ssl_certfile))
+            readonly_token = config.admin.resolved_readonly_token()
             app = create_admin_app(
                 self.service,
                 self.changes,
                 engine,
                 token=admin_token,
-                readonly_token=config.admin.resolved_readonly_token(),
+                readonly_token=readonly_token,
             )
             server = make_server(
                 app,
                 limits=admin_limits(config, "admin_tcp"),
-                guard=token_gate(admin_token, config.admin.resolved_readonly_token()),
+                guard=token_gate(admin_token, readonly_token),
                 ssl_certfile=config.admin.ssl_certfile,
                 ssl_keyfile=config.admin.ssl_keyfile,
             )

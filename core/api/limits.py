@@ -110,7 +110,8 @@ class RateLimitedRecords(logging.Filter):
             self._suppressed[message] = self._suppressed.get(message, 0) + 1
             return False
         self._last[message] = now
-        record.msg, record.args = message + " count=%d", (self._suppressed.pop(message, 0) + 1,)
+        count = self._suppressed.pop(message, 0) + 1
+        record.msg, record.args = message.replace("%", "%%") + " count=%d", (count,)
         return True
 
 
