@@ -221,8 +221,8 @@ class PoolService:
             job = self.store.job(held)
             if job.state != JobState.CANCELLED or job.started_at is not None:
                 # A started job frees its slot only by its report: a cancelled one is handed
-                # back, and the agent learns it is cancelled when it reports it started. A
-                # fetch is no word that its process stopped.
+                # back, its state telling the agent not to run it. A fetch is no word that
+                # its process stopped.
                 return Fetch(action, job, wait=False)
             # Cancelled before the agent ever started it (it is fetching again): free the slot.
             self.store.release_cancelled(vm.id, job.id, self.clock())
@@ -254,17 +254,17 @@ class PoolService:
     ) -> Report:
         """Idempotent by (job, attempt): a retried report changes nothing and is accepted."""
         try:
-            self.store.job(job_id)
+            current = self.store.job(job_id)
         except NotFound:
             raise Forbidden() from None
         if not self.store.was_assigned(job_id, vm.id):
             raise Forbidden()
-        if status == "cancelled":
-            current = self.store.job(job_id)
-            if current.state != JobState.CANCELLED and current.attempt == attempt:
-                # An agent stops a job only when told it was cancelled: any other stop is an
-                # end with an exit code, which counts as the job's result.
-                raise Conflict(f"job {job_id} was not cancelled: report it finished")
+        # An agent stops a job only when told it was cancelled: any other stop is an end
+        # with an exit code, which counts as the job's result.
+        # (A stale attempt is answered as stale below.)
+        told_to_stop = current.state == JobState.CANCELLED or current.attempt != attempt
+        if status == "cancelled" and not told_to_stop:
+            raise Conflict(f"job {job_id} was not cancelled: report it finished")
         now = self.clock()
         if status == "started":
             job = self.store.start_job(job_id, attempt, vm.id, now)
