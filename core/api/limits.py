@@ -28,6 +28,7 @@ refuses callers outside the listener's networks (403): one layer per request, no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import resource
@@ -323,16 +324,12 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = scope["headers"]
-        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-        for name, value in headers:
-            size += len(name) + len(value) + 4
+        size, declared, chunked = _head(scope)
         if size > MAX_HEADER_BYTES:
             await _headers_too_large(send)
             return
         limit = body_limit(scope["path"])
-        declared = _content_length(scope)
-        if declared is not None and any(name == b"transfer-encoding" for name, _ in headers):
+        if declared is not None and chunked:
             await _double_framing(send)  # RFC 9112 6.3: a smuggling attempt, or a bad proxy
             return
         if declared is not None and declared > limit:
@@ -355,14 +352,21 @@ class RequestGate:
         await self.app(scope, bounded_receive, send)
 
 
-def _content_length(scope: Scope) -> int | None:
+def _head(scope: Scope) -> tuple[int, int | None, bool]:
+    """One pass over a request's head, which every request pays for: its size in bytes, its
+    (first) Content-Length, and whether it has a Transfer-Encoding."""
+    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    declared: int | None = None
+    length_seen = chunked = False
     for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None  # h11 has already refused a malformed one
-    return None
+        size += len(name) + len(value) + 4
+        if name == b"content-length" and not length_seen:
+            length_seen = True
+            with contextlib.suppress(ValueError):  # h11 has already refused a malformed one
+                declared = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    return size, declared, chunked
 
 
 async def send_json(send: Send, status: int, body: bytes, close: bool = False) -> None:
