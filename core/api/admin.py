@@ -110,6 +110,9 @@ class EngineView(Protocol):
         ...
 
 
+ACCESS = "access"  # the key of the token gate's verdict in the request's state
+
+
 class TokenGate:
     """401 for a request without a valid token before routing or reading its body: a caller
     without one learns nothing, not which routes exist (404 against 401) nor how its body
@@ -122,7 +125,8 @@ class TokenGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if self.access_of(authorization) is None:
+            access = self.access_of(authorization)
+            if access is None:
                 response = JSONResponse(
                     error_body("unauthorized", "unauthorized"),
                     401,
@@ -130,6 +134,8 @@ class TokenGate:
                 )
                 await response(scope, receive, send)
                 return
+            # The verdict, for the routes (``request.state.access``): compared once.
+            scope.setdefault("state", {})[ACCESS] = access
         await self.app(scope, receive, send)
 
 
@@ -171,17 +177,13 @@ def create_admin_app(
     def slots() -> int:
         return service.config.pool.slots_per_vm  # a reload may change it
 
-    access_of = token_access(token, readonly_token)
-
     async def authenticated(request: Request) -> None:
-        request.state.access = "full"
         if token is None:
+            request.state.access = "full"
             return
-        raw = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-        access = access_of(raw)
+        access = getattr(request.state, ACCESS, None)  # the token gate's verdict
         if access is None:
-            raise unauthorized()
-        request.state.access = access
+            raise unauthorized()  # served without its gate: nobody gets in
         if access == "readonly" and request.method not in READ_METHODS:
             raise ApiError(403, "this token may only read", "read_only")
 
