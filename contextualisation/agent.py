@@ -746,10 +746,16 @@ class Agent:
 
     def fetch_loop(self, slot: Slot) -> None:
         attempt = 0
+        handed_back: set[tuple[int, int]] = set()
         while True:
             self.flush_spool()
             if not self._may_take_work():
-                return
+                job = self._held_job(slot)
+                if job is None or (job["id"], job["attempt"]) in handed_back:
+                    return
+                handed_back.add((job["id"], job["attempt"]))  # run once, even if refused
+                self.run_job(job, slot)
+                continue
             wait = self.settings["fetch_wait_s"]
             try:
                 status, reply = self.core.call(
@@ -771,6 +777,31 @@ class Agent:
             self._set_action(reply.get("action", self.action))
             if reply.get("job"):
                 self.run_job(reply["job"], slot)
+
+    def _held_job(self, slot: Slot) -> dict[str, Any] | None:
+        """On drain, the job the core still holds in this slot, if any: the agent restarted
+        under it, or the answer to its fetch was lost. Unrun, it would keep the VM draining
+        (and billed) for ever. Asked only once this slot's reports are all delivered, so a
+        job handed back is one never reported, not one just finished."""
+        attempt = 0
+        while not self.stopping.is_set() and self.action == "drain":
+            try:
+                status, reply = self.core.call(
+                    f"/agent/v1/jobs/next?wait=0&slot={slot.index}", timeout=15
+                )
+            except Unreachable as exc:
+                log.warning("event=fetch_failed slot=%d error=%s", slot.index, exc)
+                self.stopping.wait(self._backoff(attempt))
+                attempt += 1
+                continue
+            if status != 200:
+                return None
+            self._set_action(reply.get("action", self.action))
+            job: dict[str, Any] | None = reply.get("job")
+            if job is not None:
+                log.info("event=held_job_handed_back slot=%d job=%s", slot.index, job["id"])
+            return job
+        return None
 
     def run_record(self, run_id: str, slot: Slot, **fields: Any) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -16,7 +16,7 @@ from core.cli import _vm_jobs
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
 from core.demo import DemoOptions, demo_config
-from core.model import JobState, VMState
+from core.model import STOPPED_SERVING_STATES, JobState, VMState
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 from tests.test_api import bearer, register
 
@@ -210,6 +210,40 @@ async def test_a_draining_vm_takes_no_job_on_any_slot_and_goes_when_all_are_free
         lambda: core.store.vm(vm_id).state in (VMState.TERMINATING, VMState.TERMINATED)
     )
     assert core.store.job(a["id"]).state == JobState.DONE
+
+
+async def test_an_agent_restarted_on_a_draining_vm_runs_the_job_its_slot_holds_and_the_vm_goes(
+    tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
+) -> None:
+    """A draining agent takes no work, so one restarted on a draining VM never fetched the
+    job its slot held: never run nor reported, it kept the VM draining (and billed) for
+    ever. The agent now asks for it once its reports are delivered, runs it and drains."""
+    go, runs = tmp_path / "go", tmp_path / "runs"
+    wait_for_go = (
+        f"echo run >> {runs}; i=0; while [ ! -e {go} ]; do i=$((i+1)); "
+        "[ $i -gt 600 ] && exit 3; sleep 0.1; done; echo went"
+    )
+    pool = {"min_vms": 1, "max_vms": 1}
+    async with running_core(core_config(tmp_path, moto.url, pool=pool)) as core:
+        [vm_id] = await wait_for_vms(core, 1)
+        first = agents(vm_id)
+        await eventually(lambda: core.store.vm(vm_id).state == VMState.IDLE, timeout=20)
+        async with AdminClient(socket_path=str(core.admin_socket)) as admin:
+            job_id = (await admin.submit(["sh", "-c", wait_for_go]))["id"]
+            await eventually(lambda: core.store.job(job_id).state == JobState.RUNNING, timeout=20)
+            first.proc.kill()  # the agent dies under its job (its process goes on, orphaned)
+            first.proc.wait()
+            await admin.drain(vm_id)
+        assert core.store.vm(vm_id).state == VMState.DRAINING
+        restarted = agents(vm_id)  # the same state directory: its token, an empty spool
+        await eventually(lambda: runs.read_text().count("run") == 2, timeout=20)
+        go.touch()
+        await eventually(lambda: core.store.job(job_id).state == JobState.DONE, timeout=30)
+        job = core.store.job(job_id)
+        assert (job.attempt, job.output_tail.strip()) == (1, "went")
+        await eventually(lambda: core.store.vm(vm_id).state in STOPPED_SERVING_STATES, timeout=30)
+        assert restarted.proc.wait(timeout=30) == 0
+        assert "event=held_job_handed_back" in restarted.log()
 
 
 async def test_a_killed_vm_requeues_every_job_it_holds(
