@@ -402,6 +402,15 @@ def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, sort_keys=True))
 
 
+def _answer(args: argparse.Namespace, reply: Any, line: str) -> None:
+    """What a command that changes the pool prints: one line, or with --json the core's
+    answer (scripts read the new job's id or the bounds from it)."""
+    if args.json:
+        _print_json(reply)
+    else:
+        print(line)
+
+
 def _run_time(job: dict[str, Any], now: float) -> str:
     if job["started_at"] is None:
         return "-"
@@ -671,11 +680,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         if len(jobs) == 1 and not args.file:
             job = await client.submit(command, env, args.wall_time)
-            print(f"submitted job {job['id']}")
+            _answer(args, job, f"submitted job {job['id']}")
         else:
             reply = await client.submit_batch(jobs)
             ids = reply["ids"]
-            print(f"submitted {len(ids)} jobs ({ids[0]}..{ids[-1]})")
+            _answer(args, reply, f"submitted {len(ids)} jobs ({ids[0]}..{ids[-1]})")
         return 0
 
     return _admin(args, work)
@@ -684,7 +693,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         job = await client.cancel(args.job)
-        print(f"job {job['id']} {job['state']}")
+        _answer(args, job, f"job {job['id']} {job['state']}")
         return 0
 
     return _admin(args, work)
@@ -697,11 +706,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     async def work(client: AdminClient) -> int:
         if args.all:
-            drained = (await client.drain_all())["drained"]
-            print(f"draining {len(drained)} VMs")
+            reply = await client.drain_all()
+            _answer(args, reply, f"draining {len(reply['drained'])} VMs")
         else:
             vm = await client.drain(args.vm)
-            print(f"vm {vm['id']} {vm['state']}")
+            _answer(args, vm, f"vm {vm['id']} {vm['state']}")
         return 0
 
     return _admin(args, work)
@@ -716,7 +725,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
             job = f"; jobs {named} go back to the queue"
         else:
             job = f"; job {named} goes back to the queue" if held else ""
-        print(f"vm {vm['id']} will be terminated{job}")
+        _answer(args, vm, f"vm {vm['id']} will be terminated{job}")
         return 0
 
     return _admin(args, work)
@@ -729,7 +738,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
     async def work(client: AdminClient) -> int:
         bounds = await client.resize(args.min, args.max)
-        print(f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
+        _answer(args, bounds, f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
         return 0
 
     return _admin(args, work)
@@ -748,8 +757,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
-        await client.pause(args.command == "pause")
-        print("scaling paused" if args.command == "pause" else "scaling resumed")
+        reply = await client.pause(args.command == "pause")
+        _answer(args, reply, "scaling paused" if args.command == "pause" else "scaling resumed")
         return 0
 
     return _admin(args, work)
@@ -910,6 +919,11 @@ def parser() -> argparse.ArgumentParser:
         help="environment variable holding the TCP bearer token (default ALIENEC2_ADMIN_TOKEN)",
     )
     admin = [connection]
+    answer = argparse.ArgumentParser(add_help=False)
+    answer.add_argument(
+        "--json", action="store_true", help="print the core's answer as one JSON document"
+    )
+    changes = [connection, answer]  # commands that change the pool
 
     status = command("status", "the pool at a glance", parents=admin)
     status.add_argument("--json", action="store_true", help="the full status as JSON")
@@ -1023,7 +1037,7 @@ def parser() -> argparse.ArgumentParser:
     submit = command(
         "submit",
         "queue a job: alienec2 submit -- CMD ARGS..., or --file FILE (one per line)",
-        parents=admin,
+        parents=changes,
     )
     submit.add_argument("--file", help="a file with one command line per job")
     submit.add_argument(
@@ -1039,7 +1053,7 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     submit.set_defaults(run=cmd_submit)
 
-    cancel = command("cancel", "cancel a job", parents=admin)
+    cancel = command("cancel", "cancel a job", parents=changes)
     cancel.add_argument("job", metavar="JOB", type=_count(1, JOB_ID_MAX), help="the job's number")
     cancel.set_defaults(run=cmd_cancel)
 
@@ -1047,17 +1061,17 @@ def parser() -> argparse.ArgumentParser:
         "drain",
         "drain a VM, or --all",
         "A draining VM gets no new job and is terminated once idle.",
-        admin,
+        changes,
     )
     drain.add_argument("vm", metavar="VM", nargs="?", help="the VM's instance id")
     drain.add_argument("--all", action="store_true", help="drain every idle and busy VM")
     drain.set_defaults(run=cmd_drain)
 
-    kill = command("kill", "terminate a VM now (its jobs go back to the queue)", parents=admin)
+    kill = command("kill", "terminate a VM now (its jobs go back to the queue)", parents=changes)
     kill.add_argument("vm", metavar="VM", help="the VM's instance id")
     kill.set_defaults(run=cmd_kill)
 
-    resize = command("resize", "change the pool bounds", "Kept across restarts.", admin)
+    resize = command("resize", "change the pool bounds", "Kept across restarts.", changes)
     resize.add_argument("--min", type=_count(0, POOL_VMS_MAX), help="new min_vms")
     resize.add_argument("--max", type=_count(0, POOL_VMS_MAX), help="new max_vms")
     resize.set_defaults(run=cmd_resize)
@@ -1068,7 +1082,7 @@ def parser() -> argparse.ArgumentParser:
     tui.set_defaults(run=cmd_tui)
 
     for name, text in (("pause", "pause scaling"), ("resume", "resume scaling")):
-        pause = command(name, text, "Dead VMs are still handled while paused.", admin)
+        pause = command(name, text, "Dead VMs are still handled while paused.", changes)
         pause.set_defaults(run=cmd_pause)
     return top
 

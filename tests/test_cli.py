@@ -79,6 +79,35 @@ async def test_status_submit_cancel_resize_pause_from_the_command_line(
         assert [job["id"] for job in snapshot["jobs"]] == [3, 2]
 
 
+async def test_commands_that_change_the_pool_print_the_cores_answer_as_json_on_request(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    """Scripts read the new job's id or the bounds from the answer, not from a sentence."""
+    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 2})) as core:
+        drained, killed = await wait_for_vms(core, 2)
+        for vm_id in (drained, killed):
+            core.store.register_vm(vm_id, core.clock())
+        answers = {}
+        for command in (
+            ("submit", "--json", "--", "echo", "hi"),
+            ("cancel", "1", "--json"),
+            ("resize", "--max", "3", "--json"),
+            ("pause", "--json"),
+            ("drain", drained, "--json"),
+            ("kill", killed, "--json"),
+            ("resume", "--json"),
+        ):
+            code, out, err = await cli(core, *command)
+            assert (code, err) == (0, ""), command
+            answers[command[0]] = json.loads(out)
+        assert (answers["submit"]["id"], answers["submit"]["command"]) == (1, ["echo", "hi"])
+        assert (answers["cancel"]["id"], answers["cancel"]["state"]) == (1, "cancelled")
+        assert (answers["resize"]["min_vms"], answers["resize"]["max_vms"]) == (2, 3)
+        assert answers["drain"]["id"] == drained
+        assert (answers["kill"]["id"], answers["kill"]["kill_requested"]) == (killed, True)
+        assert core.store.setting("paused", True) is False
+
+
 async def test_drain_and_kill_from_the_command_line(tmp_path: Path, moto: MotoEC2Server) -> None:
     async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 2})) as core:
         first, second = await wait_for_vms(core, 2)
