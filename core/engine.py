@@ -41,7 +41,15 @@ from core.clouds import (
 )
 from core.config import CloudConfig, Config
 from core.liveness import Liveness
-from core.model import ALIVE_STATES, HEARTBEATING_STATES, EventKind, Launch, Reason, VMState
+from core.model import (
+    ALIVE_STATES,
+    HEARTBEATING_STATES,
+    STARTING_STATES,
+    EventKind,
+    Launch,
+    Reason,
+    VMState,
+)
 from core.observe import (
     CloudInputs,
     Observed,
@@ -390,12 +398,15 @@ class Engine:
     def _changed_since(self, action: policy.Action, view: policy.VMView) -> bool:
         """Whether what ``action`` was decided on has changed since ``view`` was read: the
         VM's state, always; for a Lose, a heartbeat since; for terminating a VM that serves
-        and nobody asked to kill (idle, above max, outdated, too old), its jobs or idle time."""
+        and nobody asked to kill (idle, above max, outdated, too old), its jobs or idle time.
+        A VM the cloud reported running meanwhile (requested -> booting: the describe started
+        this cycle landed while the snapshot was read) has not changed: it is still
+        unregistered, and its boot timeout runs from its launch either way."""
         try:
             vm = self.store.vm(view.id)
         except NotFound:
             return True
-        if vm.state != view.state:
+        if vm.state != view.state and {vm.state, view.state} != STARTING_STATES:
             return True
         if isinstance(action, policy.Lose):
             heard = self.liveness.last_heartbeat(vm.id, vm.last_heartbeat)

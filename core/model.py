@@ -81,6 +81,8 @@ SERVING_STATES = frozenset(
 ALIVE_STATES = frozenset(set(VMState) - {VMState.TERMINATED})
 # VMs whose agent is expected to heartbeat.
 HEARTBEATING_STATES = frozenset({VMState.IDLE, VMState.BUSY, VMState.DRAINING})
+# VMs launched whose agent has not registered yet (the boot timeout runs).
+STARTING_STATES = frozenset({VMState.REQUESTED, VMState.BOOTING})
 
 
 class JobState(enum.StrEnum):

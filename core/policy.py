@@ -36,7 +36,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from core.model import ALIVE_STATES, HEARTBEATING_STATES, SERVING_STATES, Reason, VMState
+from core.model import (
+    ALIVE_STATES,
+    HEARTBEATING_STATES,
+    SERVING_STATES,
+    STARTING_STATES,
+    Reason,
+    VMState,
+)
 
 
 class VMView(NamedTuple):
@@ -297,9 +304,6 @@ def rare_arrivals(snapshot: Snapshot, settings: Settings) -> bool:
     return settings.adaptive_warm and 0 < rate * _lead_s(snapshot, settings) < 1
 
 
-_STARTING_STATES = frozenset({VMState.REQUESTED, VMState.BOOTING})
-
-
 def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
     """Per-VM rules that apply even when scaling is paused or demand is unknown."""
     state = vm.state
@@ -314,7 +318,7 @@ def _health(vm: VMView, now: float, settings: Settings) -> Action | None:
         if state == VMState.DRAINING and vm.jobs == 0:
             return Terminate(vm.id, "drained", Reason.DRAINED)
         return None
-    if state in _STARTING_STATES:
+    if state in STARTING_STATES:
         if now - vm.launched_at > settings.boot_timeout_s:
             return Fail(vm.id, f"not registered within boot_timeout_s={settings.boot_timeout_s:g}")
         return None
@@ -430,7 +434,7 @@ def explain(
             elif vm.state == VMState.BUSY:
                 busy += 1
                 free += max(slots - vm.jobs, 0)
-            elif vm.state in _STARTING_STATES:
+            elif vm.state in STARTING_STATES:
                 starting += 1
             else:
                 leaving += 1  # draining: it counts against max_vms, not towards min_vms

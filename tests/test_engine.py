@@ -239,6 +239,35 @@ async def test_a_vm_that_changes_while_the_decision_is_made_off_the_loop_is_left
     assert store.vm(idle).state == VMState.TERMINATED
 
 
+async def test_a_vm_the_cloud_reports_running_while_the_decision_is_made_still_fails_its_boot(
+    tmp_path: Path,
+    moto: MotoEC2Server,
+    clock: ManualClock,
+    start_engine: Callable[[Config], Awaitable[Engine]],
+) -> None:
+    """The cycle's describe of a requested VM may land while the snapshot is read: requested
+    -> booting is no change to a boot timeout, which is carried out in that cycle."""
+    config = make_config(
+        tmp_path, [cloud("c", moto.url)], pool={"min_vms": 1, "boot_timeout_s": 300}
+    )
+    engine = await start_engine(config)
+    store = engine.store
+    await step(engine)
+    [first] = store.vms([VMState.REQUESTED])
+    clock.advance(301)
+    decided = engine._still_as_seen
+
+    def described_meanwhile(*args: Any) -> Any:
+        store.vm_running(first.id, None, clock())  # what the cycle's describe applies
+        return decided(*args)
+
+    engine._still_as_seen = described_meanwhile  # type: ignore[method-assign]
+    await step(engine)
+    assert store.vm(first.id).state == VMState.TERMINATED
+    replacement = running_in_cloud(moto.url)
+    assert len(replacement) == 1 and first.id not in replacement
+
+
 async def one_vm(engine: Engine, clock: ManualClock, busy: bool) -> tuple[str, int]:
     """One registered VM, and the job it was launched for (held if ``busy``, else done)."""
     [job] = submit(engine.store, 1, clock())

@@ -417,6 +417,27 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started and has not reaped (whichever of its threads did)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat_file.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is alive and not a zombie (exited, not yet reaped by its parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 class InstanceRunner:
     """The sandbox's hypervisor: each instance EC2 reports running boots, after a boot delay,
     as a local agent process configured by that instance's own user data (either template:
@@ -473,9 +494,7 @@ class InstanceRunner:
                 del self._boot_at[instance_id]
                 self._boot(instance_id)
         for instance_id in list(self._doomed):
-            if instance_id in self._procs and any(
-                (self._dir(instance_id) / "state/jobs").glob("*")
-            ):
+            if instance_id in self._procs and self._stopped_mid_job(instance_id):
                 self._doomed.discard(instance_id)
                 self._kill(instance_id)
                 self.died.append(instance_id)
@@ -546,6 +565,26 @@ class InstanceRunner:
         (self._dir(instance_id) / "agent.pid").write_text(f"{proc.pid}\n")
         self.booted.append(instance_id)
         log.info("event=sandbox_instance_booted vm=%s", instance_id)
+
+    def _stopped_mid_job(self, instance_id: str) -> bool:
+        """Freeze the instance's agent (SIGSTOP, waited for) and say whether a job of it still
+        runs; if not, let the agent go on. A job's workdir stays after it finished, and an
+        agent killed after reporting its job leaves nothing to requeue: only a job process
+        still running under a stopped agent is one the core will never hear finish."""
+        if not any((self._dir(instance_id) / "state/jobs").glob("*")):
+            return False  # no job started yet: nothing to freeze for
+        proc = self._procs[instance_id]
+        if proc.returncode is not None:
+            return False  # the agent exited by itself (reaped by an earlier look)
+        os.kill(proc.pid, signal.SIGSTOP)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # until every thread of it is stopped
+        if not os.WIFSTOPPED(status):  # it exited meanwhile (and is reaped now)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return False
+        if any(_running(pid) for pid in _children(proc.pid)):
+            return True  # stays stopped until killed: the job's report is never sent
+        os.kill(proc.pid, signal.SIGCONT)
+        return False
 
     def _kill(self, instance_id: str) -> None:
         """Power off: the agent and everything it started die at once."""
