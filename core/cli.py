@@ -129,6 +129,20 @@ def cmd_core(args: argparse.Namespace) -> int:
         )
 
 
+def _demo_running_in(workdir: Path) -> str | None:
+    """The pid of the demo whose core holds this directory's state lock, if one does."""
+    from core.lock import StateLock
+    from core.store import StateError
+
+    lock = StateLock(workdir / "state.db")
+    try:
+        lock.acquire()
+    except StateError:
+        return lock.holder()
+    lock.release()
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from core.demo import DemoOptions, run_demo
 
@@ -174,9 +188,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if (workdir / "state.db").exists():
             # Its VMs lived in that run's embedded cloud, gone with it: the summary and the
             # wait for every job would count the earlier run's. Kept, never overwritten.
+            running = _demo_running_in(workdir)
             print(
-                f"error: --workdir {workdir}: holds an earlier demo's state (state.db); "
-                "give a new or empty directory",
+                f"error: --workdir {workdir}: "
+                + (
+                    f"a demo is running there (pid {running}); stop it, or give a new directory"
+                    if running
+                    else "holds an earlier demo's state (state.db); give a new or empty directory"
+                ),
                 file=sys.stderr,
             )
             raise SystemExit(EXIT_USAGE)

@@ -26,8 +26,8 @@ class StateLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            holder = self.holder()
             raise StateError(
                 f"{self.path.with_suffix('')}: another core (pid {holder}) is using this state "
                 "file; stop it first, or give this core its own state.path"
@@ -35,6 +35,13 @@ class StateLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def holder(self) -> str:
+        """The pid the lock file names (its holder's, while it is held)."""
+        try:
+            return self.path.read_text(errors="replace")[:32].strip() or "unknown"
+        except OSError:
+            return "unknown"
 
     def release(self) -> None:
         if self._fd is not None:

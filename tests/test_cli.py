@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from core.cli import _connection_first, parser
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
+from core.lock import StateLock
 from core.model import JobState, VMState
 from tests.conftest import AgentProcess, core_config, eventually, running_core, wait_for_vms
 
@@ -309,6 +311,17 @@ def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr.count("\n")) == (2, 1)
     assert done.stderr.startswith(f"error: --workdir {used}: holds an earlier demo's state")
     assert (used / "state.db").read_bytes() == b"earlier"
+    running = StateLock(used / "state.db")  # a demo still running there holds its lock
+    running.acquire()
+    try:
+        done = run_cli("demo", "--headless", "--workdir", str(used))
+    finally:
+        running.release()
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1)
+    assert done.stderr.strip() == (
+        f"error: --workdir {used}: a demo is running there (pid {os.getpid()}); stop it, or "
+        "give a new directory"
+    )
 
 
 def test_connection_options_may_come_before_the_command(tmp_path: Path) -> None:
