@@ -174,8 +174,6 @@ class Engine:
         # Snapshots and decisions in the loop while they are cheap, then in a process of their
         # own (never for an in-memory store, which no other process can read).
         self.observer: ObserverProcess | None = None
-        self._observer_failures = 0  # in a row
-        self._observer_retry_at = -math.inf
 
     # ---- runtime settings (admin overrides, durable) -----------------------------------
 
@@ -357,24 +355,13 @@ class Engine:
 
     async def _observe(self, inputs: ObserveInputs) -> Observed:
         """The observation: in the loop while it costs less than OBSERVE_IN_PROCESS_S of CPU,
-        then in the observer process for good. A cycle whose observer cannot answer observes
-        in the loop; the next starts another, and after repeated failures (a core upgraded on
-        disk, a broken install) the process is tried again only after a backoff."""
-        if self.observer is not None and inputs.now >= self._observer_retry_at:
+        then in the observer process for good (if the process dies, this cycle observes in
+        the loop and the next starts another)."""
+        if self.observer is not None:
             try:
-                observed = await self.observer.observe(inputs)
+                return await self.observer.observe(inputs)
             except ObserverLost as exc:
-                self._observer_failures += 1
-                delay = (
-                    policy.backoff_delay(self._observer_failures - 2, 60.0, 3600.0)
-                    if self._observer_failures > 1
-                    else 0.0
-                )
-                self._observer_retry_at = inputs.now + delay
-                log.error("event=observer_lost error=%s retry_in_s=%.0f", exc, delay)
-            else:
-                self._observer_failures = 0
-                return observed
+                log.error("event=observer_lost error=%s", exc)
         observed = observe_and_decide(self.store, inputs)
         if (
             self.observer is None

@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import pickle
 import signal
-import site
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, NamedTuple
 
-from core import model, policy
+from core import policy
 from core.model import ALIVE_STATES
 from core.store import Store
 from core.store.jobs import Submitted
@@ -142,7 +139,9 @@ def _baseline(store: Store, inputs: ObserveInputs) -> tuple[float, float]:
     """The ``warm_history_s`` average arrival rate. It moves slowly and counting a day of
     submissions takes milliseconds at 100,000 jobs a day, so it is recounted once a minute."""
     history_s = inputs.warm_history_s
-    if not history_s or 0 <= inputs.now - inputs.baseline[0] < BASELINE_REFRESH_S:
+    if not history_s:
+        return (inputs.now, 0.0)
+    if 0 <= inputs.now - inputs.baseline[0] < BASELINE_REFRESH_S:
         return inputs.baseline
     return (inputs.now, store.submitted_since(inputs.now - history_s).jobs / history_s)
 
@@ -211,7 +210,7 @@ def build_snapshot(reads: PoolReads, inputs: ObserveInputs) -> policy.Snapshot:
             recent_submissions=recent.submissions,
             last_minute_submissions=last_minute.submissions,
         ),
-        baseline_rate=reads.baseline[1] if inputs.warm_history_s else 0.0,
+        baseline_rate=reads.baseline[1],
         boot_time_s=policy.boot_time(reads.boot_times, inputs.boot_time_guess_s),
         completion_rate=policy.completion_rate(reads.finished, window),
     )
@@ -240,28 +239,21 @@ def _outdated(launched_with: str | None, current: str | None) -> bool:
 # ---- the observer process ------------------------------------------------------------------
 
 
-ANSWER_TIMEOUT_S = 60.0  # a 10,000-VM answer takes under a second; the watchdog waits 120 s
-FRAME_HEADER = 8  # bytes: the pickle's length, big-endian
-MAX_FRAME = 1 << 30  # a larger length is no frame of ours (stray bytes on the pipe)
-
-
 class ObserverLost(Exception):
-    """The observer process could not answer (it ended, could not start, runs other code,
-    or took too long): this cycle observes in the core."""
+    """The observer process ended or broke its protocol: this cycle observes in the core."""
 
 
 class ObserverProcess:
     """A child process that observes one state file: ``python -m core.observe PATH``. It
     reads one pickled ``ObserveInputs`` at a time from its stdin and answers on its stdout.
     Only the core holds the other end of its stdin, so it ends when the core does, however the
-    core ends; it runs in a session of its own and ignores the signals the core handles
-    (Ctrl-C, hang-up, SIGTERM).
+    core ends; it ignores the signals the core handles (Ctrl-C, hang-up, SIGTERM).
 
     One thread of the core talks to it, a question and its answer at a time: a cycle
     cancelled meanwhile leaves the pair whole, and the loop never waits on the pipe."""
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
+        self.path = path
         self._process: subprocess.Popen[bytes] | None = None  # started by the first question
         self._talker = ThreadPoolExecutor(1, thread_name_prefix="alienec2-observer")
 
@@ -270,45 +262,35 @@ class ObserverProcess:
         process = self._process
         return None if process is None else process.pid
 
-    async def observe(self, inputs: ObserveInputs, timeout_s: float = ANSWER_TIMEOUT_S) -> Observed:
-        asked = asyncio.get_running_loop().run_in_executor(self._talker, self._ask, inputs)
-        try:
-            return await asyncio.wait_for(asked, timeout_s)
-        except TimeoutError:
-            process = self._process
-            if process is not None:
-                process.kill()  # frees the talker: its read ends, and it discards the process
-            raise ObserverLost(f"the observer gave no answer in {timeout_s:g} s") from None
+    async def observe(self, inputs: ObserveInputs) -> Observed:
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self._talker, self._ask, inputs)
+        if isinstance(answer, ObserverFailed):
+            raise RuntimeError(f"the observer failed: {answer.error}")
+        return answer
 
-    def _ask(self, inputs: ObserveInputs) -> Observed:
+    def _ask(self, inputs: ObserveInputs) -> Observed | ObserverFailed:
         process = self._process
         if process is None:
-            try:
-                process = self._process = subprocess.Popen(
-                    [sys.executable, "-P", "-m", __name__, self.path, CODE_DIGEST],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    env=_importing_this_code(),
-                    start_new_session=True,
-                )
-            except OSError as exc:  # out of file descriptors or processes: try next cycle
-                raise ObserverLost(f"the observer process could not start ({exc})") from None
+            process = self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, self.path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
         assert process.stdin is not None and process.stdout is not None
         try:
             _write_frame(process.stdin, inputs)
             process.stdin.flush()
             answer = _read_frame(process.stdout)
-        except Exception as exc:  # whatever broke, the stream is out of step: start afresh
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
             self._process = None
             _end(process)
             raise ObserverLost(f"the observer process ended ({exc!r})") from None
-        if isinstance(answer, Observed):
-            return answer
-        if isinstance(answer, ObserverFailed):  # its own error: the loop may still decide
-            raise ObserverLost(f"the observer failed: {answer.error}")
-        self._process = None
-        _end(process)
-        raise ObserverLost(f"the observer answered a {type(answer).__name__}")
+        if not isinstance(answer, (Observed, ObserverFailed)):
+            self._process = None
+            _end(process)
+            raise ObserverLost(f"the observer answered a {type(answer).__name__}")
+        return answer
 
     def close(self) -> None:
         """End the process. It holds nothing but a read-only connection: a kill loses
@@ -322,31 +304,6 @@ class ObserverProcess:
             self._process = None
 
 
-def _code_digest() -> str:
-    """What the observer and the core must agree on: the code that builds and reads the
-    frames. A core upgraded on disk but not restarted would otherwise start an observer
-    whose classes differ from its own."""
-    digest = hashlib.sha256()
-    for module in (__file__, policy.__file__, model.__file__):
-        digest.update(Path(module).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-CODE_DIGEST = _code_digest()
-
-
-def _importing_this_code() -> dict[str, str]:
-    """The environment that imports this copy of the code in the observer (started with
-    ``-P``, so its working directory is not on its path): a source checkout's directory goes
-    first on PYTHONPATH; an installed package is found where it was installed."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    installed = {str(Path(entry).resolve()) for entry in site.getsitepackages()}
-    if root not in installed:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
-    return env
-
-
 def _end(process: subprocess.Popen[bytes]) -> None:
     process.kill()
     process.wait()
@@ -354,6 +311,9 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         if pipe is not None:
             with contextlib.suppress(OSError):  # a question's bytes still buffered: a broken pipe
                 pipe.close()
+
+
+FRAME_HEADER = 8  # bytes: the pickle's length, big-endian
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,17 +333,14 @@ def _read_frame(stream: IO[bytes]) -> object:
     if len(header) < FRAME_HEADER:
         raise EOFError("no answer")
     size = int.from_bytes(header, "big")
-    if size > MAX_FRAME:
-        raise ValueError(f"a frame of {size} bytes: not one of ours")
     payload = stream.read(size)
     if len(payload) < size:
         raise EOFError("a partial answer")
     return pickle.loads(payload)
 
 
-def serve(path: str, requests: IO[bytes], answers: IO[bytes], digest: str = CODE_DIGEST) -> None:
-    """The observer process: answer each question until the core closes the pipe. Started
-    by a core whose code differs from this one, it answers that once and ends."""
+def serve(path: str, requests: IO[bytes], answers: IO[bytes]) -> None:
+    """The observer process: answer each question until the core closes the pipe."""
     reader: Store | None = None
     try:
         while True:
@@ -391,24 +348,14 @@ def serve(path: str, requests: IO[bytes], answers: IO[bytes], digest: str = CODE
                 question = _read_frame(requests)
             except EOFError:
                 return  # the core closed the pipe, or ended
-            answer: object
-            if digest != CODE_DIGEST:
-                answer = ObserverFailed(
-                    "the code on disk is not the code the core runs (upgraded since the core "
-                    "started?): restart the core"
-                )
-            elif not isinstance(question, ObserveInputs):
-                answer = ObserverFailed(f"a {type(question).__name__} is no question")
-            else:
-                try:
-                    reader = reader or Store.open_reader(path)
-                    answer = observe_and_decide(reader, question)
-                except Exception as exc:
-                    answer = ObserverFailed(f"{type(exc).__name__}: {exc}")
+            try:
+                reader = reader or Store.open_reader(path)
+                assert isinstance(question, ObserveInputs)
+                answer: object = observe_and_decide(reader, question)
+            except Exception as exc:
+                answer = ObserverFailed(f"{type(exc).__name__}: {exc}")
             _write_frame(answers, answer)
             answers.flush()
-            if digest != CODE_DIGEST:
-                return
     finally:
         if reader is not None:
             reader.close()
@@ -420,10 +367,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     os.nice(OBSERVER_NICE)
-    # Frames go out on a private copy of stdout; anything printed goes to stderr (the log).
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    serve(sys.argv[1], sys.stdin.buffer, answers, sys.argv[2])
+    serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)
 
 
 if __name__ == "__main__":
