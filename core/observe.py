@@ -247,7 +247,7 @@ class ObserverProcess:
     """A child process that observes one state file: ``python -m core.observe PATH``. It
     reads one pickled ``ObserveInputs`` at a time from its stdin and answers on its stdout.
     Only the core holds the other end of its stdin, so it ends when the core does, however the
-    core ends; it ignores the signals the core handles (Ctrl-C, hang-up, SIGTERM).
+    core ends; it ignores the terminal's Ctrl-C, which the core handles.
 
     One thread of the core talks to it, a question and its answer at a time: a cycle
     cancelled meanwhile leaves the pair whole, and the loop never waits on the pipe."""
@@ -362,10 +362,7 @@ def serve(path: str, requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 def main() -> None:
-    # A terminal's Ctrl-C or hang-up, or systemd's SIGTERM to the whole unit, is the core's
-    # to handle (a reload, or a clean stop); this process ends when the core closes its pipe.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(OBSERVER_NICE)
     serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)
 
