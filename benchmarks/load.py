@@ -288,39 +288,21 @@ def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 class Usage:
-    """CPU seconds and RSS of a process with its children (the core's observer process), and
-    its open sockets, from /proc."""
+    """CPU seconds, RSS and open sockets of a process, from /proc."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.ticks = os.sysconf("SC_CLK_TCK")
 
-    def family(self) -> list[int]:
-        """The process and its descendants now."""
-        pids, found = [self.pid], 0
-        while found < len(pids):
-            for task in Path(f"/proc/{pids[found]}/task").glob("*/children"):
-                with contextlib.suppress(OSError):
-                    pids.extend(int(pid) for pid in task.read_text().split())
-            found += 1
-        return pids
-
     def cpu_s(self) -> float:
-        total = 0
-        for pid in self.family():
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-                total += int(fields[11]) + int(fields[12])
-        return total / self.ticks
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / self.ticks
 
     def rss_mb(self) -> float:
-        total = 0
-        for pid in self.family():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        return total / 1024
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
 
     def sockets(self) -> int:
         count = 0

@@ -4,11 +4,11 @@ Observations (queue demand, cloud state) go into the store; the policy reads a s
 returns actions with the decision that explains them; the engine carries them out through
 providers and records the outcome. Cloud calls run in worker threads as per-cloud tasks, so
 one slow cloud never stalls the loop, the other clouds or the web service. The snapshot of the
-whole fleet and the decision on it are made in a process of their own (``core.observe``): at
-10,000 VMs they take 100-250 ms of CPU, which would stall every agent's request on the loop
-and, on a thread, contend for its GIL; an action on a VM is carried out only if the VM is
-still as the decision saw it. Time comes from an injected clock (the core's monotonic
-``CoreClock`` unless a test passes its own).
+whole fleet and the decision on it are made on a thread of the engine's own, on a read-only
+connection: at 10,000 VMs they take tens of milliseconds, which would stall every agent's
+request on the loop; an action on a VM is carried out only if the VM is still as the
+decision saw it. Time comes from an injected clock (the core's monotonic ``CoreClock`` unless
+a test passes its own).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import hashlib
 import json
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 from core import policy, userdata
 from core.clock import CoreClock
@@ -50,33 +52,29 @@ from core.model import (
     Reason,
     VMState,
 )
-from core.observe import (
-    CloudInputs,
-    Observed,
-    ObserveInputs,
-    ObserverLost,
-    ObserverProcess,
-    build_snapshot,
-    observe_and_decide,
-    read_pool,
-)
 from core.queues import DemandError, DemandSource
 from core.queues.builtin import BuiltinQueue
 from core.store import NotFound, Store
+from core.store.jobs import Submitted
+from core.store.vms import FleetRow
 from core.userdata import launch_secret
 
 log = logging.getLogger("alienec2.engine")
 
 Clock = Callable[[], float]
 
+BASELINE_REFRESH_S = 60.0  # the day's average arrival rate is recounted this often
 HEARTBEAT_SAVE_S = 5.0  # in-memory heartbeats are written this often
 WAKE_GAP_S = 1.0  # the least time between two cycles, however often the engine is woken
 # A cycle reads the whole fleet: woken cycles are spaced at least this many times its cost,
 # so observing takes at most 1/20 of the core (see wake_gap).
 OBSERVE_SPACING = 20.0
-# An observation that costs more CPU than this (about 1,000 VMs) stalls every agent's request
-# for as long: from then on the fleet is observed in a process of its own (core.observe).
-OBSERVE_IN_PROCESS_S = 0.02
+# The observer thread's CPU time is at most this share of its cycle's wall time. While it
+# holds the GIL the event loop serves no agent: a 10,000-VM cycle taken at once (150-240 ms
+# of CPU on a busy core, over 0.25-0.5 s) left requests queued behind it, and seven of the
+# ten slowest probe round trips fell in those windows (benchmarks/README.md).
+OBSERVER_DUTY = 0.25
+PACE_ROWS = 1000  # VMs viewed between two of the observer's pauses
 LIVENESS_SAVED_SETTING = "liveness_saved_at"
 # What a VM is launched with: a change of any of these makes running VMs outdated (a rollout).
 # Prices, quotas, priorities, timers and backoffs change nothing on a VM.
@@ -107,6 +105,58 @@ PRUNE_BATCH = 500  # rows per pruning transaction: short writes between agents' 
 # Instances of a cloud's answer applied between two turns of the event loop: describing a
 # launch of 5,000 instances applied them in one 0.7 s callback, every agent's request waiting.
 APPLY_BATCH = 200
+
+
+class PoolReads(NamedTuple):
+    """What a snapshot reads from the store, in one read transaction."""
+
+    fleet: list[FleetRow]
+    launched_with: dict[str, str | None]  # launch id -> its settings' fingerprint
+    pending: dict[str, int]  # cloud -> VMs of launches not yet recorded
+    backoff_until: dict[str, float]  # cloud -> its launch backoff
+    recent: Submitted  # in the arrival window
+    last_minute: Submitted
+    baseline_rate: float
+    boot_times: list[float]
+    finished: int  # jobs finished in the arrival window
+
+
+class Pacer:
+    """Called between chunks of a long computation on a thread beside the event loop: sleeps
+    (the GIL released) so that the thread's CPU time is at most ``duty`` of the wall time
+    since the last call. The work takes up to 1/duty times longer and the loop keeps the
+    rest; time already spent waiting for the GIL counts toward the pause. Make it on the
+    thread it paces: CPU time is per thread."""
+
+    def __init__(
+        self,
+        duty: float,
+        cpu: Callable[[], float] = time.thread_time,
+        wall: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty must be in (0, 1], not {duty}")
+        self.duty = duty
+        self.cpu = cpu
+        self.wall = wall
+        self.sleep = sleep
+        self.slept_s = 0.0
+        self._cpu_mark = cpu()
+        self._wall_mark = wall()
+
+    def __call__(self) -> None:
+        spent = self.cpu() - self._cpu_mark
+        pause = spent / self.duty - (self.wall() - self._wall_mark)
+        if pause > 0:
+            self.sleep(pause)
+            self.slept_s += pause
+        self._cpu_mark = self.cpu()
+        self._wall_mark = self.wall()
+
+
+def _no_pause() -> None:
+    """The pacer of work on the event loop's own thread, which must never sleep."""
 
 
 def wake_gap(observe_cpu_s: float) -> float:
@@ -171,9 +221,10 @@ class Engine:
         self._interrupted_seen: set[str] = set()
         self._vm_types: dict[str, str | None] = {}  # instance type per VM, for prices
         self._skipped: dict[str, str] = {}  # per cloud: why launches are being skipped
-        # Snapshots and decisions in the loop while they are cheap, then in a process of their
-        # own (never for an in-memory store, which no other process can read).
-        self.observer: ObserverProcess | None = None
+        # Snapshots and decisions off the event loop: the store on a connection of its own,
+        # read on one thread of its own (not the cloud calls' pool, which a hung cloud fills).
+        self._reader: Store | None = None  # opened at the first cycle (close() closes it)
+        self._observer = ThreadPoolExecutor(1, thread_name_prefix="alienec2-observe")
 
     # ---- runtime settings (admin overrides, durable) -----------------------------------
 
@@ -260,10 +311,11 @@ class Engine:
         log.info("event=engine_stopped")
 
     def close(self) -> None:
-        """Stop the observer process (an engine that never ran too)."""
-        if self.observer is not None:
-            self.observer.close()
-            self.observer = None
+        """Release the observer thread and its connection (an engine that never ran too)."""
+        self._observer.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     async def start(self) -> None:
         """Reconcile before the first decision: finish interrupted launches, adopt our tagged
@@ -306,12 +358,22 @@ class Engine:
             )
             waiting = None
         self._count_interruptions(now)
-        observed = await self._observe(self._observe_inputs(now, waiting))
-        self._baseline = observed.baseline
-        self.outdated = observed.outdated
-        self.observe_cpu_s = observed.cpu_s
-        decision = observed.decision
-        actions = self._still_as_seen(observed.actions, observed.seen)
+        settings = self.settings()
+        if self._reader is None:
+            self._reader = self.store.reader()
+        if self._reader is None:
+            actions, decision, _ = self._observe_and_decide(self.store, now, waiting, settings)
+        else:
+            actions, decision, seen = await asyncio.get_running_loop().run_in_executor(
+                self._observer,
+                self._observe_and_decide,
+                self._reader,
+                now,
+                waiting,
+                settings,
+                True,
+            )
+            actions = self._still_as_seen(actions, seen)
         self.decisions.append(decision)
         self._act(actions, now)
         self._send_terminations()
@@ -320,60 +382,29 @@ class Engine:
     def _counts_with_snapshot(self) -> bool:
         return isinstance(self.demand, BuiltinQueue)
 
-    def _observe_inputs(self, now: float, waiting: int | None) -> ObserveInputs:
-        """What an observation needs from the core's memory: copied, as the observer reads
-        it while the loop goes on changing the originals."""
-        clouds = tuple(
-            CloudInputs(
-                name=cloud.name,
-                priority=cloud.priority,
-                max_instances=cloud.max_instances,
-                billing_period_s=cloud.billing_period_s,
-                min_billed_s=cloud.min_billed_s,
-                fingerprint=self.launch_fingerprint(cloud.name),
-                placements_reopen_at=self._placements_reopen_at(cloud, now),
-                launching=cloud.name in self._launching,
-            )
-            for cloud in self.config.clouds
-            if cloud.name in self.providers
-        )
-        pool = self.config.pool
-        return ObserveInputs(
-            now=now,
-            waiting=waiting,
-            count_queue=self._counts_with_snapshot(),
-            settings=self.settings(),
-            arrival_window_s=pool.arrival_window_s,
-            warm_history_s=pool.warm_history_s,
-            boot_time_guess_s=pool.boot_time_guess_s,
-            clouds=clouds,
-            heartbeats=dict(self.liveness.seen),
-            started_at=self.liveness.started_at,
-            graced=self._graced,
-            baseline=self._baseline,
-        )
-
-    async def _observe(self, inputs: ObserveInputs) -> Observed:
-        """The observation: in the loop while it costs less than OBSERVE_IN_PROCESS_S of CPU,
-        then in the observer process for good (if the process dies, this cycle observes in
-        the loop and the next starts another)."""
-        if self.observer is not None:
-            try:
-                return await self.observer.observe(inputs)
-            except ObserverLost as exc:
-                log.error("event=observer_lost error=%s", exc)
-        observed = observe_and_decide(self.store, inputs)
-        if (
-            self.observer is None
-            and observed.cpu_s >= OBSERVE_IN_PROCESS_S
-            and self.store.path != ":memory:"
-        ):
-            self.observer = ObserverProcess(self.store.path)
-            log.info(
-                "event=observer_started cpu_ms=%.0f: the fleet is observed in a process",
-                observed.cpu_s * 1000,
-            )
-        return observed
+    def _observe_and_decide(
+        self,
+        store: Store,
+        now: float,
+        waiting: int | None,
+        settings: policy.Settings,
+        paced: bool = False,
+    ) -> tuple[list[policy.Action], policy.Decision, dict[str, policy.VMView]]:
+        """The snapshot (one read transaction: a launch completed halfway through must not
+        be missed, or counted twice) and the policy's decision on it. ``paced``: on the
+        observer thread, which pauses between chunks of the work to leave the event loop the
+        GIL (``Pacer``); the read transaction ends before the first pause."""
+        pace = Pacer(OBSERVER_DUTY) if paced else _no_pause
+        started = time.thread_time()
+        with store.one_read():
+            reads = self._read_pool(now, store)
+            if self._counts_with_snapshot():
+                waiting = store.queued_count()
+        pace()
+        snapshot = self._build_snapshot(now, reads, pace)
+        actions, decision = policy.explain(snapshot, waiting, now, settings)
+        self.observe_cpu_s = time.thread_time() - started
+        return actions, decision, {vm.id: vm for vm in snapshot.vms}
 
     def _still_as_seen(
         self, actions: list[policy.Action], seen: Mapping[str, policy.VMView]
@@ -429,10 +460,128 @@ class Engine:
 
     # ---- observe ------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> policy.Snapshot:
-        """The pool as the policy sees it now (tests, and what the console is told)."""
-        inputs = self._observe_inputs(now, None)
-        return build_snapshot(read_pool(self.store, inputs), inputs)
+    def snapshot(self, now: float, store: Store | None = None) -> policy.Snapshot:
+        """The pool as the policy sees it, read from ``store`` (the engine's own by default)
+        in one read transaction."""
+        store = store or self.store
+        with store.one_read():
+            reads = self._read_pool(now, store)
+        return self._build_snapshot(now, reads)
+
+    def _read_pool(self, now: float, store: Store) -> PoolReads:
+        """Everything a snapshot needs from the store (call it in one read transaction)."""
+        pool = self.config.pool
+        return PoolReads(
+            fleet=store.fleet(ALIVE_STATES),
+            launched_with=store.launch_settings(),
+            pending=store.pending_counts(),
+            backoff_until={
+                cloud.name: store.cloud_status(cloud.name).backoff_until
+                for cloud in self.config.clouds
+                if cloud.name in self.providers
+            },
+            recent=store.submitted_since(now - pool.arrival_window_s),
+            last_minute=store.submitted_since(now - policy.BURST_WINDOW_S),
+            baseline_rate=self._baseline_rate(now, store),
+            boot_times=store.recent_boot_times(),
+            finished=store.finished_since(now - pool.arrival_window_s),
+        )
+
+    def _build_snapshot(
+        self, now: float, reads: PoolReads, pace: Callable[[], None] = _no_pause
+    ) -> policy.Snapshot:
+        """The snapshot from what was read: no store access, so the observer may pause
+        (``pace``, every PACE_ROWS VMs) without holding a read transaction open. Liveness
+        comes from memory, and the start-up grace applies: no VM's heartbeat or boot clock
+        counts from before this process started, so a core that was down (or whose wall
+        clock stepped) loses no healthy VM."""
+        started = self.liveness.started_at
+        liveness = self.liveness
+        graced = self._graced
+        launched_with = reads.launched_with
+        current = {c.name: self.launch_fingerprint(c.name) for c in self.config.clouds}
+        fleet, rows = reads.fleet, PACE_ROWS
+        views: list[policy.VMView] = []
+        for first in range(0, len(fleet), rows):
+            views.extend(
+                policy.VMView(
+                    id=vm_id,
+                    cloud=cloud,
+                    state=state,
+                    launched_at=max(launched_at, started) if vm_id in graced else launched_at,
+                    idle_since=idle_since,
+                    last_heartbeat=_with_grace(
+                        liveness.last_heartbeat(vm_id, last_heartbeat),
+                        launched_at,
+                        started if vm_id in graced else None,
+                    ),
+                    jobs=jobs or int(pilot_busy),
+                    outdated=_outdated(launched_with.get(launch_id), current.get(cloud)),
+                    kill_requested=kill_requested,
+                )
+                for (
+                    vm_id,
+                    cloud,
+                    state,
+                    launched_at,
+                    idle_since,
+                    last_heartbeat,
+                    launch_id,
+                    kill_requested,
+                    pilot_busy,
+                    jobs,
+                ) in fleet[first : first + rows]
+            )
+            pace()
+        vms = tuple(views)
+        pending = reads.pending
+        clouds = tuple(
+            policy.CloudView(
+                name=cloud.name,
+                priority=cloud.priority,
+                max_instances=cloud.max_instances,
+                backoff_until=max(
+                    reads.backoff_until[cloud.name], self._placements_reopen_at(cloud, now)
+                ),
+                launch_in_flight=cloud.name in self._launching or cloud.name in pending,
+                pending=pending.get(cloud.name, 0),
+                billing_period_s=cloud.billing_period_s,
+                min_billed_s=cloud.min_billed_s,
+            )
+            for cloud in self.config.clouds
+            if cloud.name in self.providers
+        )
+        pool = self.config.pool
+        recent, last_minute = reads.recent, reads.last_minute
+        self.outdated = sum(1 for vm in vms if vm.outdated)
+        return policy.Snapshot(
+            vms=vms,
+            clouds=clouds,
+            arrival_rate=policy.arrival_rate(
+                recent.jobs,
+                pool.arrival_window_s,
+                last_minute.jobs,
+                now - last_minute.first_at if last_minute.first_at is not None else 0.0,
+                now - recent.first_at if recent.first_at is not None else 0.0,
+                recent_submissions=recent.submissions,
+                last_minute_submissions=last_minute.submissions,
+            ),
+            baseline_rate=reads.baseline_rate,
+            boot_time_s=policy.boot_time(reads.boot_times, pool.boot_time_guess_s),
+            completion_rate=policy.completion_rate(reads.finished, pool.arrival_window_s),
+        )
+
+    def _baseline_rate(self, now: float, store: Store) -> float:
+        """The ``warm_history_s`` average arrival rate. It moves slowly and counting a day of
+        submissions takes milliseconds at 100,000 jobs a day, so it is recounted once a minute."""
+        history_s = self.config.pool.warm_history_s
+        if not history_s:
+            return 0.0
+        counted_at, rate = self._baseline
+        if not 0 <= now - counted_at < BASELINE_REFRESH_S:
+            rate = store.submitted_since(now - history_s).jobs / history_s
+            self._baseline = (now, rate)
+        return rate
 
     def _observe_requested(self) -> None:
         """Describe only instances the cloud has not yet reported running: cost per cycle
@@ -984,3 +1133,17 @@ async def _a_batch_at_a_time(instances: list[Instance]) -> AsyncIterator[Instanc
         yield instance
         if done % APPLY_BATCH == 0:
             await asyncio.sleep(0)
+
+
+def _with_grace(seen: float | None, launched_at: float, started: float | None) -> float:
+    """The heartbeat time the policy judges: never before this process started for a VM that
+    was alive when the previous process last looked (the start-up grace)."""
+    at = seen if seen is not None else launched_at
+    return at if started is None else max(at, started)
+
+
+def _outdated(launched_with: str | None, current: str | None) -> bool:
+    """A VM is outdated when its launch's settings are known and differ from its cloud's
+    current ones (VMs from before fingerprints, or of a cloud no longer configured, are not:
+    an upgrade must not replace the whole fleet)."""
+    return launched_with is not None and current is not None and launched_with != current

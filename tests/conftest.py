@@ -147,7 +147,7 @@ async def start_engine_on(tmp_path: Path, clock: ManualClock) -> AsyncIterator[S
 
     yield start
     for engine in engines:
-        engine.close()  # its observer process
+        engine.close()  # its observer thread and read-only connection
     for store in stores:
         store.close()
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,7 +22,6 @@ import pytest
 import yaml
 
 from core import engine as engine_module
-from core import observe as observe_module
 from core import policy
 from core.clouds import TAG_CLOUD, TAG_CORE, TAG_LAUNCH, TAG_POOL, Instance, InstanceState
 from core.clouds.sandbox import SANDBOX_IMAGE, SANDBOX_REGION, FaultyEndpoint, MotoEC2Server
@@ -115,7 +114,7 @@ def start_engine(
 
     yield start
     for engine in engines:
-        engine.close()  # its observer process
+        engine.close()  # its observer thread and read-only connection
 
 
 @pytest.fixture
@@ -344,19 +343,18 @@ async def test_the_queue_is_counted_in_the_snapshots_read_so_a_job_taken_meanwhi
     moto: MotoEC2Server,
     clock: ManualClock,
     start_engine: Callable[[Config], Awaitable[Engine]],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
     vm_id, _ = await one_vm(engine, clock, busy=False)
     submit(engine.store, 1, clock())  # one job waiting, one idle VM for it
-    read = observe_module.read_pool
+    read = engine._read_pool
 
     def taken_first(*args: Any) -> Any:
         # The VM's agent takes the job just as the engine starts to read.
         assert engine.store.assign_next_job(vm_id, clock()) is not None
         return read(*args)
 
-    monkeypatch.setattr(observe_module, "read_pool", taken_first)
+    engine._read_pool = taken_first  # type: ignore[method-assign]
     actions = await engine.cycle()
     assert not [a for a in actions if isinstance(a, policy.Launch)]
     assert engine.decisions[-1].waiting == 0
@@ -367,12 +365,11 @@ async def test_woken_cycles_are_spaced_by_what_observing_the_fleet_costs(
     moto: MotoEC2Server,
     clock: ManualClock,
     start_engine: Callable[[Config], Awaitable[Engine]],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every submission wakes the engine and each cycle reads the whole fleet: at 10,000 VMs
     a cycle a second took a quarter of the core. The gap grows with the cost measured."""
     engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
-    build = observe_module.build_snapshot
+    build = engine._build_snapshot
 
     def costly(*args: Any) -> Any:
         started = time.thread_time()
@@ -380,122 +377,79 @@ async def test_woken_cycles_are_spaced_by_what_observing_the_fleet_costs(
             pass
         return build(*args)
 
-    monkeypatch.setattr(observe_module, "build_snapshot", costly)
+    engine._build_snapshot = costly  # type: ignore[method-assign]
     await engine.cycle()
     assert engine.observe_cpu_s >= 0.1
     assert engine_module.wake_gap(engine.observe_cpu_s) >= 2.0
     assert engine_module.wake_gap(0.001) == engine_module.WAKE_GAP_S  # a small fleet: 1 s
 
 
-async def _fleet_observed_in_a_process(
+def test_a_pacer_keeps_its_thread_to_its_share_of_the_wall_time() -> None:
+    """At duty 1/4 a chunk that ran 10 ms (10 ms of CPU) is followed by 30 ms asleep, the
+    GIL free for the event loop; wall time already spent waiting counts toward the pause, and
+    the sleep's own CPU time is not counted as work."""
+    cpu, wall = [0.0], [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        wall[0] += seconds
+        cpu[0] += 0.001  # waking up costs a little CPU, which is not the work's
+
+    pacer = engine_module.Pacer(0.25, cpu=lambda: cpu[0], wall=lambda: wall[0], sleep=sleep)
+    cpu[0] += 0.010
+    wall[0] += 0.010
+    pacer()
+    cpu[0] += 0.002
+    wall[0] += 0.020  # most of it waiting for the GIL: 8 ms would be the chunk's share
+    pacer()
+    pacer()  # nothing done since: no pause
+    assert slept == pytest.approx([0.030])
+    assert pacer.slept_s == pytest.approx(0.030)
+    with pytest.raises(ValueError, match="duty"):
+        engine_module.Pacer(0.0)
+
+
+async def test_the_observer_thread_pauses_between_chunks_of_the_fleet_outside_its_read(
     tmp_path: Path,
     moto: MotoEC2Server,
     clock: ManualClock,
     start_engine: Callable[[Config], Awaitable[Engine]],
     monkeypatch: pytest.MonkeyPatch,
-) -> tuple[Engine, observe_module.ObserverProcess, int]:
-    """An engine with 25 idle VMs whose first (in-loop) observation cost more than the
-    threshold, and the process it then observes in (with its pid, after a second cycle)."""
-    monkeypatch.setattr(engine_module, "OBSERVE_IN_PROCESS_S", 0.0)  # any fleet is "costly"
-    config = make_config(tmp_path, [cloud("only", moto.url)], pool={"max_vms": 100})
-    engine = await start_engine(config)
+) -> None:
+    """While the observer thread holds the GIL the event loop serves no agent: it pauses
+    after reading the store and after every PACE_ROWS VMs viewed. Its pacer is made on its
+    own thread (CPU time is per thread), and no pause holds the read transaction open."""
+    engine = await start_engine(make_config(tmp_path, [cloud("only", moto.url)]))
     store = engine.store
     with store.transaction():
         store.add_launch("L", "only", 25, "token", clock())
         store.complete_launch("L", [(f"i-{n:017x}", "10.0.0.1") for n in range(25)], clock())
     register_all(store, clock())
     heartbeat_all(store, clock())
-    assert engine.observer is None
-    await engine.cycle()  # in the loop: it measures the cost, and moves
-    observer = engine.observer
-    assert observer is not None and observer.pid is None
+    monkeypatch.setattr(engine_module, "PACE_ROWS", 10)
+    made_on: list[str] = []
+    paced: list[tuple[str, bool]] = []
+
+    class RecordingPacer(engine_module.Pacer):
+        def __init__(self, duty: float) -> None:
+            assert duty == engine_module.OBSERVER_DUTY
+            made_on.append(threading.current_thread().name)
+            super().__init__(duty)
+
+        def __call__(self) -> None:
+            assert engine._reader is not None
+            paced.append((threading.current_thread().name, engine._reader._db.in_transaction))
+            super().__call__()
+
+    monkeypatch.setattr(engine_module, "Pacer", RecordingPacer)
     await engine.cycle()
-    assert observer.pid is not None
-    return engine, observer, observer.pid
-
-
-async def test_a_costly_observation_moves_to_a_process_of_its_own_at_a_lower_priority(
-    tmp_path: Path,
-    moto: MotoEC2Server,
-    clock: ManualClock,
-    start_engine: Callable[[Config], Awaitable[Engine]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """At 10,000 VMs an observation takes 100-250 ms of CPU: on a thread of the core it held
-    the GIL the event loop needs for every agent's request. In a process of its own, niced,
-    it decides as the loop did, from the state file and the heartbeats in the core's memory,
-    and ignores the terminal's Ctrl-C (the core stops it)."""
-    engine, _, pid = await _fleet_observed_in_a_process(
-        tmp_path, moto, clock, start_engine, monkeypatch
-    )
-    assert pid != os.getpid()
-    assert os.getpriority(os.PRIO_PROCESS, pid) == min(
-        os.getpriority(os.PRIO_PROCESS, 0) + observe_module.OBSERVER_NICE, 19
-    )
-    ignored = int(_proc_status(pid)["SigIgn"], 16)
-    assert ignored & (1 << (signal.SIGINT - 1))
-    in_loop, in_process = engine.decisions[-2], engine.decisions[-1]
-    assert (in_process.idle, in_process.serving) == (in_loop.idle, in_loop.serving) == (25, 25)
-    # A heartbeat only in the core's memory reaches the process: a VM silent in the store for
-    # longer than the timeout is not lost.
-    clock.advance(engine.config.pool.heartbeat_timeout_s + 1)
-    for n in range(25):
-        engine.liveness.heartbeat(f"i-{n:017x}", clock())
-    actions = await engine.cycle()
-    assert not [a for a in actions if isinstance(a, policy.Lose)]
-    assert engine.observer is not None and engine.observer.pid == pid  # the same process
-
-
-def _proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
-async def test_an_observer_process_that_dies_costs_one_cycle_in_the_loop_and_is_replaced(
-    tmp_path: Path,
-    moto: MotoEC2Server,
-    clock: ManualClock,
-    start_engine: Callable[[Config], Awaitable[Engine]],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    engine, observer, pid = await _fleet_observed_in_a_process(
-        tmp_path, moto, clock, start_engine, monkeypatch
-    )
-    os.kill(pid, signal.SIGKILL)
-    decided = len(engine.decisions)
-    await engine.cycle()
-    assert len(engine.decisions) == decided + 1
+    # The store read, then three chunks of at most 10 VMs.
+    assert len(paced) == 4
+    assert len(made_on) == 1
+    assert made_on[0] != threading.main_thread().name
+    assert paced == [(made_on[0], False)] * 4
     assert engine.decisions[-1].idle == 25
-    assert "event=observer_lost" in caplog.text
-    assert observer.pid is None
-    await engine.cycle()
-    assert observer.pid not in (None, pid)
-
-
-async def test_the_observer_process_ends_when_its_pipe_closes_and_reports_its_errors(
-    tmp_path: Path,
-    moto: MotoEC2Server,
-    clock: ManualClock,
-    start_engine: Callable[[Config], Awaitable[Engine]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Only the core holds the observer's stdin, so however the core ends (even killed), the
-    process reads the end of its input and exits. An error in it is the cycle's error, with
-    its message, and the process goes on."""
-    engine, observer, pid = await _fleet_observed_in_a_process(
-        tmp_path, moto, clock, start_engine, monkeypatch
-    )
-    inputs = engine._observe_inputs(clock(), None)
-    bad = dataclasses.replace(inputs, heartbeats={f"i-{0:017x}": "not a time"})
-    with pytest.raises(RuntimeError, match="the observer failed: TypeError: '>' not supported"):
-        await observer.observe(bad)
-    assert (await observer.observe(inputs)).decision.idle == 25
-    assert observer.pid == pid
-    process = observer._process
-    assert process is not None and process.stdin is not None
-    process.stdin.close()
-    assert await asyncio.to_thread(process.wait, 30) == 0
 
 
 async def test_the_snapshot_is_one_commit_so_a_job_ended_and_another_added_meanwhile_launch_nothing(
@@ -508,6 +462,7 @@ async def test_the_snapshot_is_one_commit_so_a_job_ended_and_another_added_meanw
     vm_id, job = await one_vm(engine, clock, busy=True)
     reader = engine.store.reader()
     assert reader is not None
+    engine._reader = reader
     count = reader.queued_count
 
     def after_the_fleet_was_read() -> int:
@@ -518,9 +473,8 @@ async def test_the_snapshot_is_one_commit_so_a_job_ended_and_another_added_meanw
         return count()
 
     reader.queued_count = after_the_fleet_was_read  # type: ignore[method-assign]
-    observed = observe_module.observe_and_decide(reader, engine._observe_inputs(clock(), None))
-    reader.close()
-    assert not [a for a in observed.actions if isinstance(a, policy.Launch)]
+    actions = await engine.cycle()
+    assert not [a for a in actions if isinstance(a, policy.Launch)]
 
 
 async def test_a_burst_onset_launches_warm_vms_for_the_arrivals_expected_during_a_boot(

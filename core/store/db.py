@@ -6,6 +6,7 @@ or announced to listeners, so nothing is reported that a crash could still undo.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -161,27 +162,20 @@ class Database:
 
     def reader(self) -> Self | None:
         """This store on a read-only connection of its own, for reads on another thread than
-        the writer's. None for an in-memory database, which no second connection can open."""
+        the writer's (WAL: a reader sees committed transactions only, and never blocks the
+        writer). None for an in-memory database, which no second connection can open."""
         if self.path == ":memory:":
             return None
-        return self.open_reader(self.path)
-
-    @classmethod
-    def open_reader(cls, path: str) -> Self:
-        """A state file on a read-only connection, in this process or another (WAL: a reader
-        sees committed transactions only, and never blocks the writer). The writer has
-        created and migrated the file."""
-        reader = cls.__new__(cls)
-        reader.path = path
-        reader._db = sqlite3.connect(
-            f"{Path(path).absolute().as_uri()}?mode=ro",
+        clone = copy.copy(self)
+        clone._db = sqlite3.connect(
+            f"{Path(self.path).absolute().as_uri()}?mode=ro",
             uri=True,
             isolation_level=None,
             check_same_thread=False,
         )
-        reader._db.row_factory = sqlite3.Row
-        reader._in_tx, reader._pending, reader.listeners = False, [], []
-        return reader
+        clone._db.row_factory = sqlite3.Row
+        clone._in_tx, clone._pending, clone.listeners = False, [], []
+        return clone
 
     @contextmanager
     def one_read(self) -> Iterator[None]:
