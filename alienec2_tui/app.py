@@ -389,7 +389,12 @@ class ConsoleApp(App[None]):
     async def _resize(self, min_vms: int | None, max_vms: int | None) -> None:
         bounds = await self._call("resize", self.client.resize(min_vms, max_vms))
         if bounds:
-            self.notify(f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
+            self._resized(bounds)
+
+    def _resized(self, bounds: dict[str, Any]) -> None:
+        self.notify(f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
+        for warning in bounds.get("warnings", []):
+            self.notify(warning, severity="warning")
 
     async def action_grow(self) -> None:
         if self.status:
@@ -411,7 +416,7 @@ class ConsoleApp(App[None]):
                 return exc.message
             except CoreUnreachable as exc:
                 return str(exc)
-            self.notify(f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
+            self._resized(bounds)
             self.status_due = True
             self.refresh_status()
             return None

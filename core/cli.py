@@ -758,6 +758,9 @@ def cmd_resize(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         bounds = await client.resize(args.min, args.max)
         _answer(args, bounds, f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
+        if not args.json:
+            for warning in bounds.get("warnings", []):
+                print(f"warning: {warning}", file=sys.stderr)
         return 0
 
     return _admin(args, work)

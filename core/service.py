@@ -345,6 +345,18 @@ class PoolService:
         self._wake()
         return low, high
 
+    def bound_warnings(self, low: int, high: int) -> list[str]:
+        """What the clouds' own limits make of new bounds. Bounds past them are accepted (a
+        reload may raise the limits), but the admin must learn that the pool stops there."""
+        capacity = sum(cloud.max_instances for cloud in self.config.clouds)
+        limits = f"the clouds' max_instances allow {capacity} VMs together"
+        warnings = []
+        if low > capacity:
+            warnings.append(f"min_vms {low} cannot be kept: {limits}")
+        if high > capacity:
+            warnings.append(f"max_vms {high} will not be reached: {limits}")
+        return warnings
+
     def pause(self, paused: bool) -> None:
         """Paused: no launches and no reaping; health rules (boot/heartbeat timeouts) still run."""
         self.store.set_setting(

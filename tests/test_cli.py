@@ -59,8 +59,16 @@ async def test_status_submit_cancel_resize_pause_from_the_command_line(
         code, out, _ = await cli(core, "cancel", "2")
         assert (code, out.strip()) == (0, "job 2 cancelled")
 
-        code, out, _ = await cli(core, "resize", "--min", "0", "--max", "4")
-        assert (code, out.strip()) == (0, "pool min 0 max 4")
+        code, out, err = await cli(core, "resize", "--min", "0", "--max", "4")
+        assert (code, out.strip(), err) == (0, "pool min 0 max 4", "")
+        capacity = sum(c.max_instances for c in core.config.clouds)
+        code, out, err = await cli(core, "resize", "--max", "1000000")
+        assert (code, out.strip()) == (0, "pool min 0 max 1000000")  # kept: a reload may follow
+        assert err.strip() == (
+            "warning: max_vms 1000000 will not be reached: the clouds' max_instances allow "
+            f"{capacity} VMs together"
+        )
+        code, out, _ = await cli(core, "resize", "--max", "4")
         code, out, _ = await cli(core, "pause")
         assert (code, out.strip()) == (0, "scaling paused")
 
@@ -105,6 +113,7 @@ async def test_commands_that_change_the_pool_print_the_cores_answer_as_json_on_r
         assert (answers["submit"]["id"], answers["submit"]["command"]) == (1, ["echo", "hi"])
         assert (answers["cancel"]["id"], answers["cancel"]["state"]) == (1, "cancelled")
         assert (answers["resize"]["min_vms"], answers["resize"]["max_vms"]) == (2, 3)
+        assert answers["resize"]["warnings"] == []
         assert answers["drain"]["id"] == drained
         assert (answers["kill"]["id"], answers["kill"]["kill_requested"]) == (killed, True)
         assert core.store.setting("paused", True) is False

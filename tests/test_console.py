@@ -392,6 +392,16 @@ async def test_resize_dialog_keeps_its_input_and_shows_the_cores_refusal(console
     await pilot.press("enter")  # from the keyboard this time
     await eventually(lambda: core.engine.settings().max_vms == 7)
     await eventually(lambda: not isinstance(app.screen, ResizeDialog))
+    # Past what the clouds allow together: kept, and the console says where the pool stops.
+    capacity = sum(c.max_instances for c in core.config.clouds)
+    await pilot.press("r")
+    await eventually(lambda: isinstance(app.screen, ResizeDialog))
+    app.screen.query_one("#max").value = str(capacity + 1)
+    await pilot.click("#ok")
+    await eventually(lambda: core.engine.settings().max_vms == capacity + 1)
+    await eventually(
+        lambda: notified(app, f"max_vms {capacity + 1} will not be reached: the clouds'")
+    )
 
 
 # ---- read-only ----------------------------------------------------------------------------

@@ -932,3 +932,22 @@ def test_credentials_never_reach_user_data_or_logs(
     assert secret not in (core.stdout.read() if core.stdout else "")
     store = open_store(config)
     assert all(secret not in e.message for e in store.events_after(0))
+
+
+async def test_bounds_past_what_the_clouds_allow_are_kept_with_a_warning_naming_the_limit(
+    tmp_path: Path, moto: MotoEC2Server, start_engine: Callable[[Config], Awaitable[Engine]]
+) -> None:
+    """A reload may raise the clouds' limits, so the bounds are kept; the admin learns that
+    the pool stops at the clouds' max_instances together."""
+    clouds = [
+        {**cloud("a", moto.url), "max_instances": 3},
+        {**cloud("b", moto.url), "max_instances": 4},
+    ]
+    service = service_of(await start_engine(make_config(tmp_path, clouds)))
+    assert service.resize(8, 9) == (8, 9)
+    limits = "the clouds' max_instances allow 7 VMs together"
+    assert service.bound_warnings(8, 9) == [
+        f"min_vms 8 cannot be kept: {limits}",
+        f"max_vms 9 will not be reached: {limits}",
+    ]
+    assert service.bound_warnings(0, 7) == []

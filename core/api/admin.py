@@ -312,7 +312,7 @@ def create_admin_app(
             low, high = service.resize(body.min_vms, body.max_vms)
         except Invalid as exc:
             raise ApiError(422, str(exc), "invalid_request") from None
-        return {"min_vms": low, "max_vms": high}
+        return {"min_vms": low, "max_vms": high, "warnings": service.bound_warnings(low, high)}
 
     @app.post("/admin/v1/pool/pause")
     async def pause() -> dict[str, Any]:
