@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from alienec2_tui.client import (
     DEFAULT_SOCKET,
@@ -28,6 +28,9 @@ from alienec2_tui.client import (
 )
 from core.config import Config, ConfigError, load_config, summary
 from core.model import JobState, VMState
+
+if TYPE_CHECKING:
+    from core.demo import DemoOptions
 
 EXIT_CONFIG = 2
 EXIT_USAGE = 2  # a bad command line, as argparse
@@ -144,7 +147,8 @@ def _demo_running_in(workdir: Path) -> str | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from core.demo import DemoOptions, run_demo
+    from core.demo import DemoOptions
+    from core.store import StateError
 
     if args.jobs is not None and args.jobs < 1:
         print("error: --jobs must be >= 1", file=sys.stderr)
@@ -199,6 +203,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             raise SystemExit(EXIT_USAGE)
+        if any(workdir.iterdir()):
+            # The demo removes what it made there (its instances/): nothing of the admin's
+            # may be in the way.
+            print(
+                f"error: --workdir {workdir}: not empty; give a new or empty directory",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_USAGE)
+    try:
+        return _run_demo(args, opts, workdir)
+    except StateError as exc:  # a second demo started in the same directory at the same time
+        running = _demo_running_in(workdir) if workdir is not None else None
+        print(
+            f"error: --workdir {workdir}: a demo is running there (pid {running}); stop it, "
+            "or give a new directory"
+            if running
+            else f"error: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+def _run_demo(args: argparse.Namespace, opts: DemoOptions, workdir: Path | None) -> int:
+    from core.demo import run_demo
+
     if args.headless:
         _configure_logging("warning")
         for handler in logging.getLogger().handlers:
@@ -758,9 +787,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     async def work(client: AdminClient) -> int:
         bounds = await client.resize(args.min, args.max)
         _answer(args, bounds, f"pool min {bounds['min_vms']} max {bounds['max_vms']}")
-        if not args.json:
-            for warning in bounds.get("warnings", []):
-                print(f"warning: {warning}", file=sys.stderr)
+        for warning in bounds.get("warnings", []):  # on stderr, --json or not: seen past jq
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
 
     return _admin(args, work)

@@ -302,7 +302,7 @@ async def job_stream(submit: Submit, opts: DemoOptions, stop: asyncio.Event) -> 
         return stop.is_set()
 
     if opts.jobs is not None:
-        burst = (opts.jobs * 3) // 5
+        burst = max((opts.jobs * 3) // 5, 1)
         await more(burst)
         while submitted < opts.jobs and not await pause(0.25):
             await more(min(2, opts.jobs - submitted))
@@ -330,6 +330,7 @@ class Demo:
         self.central: CentralQueue | None = None  # the AliEn mode's stand-in task queue
         self.alien_fails_on_purpose: set[int] = set()  # its job ids written to fail
         self._cleanup: list[Callable[[], Any]] = []  # undo what start() did, newest first
+        self.temporary = workdir is None
         if workdir is None:
             self._cleanup.append(lambda: shutil.rmtree(self.workdir, ignore_errors=True))
         self.log_path = self.workdir / "demo.log"
@@ -407,7 +408,9 @@ class Demo:
             # Sandbox agents run jobs as the demo's own user: no alienec2-job account here.
             agent_overrides={"max_backoff_s": 2},
         )
-        self._cleanup.append(self.runner.close)
+        runner = self.runner
+        kept = None if self.temporary else self.workdir / "agent-logs"
+        self._cleanup.append(lambda: runner.close(keep_logs_in=kept))
         self._tasks.append(asyncio.create_task(self.runner.run(self.stop_requested)))
         self.client = AdminClient(socket_path=str(self.core.admin_socket))
         self._cleanup.append(self.client.aclose)

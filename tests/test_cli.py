@@ -320,6 +320,16 @@ def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr.count("\n")) == (2, 1)
     assert done.stderr.startswith(f"error: --workdir {used}: holds an earlier demo's state")
     assert (used / "state.db").read_bytes() == b"earlier"
+    mine = tmp_path / "mine"  # the demo removes what it made there: nothing else may be
+    (mine / "instances").mkdir(parents=True)
+    (mine / "instances" / "keep.txt").write_text("precious")
+    done = run_cli("demo", "--headless", "--workdir", str(mine))
+    assert (done.returncode, done.stderr.strip()) == (
+        2,
+        f"error: --workdir {mine}: not empty; give a new or empty directory",
+    )
+    assert (mine / "instances" / "keep.txt").read_text() == "precious"
+
     running = StateLock(used / "state.db")  # a demo still running there holds its lock
     running.acquire()
     try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from core.demo import ALIEN_CYCLE_S, peak_serving
+from core.demo import ALIEN_CYCLE_S, DemoOptions, job_stream, peak_serving
 from core.model import REAP_REASONS, VM, Event, VMState
 from tests.conftest import wait_until
 
@@ -69,7 +71,9 @@ def test_headless_demo_runs_every_job_once_grows_to_max_and_shrinks_to_min(
     assert (summary["timed_out"], summary["stopped_by"]) == (False, None)
     assert (workdir / "demo.log").stat().st_size > 0
     assert processes_mentioning(str(workdir)) == []
-    assert not (workdir / "instances").exists()
+    assert not (workdir / "instances").exists()  # the agents' tokens and spools go
+    logs = sorted((workdir / "agent-logs").glob("i-*.log"))  # their logs are kept
+    assert sum("event=registered" in log.read_text() for log in logs) >= 8
 
 
 @pytest.mark.slow
@@ -395,3 +399,15 @@ def test_demo_with_spot_interruptions_finishes_every_job_exactly_once(tmp_path: 
         for vm_id, at in interrupted:
             (state,) = db.execute("SELECT state FROM vms WHERE id = ?", (vm_id,)).fetchone()
             assert state == "terminated" or at > last_job_end, (vm_id, state)
+
+
+async def test_a_demo_of_one_job_submits_it_in_its_first_burst() -> None:
+    """`demo --jobs 1` sent an empty first burst (3/5 of 1), which the core refuses."""
+    batches: list[list[int]] = []
+
+    async def submit(rng: random.Random, numbers: range) -> None:
+        batches.append(list(numbers))
+
+    stop = asyncio.Event()
+    assert await job_stream(submit, DemoOptions(jobs=1), stop) == 1
+    assert batches == [[1]]

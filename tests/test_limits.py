@@ -40,6 +40,7 @@ from core.api.limits import (
 from core.clouds.sandbox import MotoEC2Server
 from core.config import Config
 from core.daemon import Core
+from core.store import JobSpec
 from core.userdata import read_agent_settings
 from tests.conftest import cloud, core_config, ec2_client, eventually, running_core, wait_for_vms
 from tests.test_agent import make_tls_files
@@ -761,6 +762,19 @@ async def test_readonly_token_reads_and_follows_events_but_cannot_change_anythin
                 assert refused.json()["code"] == "read_only"
         assert not core.engine.settings().paused
         assert not core.store.jobs(None, 10)
+        # A job's environment may carry its secrets: read-only access sees the names only.
+        [job_id] = core.service.submit([JobSpec(["true"], {"API_KEY": "s3cret"})])
+        async with httpx.AsyncClient(base_url=core.admin_url, timeout=5, headers=auth) as http:
+            for path in (f"/admin/v1/jobs/{job_id}", "/admin/v1/jobs", "/admin/v1/snapshot"):
+                text = (await http.get(path)).text
+                assert "s3cret" not in text and "API_KEY" in text, path
+            shown = (await http.get(f"/admin/v1/jobs/{job_id}")).json()
+            assert shown["env"] == {"API_KEY": "(hidden from read-only access)"}
+        full = {"Authorization": f"Bearer {FULL}"}
+        async with httpx.AsyncClient(base_url=core.admin_url, timeout=5, headers=full) as http:
+            assert (await http.get(f"/admin/v1/jobs/{job_id}")).json()["env"] == {
+                "API_KEY": "s3cret"
+            }
 
 
 async def test_admin_tcp_serves_tls_with_its_own_certificate(

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hmac
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -74,8 +75,16 @@ def as_dict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record)
 
 
+# Whether this request may read job environments (set per request by the access check):
+# a job's environment may carry its secrets, and the read-only token is for dashboards.
+_environments_readable: ContextVar[bool] = ContextVar("environments_readable", default=True)
+REDACTED = "(hidden from read-only access)"
+
+
 def job_view(job: Job) -> dict[str, Any]:
     view = as_dict(job)
+    if not _environments_readable.get():
+        view["env"] = dict.fromkeys(job.env, REDACTED)
     began = job.started_at or job.assigned_at
     view["wait_s"] = began - job.submitted_at if began is not None else None
     return view
@@ -186,6 +195,7 @@ def create_admin_app(
             raise unauthorized()  # served without its gate: nobody gets in
         if access == "readonly" and request.method not in READ_METHODS:
             raise ApiError(403, "this token may only read", "read_only")
+        _environments_readable.set(access == "full")  # this request's context only
 
     app = FastAPI(
         title="alienec2 admin API",

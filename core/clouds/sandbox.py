@@ -599,9 +599,15 @@ class InstanceRunner:
             os.killpg(proc.pid, signal.SIGKILL)  # its group: whatever forked off meanwhile
         proc.wait()
 
-    def close(self) -> None:
+    def close(self, keep_logs_in: Path | None = None) -> None:
+        """Power every instance off and remove their directories (their agents' tokens and
+        spools); with ``keep_logs_in``, each agent's log is kept there as ``<instance>.log``."""
         for instance_id in list(self._procs):
             self._kill(instance_id)
+        if keep_logs_in is not None:
+            for log_file in self.workdir.glob("*/agent.log"):
+                keep_logs_in.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log_file, keep_logs_in / f"{log_file.parent.name}.log")
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
