@@ -680,14 +680,21 @@ FOLLOW_WAIT_S = 30.0
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
+    env: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            print(f"error: --env takes KEY=VALUE (got {pair!r})", file=sys.stderr)
-            raise SystemExit(EXIT_USAGE)  # a bad command line
+            _usage_error(f"--env takes KEY=VALUE (got {pair!r})")
+        if key in env:
+            _usage_error(f"--env {key} given twice")  # which one was meant is not ours to guess
         env[key] = value
     return env
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A bad command line (a file it names included): one line, exit 2, as argparse does."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
 
 
 def _jobs_file(path: str, env: dict[str, str], wall_time_s: float | None) -> list[dict[str, Any]]:
@@ -695,7 +702,9 @@ def _jobs_file(path: str, env: dict[str, str], wall_time_s: float | None) -> lis
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise SystemExit(f"error: {path}: {exc.strerror}") from None
+        _usage_error(f"{path}: {exc.strerror}")
+    except UnicodeDecodeError:
+        _usage_error(f"{path}: not UTF-8 text")
     jobs = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -703,13 +712,13 @@ def _jobs_file(path: str, env: dict[str, str], wall_time_s: float | None) -> lis
         try:
             argv = shlex.split(line)
         except ValueError as exc:
-            raise SystemExit(f"error: {path}:{number}: {exc}") from None
+            _usage_error(f"{path}:{number}: {exc}")
         job: dict[str, Any] = {"command": argv, "env": env}
         if wall_time_s is not None:
             job["wall_time_s"] = wall_time_s
         jobs.append(job)
     if not jobs:
-        raise SystemExit(f"error: {path}: no jobs in the file")
+        _usage_error(f"{path}: no jobs in the file")
     return jobs
 
 

@@ -155,6 +155,16 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
         assert (code, err.strip()) == (2, "error: give a VM id or --all")
         code, _, err = await cli(core, "submit", "--env", "FOO", "--", "true")
         assert (code, err.strip()) == (2, "error: --env takes KEY=VALUE (got 'FOO')")
+        code, _, err = await cli(core, "submit", "--env", "A=1", "--env", "A=2", "--", "true")
+        assert (code, err.strip()) == (2, "error: --env A given twice")
+        missing, unclosed = tmp_path / "missing.txt", tmp_path / "unclosed.txt"
+        unclosed.write_text("echo 'open\n")
+        for jobs_file, said in (
+            (missing, f"error: {missing}: No such file or directory"),
+            (unclosed, f"error: {unclosed}:1: No closing quotation"),
+        ):
+            code, _, err = await cli(core, "submit", "--file", str(jobs_file))
+            assert (code, err.strip()) == (2, said)  # a file the command line names
         for args in (("why", "--last", "0"), ("job", "0"), ("resize", "--min", "-1")):
             code, _, err = await cli(core, *args)
             assert code == 2 and err.count("\n") == 1, (args, err)
