@@ -316,7 +316,10 @@ def _admin(args: argparse.Namespace, work: Callable[[AdminClient], Awaitable[int
         print(f"error: {_unreachable(args, exc)}", file=sys.stderr)
         return 1
     except AdminError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        hint = ""
+        if exc.code == "no_route" and args.url:  # an alienec2 API, but not the admin one
+            hint = f" (is {args.url} the agent API? The admin API listens on admin.port)"
+        print(f"error: {exc.message}{hint}", file=sys.stderr)
         return 1
 
 

@@ -149,6 +149,13 @@ async def test_refusals_and_unreachable_cores_are_one_clear_line(
         assert (code, err.strip()) == (1, "error: max must be >= min (got max 2 < min 5)")
         code, _, err = await cli(core, "kill", "i-0123")
         assert (code, err.strip()) == (1, "error: vm i-0123 not found")
+        # The agent API's address given for the admin one: an alienec2 API, not this one.
+        code, _, err = await cli(core, "status", "--url", core.agent_url)
+        assert (code, err.strip()) == (
+            1,
+            "error: no such route: GET /admin/v1/status (is "
+            f"{core.agent_url} the agent API? The admin API listens on admin.port)",
+        )
         code, _, err = await cli(core, "submit")
         assert (code, err.strip()) == (2, "error: give either a command after -- or --file FILE")
         code, _, err = await cli(core, "drain")

@@ -142,6 +142,9 @@ def install_error_handlers(app: FastAPI) -> None:
         unreadable = _unreadable_body(exc)
         if unreadable:
             return invalid([unreadable])
+        if exc.status_code == 404 and exc.detail == "Not Found":  # Starlette's: no such route
+            where = f"{request.method} {request.url.path}"[:200]
+            return JSONResponse(error_body(f"no such route: {where}", "no_route"), 404)
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status_code, "http_error"
         )
