@@ -212,6 +212,11 @@ async def test_a_draining_vm_takes_no_job_on_any_slot_and_goes_when_all_are_free
     assert core.store.job(a["id"]).state == JobState.DONE
 
 
+def runs_counted(runs: Path) -> int:
+    """How many times the test's job began (each run appends a line)."""
+    return runs.read_text().count("run") if runs.exists() else 0
+
+
 async def test_an_agent_restarted_on_a_draining_vm_runs_the_job_its_slot_holds_and_the_vm_goes(
     tmp_path: Path, moto: MotoEC2Server, agents: Callable[..., AgentProcess]
 ) -> None:
@@ -230,13 +235,15 @@ async def test_an_agent_restarted_on_a_draining_vm_runs_the_job_its_slot_holds_a
         await eventually(lambda: core.store.vm(vm_id).state == VMState.IDLE, timeout=20)
         async with AdminClient(socket_path=str(core.admin_socket)) as admin:
             job_id = (await admin.submit(["sh", "-c", wait_for_go]))["id"]
+            # Running: reported started, and its process has begun (the report comes first).
+            await eventually(lambda: runs_counted(runs) == 1, timeout=20)
             await eventually(lambda: core.store.job(job_id).state == JobState.RUNNING, timeout=20)
             first.proc.kill()  # the agent dies under its job (its process goes on, orphaned)
             first.proc.wait()
             await admin.drain(vm_id)
         assert core.store.vm(vm_id).state == VMState.DRAINING
         restarted = agents(vm_id)  # the same state directory: its token, an empty spool
-        await eventually(lambda: runs.read_text().count("run") == 2, timeout=20)
+        await eventually(lambda: runs_counted(runs) == 2, timeout=20)
         go.touch()
         await eventually(lambda: core.store.job(job_id).state == JobState.DONE, timeout=30)
         job = core.store.job(job_id)
