@@ -184,45 +184,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     workdir = Path(args.workdir).absolute() if args.workdir else None
     if workdir is not None:
-        try:  # here, as one line: not as a traceback from inside the demo
-            workdir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            print(f"error: --workdir {workdir}: {exc.strerror}", file=sys.stderr)
-            raise SystemExit(EXIT_USAGE) from None
-        if (workdir / "state.db").exists():
-            # Its VMs lived in that run's embedded cloud, gone with it: the summary and the
-            # wait for every job would count the earlier run's. Kept, never overwritten.
-            running = _demo_running_in(workdir)
-            print(
-                f"error: --workdir {workdir}: "
-                + (
-                    f"a demo is running there (pid {running}); stop it, or give a new directory"
-                    if running
-                    else "holds an earlier demo's state (state.db); give a new or empty directory"
-                ),
-                file=sys.stderr,
-            )
-            raise SystemExit(EXIT_USAGE)
-        if any(workdir.iterdir()):
-            # The demo removes what it made there (its instances/): nothing of the admin's
-            # may be in the way.
-            print(
-                f"error: --workdir {workdir}: not empty; give a new or empty directory",
-                file=sys.stderr,
-            )
-            raise SystemExit(EXIT_USAGE)
+        _check_demo_workdir(workdir)
     try:
         return _run_demo(args, opts, workdir)
     except StateError as exc:  # a second demo started in the same directory at the same time
         running = _demo_running_in(workdir) if workdir is not None else None
-        print(
-            f"error: --workdir {workdir}: a demo is running there (pid {running}); stop it, "
-            "or give a new directory"
-            if running
-            else f"error: {exc}",
-            file=sys.stderr,
+        _usage_error(_demo_running_there(workdir, running) if running else str(exc))
+
+
+def _check_demo_workdir(workdir: Path) -> None:
+    """Here, as one line, not as a traceback from inside the demo: a directory the demo can
+    make, and that holds nothing (it removes what it made there, its instances/ included)."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _usage_error(f"--workdir {workdir}: {exc.strerror}")
+    if (workdir / "state.db").exists():
+        # Its VMs lived in that run's embedded cloud, gone with it: the summary and the wait
+        # for every job would count the earlier run's. Kept, never overwritten.
+        running = _demo_running_in(workdir)
+        if running:
+            _usage_error(_demo_running_there(workdir, running))
+        _usage_error(
+            f"--workdir {workdir}: holds an earlier demo's state (state.db); give a new or "
+            "empty directory"
         )
-        return EXIT_USAGE
+    if any(workdir.iterdir()):
+        _usage_error(f"--workdir {workdir}: not empty; give a new or empty directory")
+
+
+def _demo_running_there(workdir: Path | None, pid: str) -> str:
+    return (
+        f"--workdir {workdir}: a demo is running there (pid {pid}); stop it, or give a new "
+        "directory"
+    )
 
 
 def _run_demo(args: argparse.Namespace, opts: DemoOptions, workdir: Path | None) -> int:
