@@ -399,9 +399,8 @@ class Faults:
     spot_reclaim_after_s: float = 10.0
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (jobs run in their own sessions, so a group kill misses
-    them): what must die with a VM."""
+def _by_parent() -> dict[int, list[int]]:
+    """Every process on the machine under its parent's pid (whichever thread started it)."""
     children: dict[int, list[int]] = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -409,6 +408,13 @@ def _descendants(pid: int) -> list[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (jobs run in their own sessions, so a group kill misses
+    them): what must die with a VM."""
+    children = _by_parent()
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -418,15 +424,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _children(pid: int) -> list[int]:
-    """The processes ``pid`` started and has not reaped (whichever of its threads did)."""
-    found = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat_file.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+    """The processes ``pid`` started and has not reaped."""
+    return _by_parent().get(pid, [])
 
 
 def _running(pid: int) -> bool:
