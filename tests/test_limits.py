@@ -28,6 +28,7 @@ import pytest
 from contextualisation.agent import Core as AgentClient
 from core.api.access import client_address, forwarded_for, networks
 from core.api.limits import (
+    MAX_HEADER_BYTES,
     OPEN_FILES_RESERVE,
     UVICORN_FLOOD_LINES,
     ConnectionLimits,
@@ -89,19 +90,25 @@ def connect(port: int, payload: bytes = b"") -> socket.socket:
 
 
 def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True once the server closed the connection (EOF or reset) within ``timeout``."""
+    """True once the server closed the connection (EOF or reset) within ``timeout`` of its
+    last reply, if any."""
     sock.settimeout(timeout)
     try:
-        return sock.recv(65536) == b""
+        while sock.recv(65536):
+            pass
+        return True
     except ConnectionResetError:
         return True
     except TimeoutError:
         return False
 
 
-def raw_request(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
-    """Send bytes as they are (duplicate headers included); the status and body of the reply."""
-    with connect(port, request) as sock:
+def raw_request(port: int, *pieces: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Send bytes as they are (duplicate headers included), in ``pieces`` written one after
+    the other; the status and body of the reply, read to EOF."""
+    with connect(port) as sock:
+        for piece in pieces:
+            sock.sendall(piece)
         sock.settimeout(timeout)
         reply = b""
         while chunk := sock.recv(65536):
@@ -172,10 +179,14 @@ async def test_a_request_not_complete_within_the_deadline_is_closed(
             port,
             b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\nContent-Length: 100\r\n\r\n{",
         )
-        for sock in (silent, half_headers, trickled_body):
+        # Answered before its body is in (the route reads none): still a request arriving.
+        answered_early = connect(
+            port, b"GET /healthz HTTP/1.1\r\nHost: core\r\nContent-Length: 100\r\n\r\n{"
+        )
+        for sock in (silent, half_headers, trickled_body, answered_early):
             with sock:
                 assert await asyncio.to_thread(closed_by_server, sock)
-        assert limits.timed_out == 3
+        assert limits.timed_out == 4
         assert not limits.open
         status, _ = await asyncio.to_thread(
             raw_request, port, b"GET /healthz HTTP/1.1\r\nHost: core\r\nConnection: close\r\n\r\n"
@@ -462,9 +473,61 @@ async def test_a_header_block_over_16_kib_sent_in_one_write_gets_431_and_is_clos
     assert status == 431
 
 
+async def test_a_head_growing_past_16_kib_gets_431_before_it_is_complete(core: Core) -> None:
+    """llhttp keeps an incomplete header however long it grows, so the head is bounded while
+    it arrives. Exactly one byte too many, in pieces the core reads as they come: it answers
+    431 and closes within 5 s, where its request deadline is 10 s."""
+    limits = agent_limits_of(core)
+    head = b"GET /healthz HTTP/1.1\r\nHost: core\r\nX-Long: "
+    head += b"a" * (MAX_HEADER_BYTES + 1 - len(head))
+    pieces = [head[start : start + 1024] for start in range(0, len(head), 1024)]
+    status, body = await asyncio.to_thread(raw_request, port_of(core.agent_url), *pieces)
+    assert status == 431
+    assert json.loads(body)["code"] == "headers_too_large"
+    assert limits.timed_out == 0
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "says"),
+    [
+        (b"GET /healthz HTTP/1.1\r\n", 400, "one Host header"),
+        (b"GET /healthz HTTP/1.1\r\nHost: core\r\nHost: other\r\n", 400, "one Host header"),
+        (
+            b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\n",
+            501,
+            "other than chunked",
+        ),
+        (b"GET /healthz HTTP/1.1\r\nHost: core\r\nX: a\r\n b\r\n", 400, "whitespace"),
+    ],
+)
+async def test_requests_the_parser_refuses_get_a_json_error_saying_why(
+    core: Core, head: bytes, status: int, says: str
+) -> None:
+    """No Host or two (RFC 9112 3.2: a request is routed by it), a transfer coding whose bytes
+    would reach the app still coded, an obsolete folded header: refused and closed."""
+    port = port_of(core.agent_url)
+    answer, body = await asyncio.to_thread(raw_request, port, head + b"\r\n2\r\n{}\r\n0\r\n\r\n")
+    assert answer == status
+    assert says in json.loads(body)["error"]
+
+
+async def test_an_upgrade_request_is_answered_and_its_connection_closed(core: Core) -> None:
+    """Nothing here speaks WebSocket; llhttp parses nothing after an upgrade request, so its
+    answer is the connection's last (raw_request reads to EOF)."""
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: core\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"\r\nGET /healthz HTTP/1.1\r\nHost: core\r\n\r\n"
+    )
+    status, body = await asyncio.to_thread(raw_request, port_of(core.agent_url), request)
+    assert status == 200
+    assert b"HTTP/1.1" not in body  # one answer
+
+
 async def test_both_framing_headers_get_400_and_the_connection_is_closed(core: Core) -> None:
     """Content-Length beside Transfer-Encoding is how requests are smuggled past a proxy that
-    reads the other one (RFC 9112 6.3): refused, and nothing more is read on the connection."""
+    reads the other one (RFC 9112 6.3): llhttp refuses it, the 400 says why, and nothing more
+    is read on the connection."""
     port = port_of(core.agent_url)
     request = (
         b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\nContent-Type: application/json\r\n"
@@ -473,7 +536,9 @@ async def test_both_framing_headers_get_400_and_the_connection_is_closed(core: C
     )
     status, body = await asyncio.to_thread(raw_request, port, request)  # one reply, then EOF
     assert status == 400
-    assert json.loads(body)["code"] == "bad_framing"
+    refusal = json.loads(body)
+    assert refusal["code"] == "malformed_request"
+    assert "Content-Length can't be present with Transfer-Encoding" in refusal["error"]
     assert b"HTTP/1.1" not in body
 
 

@@ -1,10 +1,14 @@
 """Limits at the listener, before any request reaches a route: connections, header time, bodies.
 
-uvicorn bounds header size (h11's 16 KiB incomplete-event limit) and idle keep-alive time, but
-has no timeout on receiving a request (encode/uvicorn#157: ``timeout_keep_alive`` is cancelled
-by the first byte and never armed on a fresh connection) and no cap on open connections
+uvicorn bounds idle keep-alive time, but not the size of a request's head on httptools, nor
+the time to receive a request (encode/uvicorn#157: ``timeout_keep_alive`` is cancelled by the
+first byte and never armed on a fresh connection), nor open connections
 (``limit_concurrency`` answers 503 to *requests*; a connection that never sends one keeps its
-file descriptor). So a thin subclass of uvicorn's own h11 protocol adds both:
+file descriptor). So a thin subclass of uvicorn's httptools protocol (llhttp parses a request
+in a fraction of h11's CPU, benchmarks/README.md) adds all three:
+
+- a bound on a request's head (``MAX_HEADER_BYTES``) while it arrives: llhttp would keep a
+  header trickled a byte at a time for as long as the deadline below allows;
 
 - a deadline for a complete request, armed when a connection opens and when the first byte of
   a further request arrives on a kept-alive one, disarmed once the headers and the body (a few
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import resource
@@ -38,9 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httptools
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from core.config import Config
 
@@ -66,10 +72,13 @@ BODY_LIMITS: tuple[tuple[re.Pattern[str], int], ...] = (
     (re.compile(r"^/admin/v1/"), 1 * MIB),
 )
 DEFAULT_BODY_LIMIT = 16 * KIB
-# A request line plus headers. h11 applies its bound (uvicorn's h11_max_incomplete_event_size,
-# set to this) only while headers are still incomplete, so a larger block arriving in one read
-# passes it; the gate measures every request's headers again.
+# A request line plus headers. The protocol applies it while a head is still incomplete, so a
+# larger block arriving in one read passes it; the gate measures every request's head again.
 MAX_HEADER_BYTES = 16 * KIB
+_HEADERS_TOO_LARGE = (
+    b'{"error":"request headers larger than %d bytes","code":"headers_too_large"}'
+    % (MAX_HEADER_BYTES)
+)
 
 
 class RateLimitedLog:
@@ -127,20 +136,20 @@ class ConnectionLimits:
     max_connections: int = 1024
     header_timeout_s: float = HEADER_TIMEOUT_S
     keep_alive_s: float = KEEP_ALIVE_S
-    open: set[LimitedH11Protocol] = field(default_factory=set)
+    open: set[LimitedProtocol] = field(default_factory=set)
     # The connections a newcomer may displace, oldest first (dicts keep insertion order), with
     # when they became so: those waiting for a request to arrive in full (new ones, and
     # kept-alive ones whose next request has begun) ...
-    waiting: dict[LimitedH11Protocol, float] = field(default_factory=dict)
+    waiting: dict[LimitedProtocol, float] = field(default_factory=dict)
     # ... and kept-alive ones idle between requests.
-    idle: dict[LimitedH11Protocol, float] = field(default_factory=dict)
+    idle: dict[LimitedProtocol, float] = field(default_factory=dict)
     refused: int = 0
     displaced: int = 0
     timed_out: int = 0
     clock: Callable[[], float] = time.monotonic
     _log: RateLimitedLog = field(default_factory=RateLimitedLog)
 
-    def admit(self, protocol: LimitedH11Protocol) -> bool:
+    def admit(self, protocol: LimitedProtocol) -> bool:
         """Make room for a new connection if it can be had; False: refuse it."""
         if len(self.open) >= self.max_connections:
             displaced = self.to_displace(self.clock())
@@ -165,7 +174,7 @@ class ConnectionLimits:
         self.open.add(protocol)
         return True
 
-    def to_displace(self, now: float) -> LimitedH11Protocol | None:
+    def to_displace(self, now: float) -> LimitedProtocol | None:
         """The connection a newcomer at the cap takes the place of, None if every one is
         busy with a request:
         - the oldest still waiting for its request after STALE_S (a request arrives in
@@ -187,14 +196,34 @@ class ConnectionLimits:
         return min(oldest, key=lambda item: item[1])[0] if oldest else None
 
 
-class LimitedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline and a connection cap (see module doc)."""
+UNSUPPORTED_CODING = "Transfer-Encoding other than chunked is not supported"
+
+
+class Refused(Exception):
+    """A request the protocol answers itself, and closes: raised in a parser callback."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class LimitedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a request deadline, a header bound and a connection
+    cap (see the module doc). The parser's callbacks say where a connection is; ``_settle``
+    files it where ``ConnectionLimits`` looks for one to displace:
+    - *waiting*, with the deadline armed: no request yet on a new connection, or one begun
+      and not in full (the head, or the body of the request being served);
+    - *idle*: kept alive between requests (uvicorn's keep-alive timer closes it);
+    - *busy*, in neither: a request in full being answered. A pipelined request's head
+      arriving meanwhile waits for its turn to be timed, so no deadline ends a long poll."""
 
     limits: ConnectionLimits  # set on the per-listener subclass made by ``protocol_for``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._deadline: asyncio.TimerHandle | None = None
-        self._request_cycle: object = None
+        self._in_head = self._in_body = False
+        self._head_bytes = 0  # of the head being received, past the read it began in
+        self._completed = False  # a request arrived in full during the current read
         self._admitted = self.limits.admit(self)
         if not self._admitted:
             # BaseTransport has no abort(); the server's transports are TCP ones, which do.
@@ -202,7 +231,7 @@ class LimitedH11Protocol(H11Protocol):
             return
         # uvicorn types its parameter as a TCP transport, asyncio's protocol as the base one.
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._await_request()
+        self._settle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._admitted:
@@ -211,64 +240,131 @@ class LimitedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.limits.idle.pop(self, None) is not None:
-            self._await_request()  # a kept-alive connection's next request has begun
-        super().data_received(data)
-        self._note_request()
+        """uvicorn's, with the parser's reason in a JSON 400, upgrades refused, and the
+        head bounded while it arrives: llhttp keeps a header trickled a byte at a time."""
+        self._unset_keepalive_if_required()
+        head_began_before = self._in_head
+        self._completed = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse_upgrade()
+            return
+        except httptools.HttpParserError as exc:
+            refusal = exc.__context__  # raised by a callback (ours, or uvicorn's parse_url)
+            if not isinstance(refusal, Refused):
+                reason = refusal if isinstance(refusal, httptools.HttpParserError) else exc
+                refusal = Refused(400, "malformed_request", f"malformed HTTP request: {reason}")
+            self.logger.warning("Invalid HTTP request received.")
+            self._refuse(refusal)
+            return
+        if not self._in_head or self.transport.is_closing():
+            return
+        if head_began_before or not self._completed:
+            self._head_bytes += len(data)  # this read is the head's, from its first byte
+        if self._head_bytes > MAX_HEADER_BYTES:
+            self._answer_and_close(431, _HEADERS_TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+        self._settle()
+
+    def on_headers_complete(self) -> None:
+        """Two rules llhttp leaves to the server, as h11 kept them: one Host (RFC 9112 3.2),
+        and no transfer coding but chunked, whose bytes would reach the app still coded."""
+        self._in_head, self._in_body = False, True
+        hosts = 0
+        for name, value in self.headers:
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                raise Refused(501, "unsupported_transfer_coding", UNSUPPORTED_CODING)
+        if hosts != 1 and self.parser.get_http_version() == "1.1":
+            raise Refused(400, "malformed_request", "an HTTP/1.1 request needs one Host header")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_body, self._completed = False, True
+        self._settle()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.transport.is_closing() or self._note_request():
-            return
-        if self.cycle is not self._request_cycle or self.conn.trailing_data[0]:
-            self._await_request()  # some of the next request is here already
-            return
-        # Idle between requests: uvicorn's keep-alive timer closes it after keep_alive_s, our
-        # deadline starts with the next request's first byte.
-        self.limits.idle[self] = self.limits.clock()
+        if not self.transport.is_closing():
+            self._settle()
 
-    def send_400_response(self, msg: str) -> None:
-        """h11 refused the rest of a request whose headers had started the app (a malformed
-        chunk): the 400 is the answer. Mark the cycle disconnected first, so the app reads
-        a disconnect and its own response is dropped; otherwise it answered on a connection
-        h11 had closed and every such request logged two tracebacks."""
+    def _refuse(self, refusal: Refused) -> None:
+        """Answer a request the parser refused, and close. If its head had started the app
+        (a malformed chunk), mark the cycle disconnected first, so the app reads a
+        disconnect and its own response is dropped; otherwise it answered on a closed
+        connection and every such request logged two tracebacks."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
-        super().send_400_response(msg)
+        body = json.dumps({"error": refusal.message, "code": refusal.code}).encode()
+        self._answer_and_close(refusal.status, body)
 
     def drop(self) -> None:
         """Close now, freeing the slot at once (the transport reports the loss later)."""
         self._forget()
         self.transport.abort()
 
-    def _await_request(self) -> None:
-        self.limits.waiting.pop(self, None)  # to the end: the dict stays oldest first
-        self.limits.waiting[self] = self.limits.clock()
-        self._arm_deadline()
+    def _refuse_upgrade(self) -> None:
+        """Nothing here speaks WebSocket or CONNECT, and llhttp parses nothing after such a
+        request: its answer (the app's) is the connection's last."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+        else:
+            self.transport.close()
 
-    def _arm_deadline(self) -> None:
+    def _answer_and_close(self, status: int, body: bytes) -> None:
+        self.transport.write(
+            STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(body) + body
+        )
+        self.transport.close()
+        self._forget()
+
+    def _settle(self) -> None:
+        cycle = self.cycle
+        serving = cycle is not None and not cycle.response_complete
+        receiving = self._in_head or self._in_body
+        if cycle is None or (receiving and not serving):
+            self._wait()  # a new connection, or a request begun with nothing being answered
+        elif self._in_body and not self.pipeline:
+            self._wait()  # the body of the request being answered
+        elif not (receiving or serving):
+            self._idle()
+        else:
+            self._busy()
+
+    def _wait(self) -> None:
+        if self in self.limits.waiting:
+            return  # still oldest first: a trickled request keeps its place
+        self.limits.idle.pop(self, None)
+        self.limits.waiting[self] = self.limits.clock()
         if self._deadline is None:
             self._deadline = self.loop.call_later(
-                self.limits.header_timeout_s, self._headers_overdue
+                self.limits.header_timeout_s, self._request_overdue
             )
 
-    def _note_request(self) -> bool:
-        """True if a new request has fully arrived: headers parsed (uvicorn began a request
-        cycle) and its body complete."""
-        cycle = self.cycle
-        if cycle is None or cycle is self._request_cycle or cycle.more_body:
-            return False
-        self._request_cycle = self.cycle
+    def _idle(self) -> None:
+        if self in self.limits.idle:
+            return
+        self._busy()
+        self.limits.idle[self] = self.limits.clock()
+
+    def _busy(self) -> None:
         self.limits.waiting.pop(self, None)
         self.limits.idle.pop(self, None)
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        return True
 
-    def _headers_overdue(self) -> None:
+    def _request_overdue(self) -> None:
         self._deadline = None
         self.limits.timed_out += 1
         self.limits._log(
@@ -280,18 +376,14 @@ class LimitedH11Protocol(H11Protocol):
         self.drop()
 
     def _forget(self) -> None:
+        self._busy()
         self.limits.open.discard(self)
-        self.limits.waiting.pop(self, None)
-        self.limits.idle.pop(self, None)
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
 
 
-def protocol_for(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
+def protocol_for(limits: ConnectionLimits) -> type[LimitedProtocol]:
     """A protocol class bound to one listener's limits (uvicorn instantiates it per
     connection with its own arguments, so the limits travel on the class)."""
-    return type(f"LimitedH11Protocol_{limits.name}", (LimitedH11Protocol,), {"limits": limits})
+    return type(f"LimitedProtocol_{limits.name}", (LimitedProtocol,), {"limits": limits})
 
 
 # ---- bodies -----------------------------------------------------------------------------------
@@ -324,14 +416,11 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        size, declared, chunked = _head(scope)
+        size, declared = _head(scope)
         if size > MAX_HEADER_BYTES:
             await _headers_too_large(send)
             return
         limit = body_limit(scope["path"])
-        if declared is not None and chunked:
-            await _double_framing(send)  # RFC 9112 6.3: a smuggling attempt, or a bad proxy
-            return
         if declared is not None and declared > limit:
             await _too_large(limit, send)
             return
@@ -352,21 +441,17 @@ class RequestGate:
         await self.app(scope, bounded_receive, send)
 
 
-def _head(scope: Scope) -> tuple[int, int | None, bool]:
-    """One pass over a request's head, which every request pays for: its size in bytes, its
-    (first) Content-Length, and whether it has a Transfer-Encoding."""
+def _head(scope: Scope) -> tuple[int, int | None]:
+    """One pass over a request's head, which every request pays for: its size in bytes and
+    its Content-Length (llhttp refuses a second one, and one beside Transfer-Encoding)."""
     size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
     declared: int | None = None
-    length_seen = chunked = False
     for name, value in scope["headers"]:
         size += len(name) + len(value) + 4
-        if name == b"content-length" and not length_seen:
-            length_seen = True
-            with contextlib.suppress(ValueError):  # h11 has already refused a malformed one
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):  # llhttp has already refused a malformed one
                 declared = int(value)
-        elif name == b"transfer-encoding":
-            chunked = True
-    return size, declared, chunked
+    return size, declared
 
 
 async def send_json(send: Send, status: int, body: bytes, close: bool = False) -> None:
@@ -383,15 +468,7 @@ async def _forbidden(send: Send) -> None:
 
 
 async def _headers_too_large(send: Send) -> None:
-    body = b'{"error":"request headers larger than %d bytes","code":"headers_too_large"}' % (
-        MAX_HEADER_BYTES
-    )
-    await send_json(send, 431, body, close=True)
-
-
-async def _double_framing(send: Send) -> None:
-    body = b'{"error":"both Content-Length and Transfer-Encoding: send one","code":"bad_framing"}'
-    await send_json(send, 400, body, close=True)
+    await send_json(send, 431, _HEADERS_TOO_LARGE, close=True)
 
 
 async def _too_large(limit: int, send: Send) -> None:

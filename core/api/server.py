@@ -22,7 +22,6 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Scope
 
 from core.api.limits import (
-    MAX_HEADER_BYTES,
     UVICORN_FLOOD_LINES,
     ConnectionLimits,
     RequestGate,
@@ -113,7 +112,7 @@ def make_server(
     config = uvicorn.Config(
         guard(front) if guard is not None else front,
         http=protocol_for(limits),
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        ws="none",  # nothing here speaks WebSocket: an upgrade is answered and closed
         backlog=accept_batch(limits.max_connections),
         # No limit_concurrency: it answers 503 to requests once *connections* reach it, which
         # the cap in limits.py already bounds by closing the ones that never send a request.
