@@ -24,6 +24,9 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+from uvicorn.server import ServerState
 
 from contextualisation.agent import Core as AgentClient
 from core.api.access import client_address, forwarded_for, networks
@@ -36,6 +39,7 @@ from core.api.limits import (
     body_limit,
     listeners_capacity,
     open_files_warning,
+    protocol_for,
     throttle_accept_errors,
 )
 from core.clouds.sandbox import MotoEC2Server
@@ -282,6 +286,62 @@ async def test_a_request_trickled_on_a_kept_alive_connection_meets_the_deadline(
         assert limits.timed_out == 1
 
 
+async def test_bytes_that_begin_no_request_do_not_keep_an_idle_connection_open(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    """Blank lines after an answer, or the rest of a body the route answered without
+    reading: no request begins, and the keep-alive timer still closes the connection (the
+    request deadline, 60 s, cannot be what closes it within 5 s)."""
+    config = core_config(tmp_path, moto.url, web={"header_timeout_s": 60, "keep_alive_s": 0.5})
+    async with running_core(config) as core:
+        port = port_of(core.agent_url)
+        with connect(port) as blank, connect(port) as answered_early:
+            assert await asyncio.to_thread(kept_alive_request, blank) == 200
+            blank.sendall(b"\r\n")
+            early = b"GET /healthz HTTP/1.1\r\nHost: core\r\nContent-Length: 1\r\n\r\n"
+            assert await asyncio.to_thread(kept_alive_request, answered_early, early) == 200
+            answered_early.sendall(b"x")
+            for sock in (blank, answered_early):
+                assert await asyncio.to_thread(closed_by_server, sock)
+        assert agent_limits_of(core).timed_out == 0
+
+
+@pytest.mark.parametrize(
+    ("keep_alive_s", "then"), [(0.3, b""), (60.0, b"\x01\r\n\r\n")], ids=["answers", "a refusal"]
+)
+async def test_a_peer_that_reads_none_of_its_answers_is_dropped(
+    keep_alive_s: float, then: bytes
+) -> None:
+    """A request in full is never timed out, so a client that reads nothing would hold its
+    slot and its answers in memory for as long as it liked: after keep_alive_s with writing
+    paused the connection is aborted. A refusal (a malformed request sent once writing is
+    paused; keep_alive_s is then 60 s) is the connection's last answer and waits
+    CLOSE_GRACE_S at most. A real transport on a socket pair whose other end is never read;
+    uvicorn's own set says when the connection is gone."""
+    limits = ConnectionLimits("test", keep_alive_s=keep_alive_s)
+    answer = b"x" * (1 << 20)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-length", b"%d" % len(answer))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    protocol = protocol_for(limits)
+    config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off", log_level="warning")
+    config.load()
+    state = ServerState()
+    server_end, client_end = socket.socketpair()
+    with client_end:
+        _, connection = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: protocol(config=config, server_state=state, app_state={}), server_end
+        )
+        client_end.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await eventually(lambda: connection.flow.write_paused)  # type: ignore[attr-defined]
+        client_end.sendall(then)
+        await eventually(lambda: not state.connections, timeout=5)
+    assert not limits.open
+
+
 async def test_at_the_cap_an_idle_kept_alive_connection_makes_room(
     tmp_path: Path, moto: MotoEC2Server
 ) -> None:
@@ -510,6 +570,41 @@ async def test_requests_the_parser_refuses_get_a_json_error_saying_why(
     answer, body = await asyncio.to_thread(raw_request, port, head + b"\r\n2\r\n{}\r\n0\r\n\r\n")
     assert answer == status
     assert says in json.loads(body)["error"]
+
+
+async def test_trailers_are_not_headers_and_are_bounded(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    """A chunked body's trailers come after the gate and the token check read the headers:
+    a VM's token sent as one must not count. And llhttp keeps a trailer until it is complete,
+    so they are bounded like a head (431), not by the request deadline (10 s)."""
+    config = core_config(tmp_path, moto.url, pool={"min_vms": 1, "max_vms": 1})
+    async with running_core(config) as core:
+        [vm_id] = await wait_for_vms(core, 1)
+        agent, registration = agent_client(moto.url, core.agent_url, vm_id)
+        _, reply = await asyncio.to_thread(agent.call, "/agent/v1/register", registration)
+        port = port_of(core.agent_url)
+        beat = (
+            b"POST /agent/v1/heartbeat HTTP/1.1\r\nHost: core\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"f\r\n" + b'{"busy": false}' + b"\r\n0\r\n"
+        )
+        smuggled = b"Authorization: Bearer " + reply["token"].encode() + b"\r\n\r\n"
+        status, _ = await asyncio.to_thread(raw_request, port, beat + smuggled)
+        assert status == 401
+        # One trailer that never ends, past what one read can hold (256 KiB): what the
+        # core read of it after the body's read exceeds 16 KiB and the core closes, within 5 s
+        # where its deadline is 10 s (a reset: the rest is unread).
+        with connect(port, beat + b"X-Trailer: ") as sock:
+            await asyncio.to_thread(send_until_closed, sock, b"v" * 1024, 300)
+            assert await asyncio.to_thread(closed_by_server, sock)
+        assert agent_limits_of(core).timed_out == 0
+
+
+def send_until_closed(sock: socket.socket, piece: bytes, times: int) -> None:
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for _ in range(times):
+            sock.sendall(piece)
 
 
 async def test_an_upgrade_request_is_answered_and_its_connection_closed(core: Core) -> None:

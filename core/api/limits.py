@@ -46,7 +46,11 @@ from typing import Any
 import httptools
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from core.config import Config
 
@@ -62,6 +66,9 @@ KEEP_ALIVE_S = 75.0
 # A request arrives within milliseconds of its first byte; a connection idle between requests
 # this long is not in the gap of a loop about to send the next (limits.to_displace).
 STALE_S = 1.0
+# A refused request's answer is the connection's last; a peer that does not read it has this
+# long before the socket is aborted, so it cannot hold a descriptor the cap no longer counts.
+CLOSE_GRACE_S = 1.0
 # Largest request body per route (matched on the path; agent and admin paths are disjoint).
 # A report carries an output tail of at most 64 Ki characters: 256 KiB holds it unless most
 # of it is JSON-escaped non-ASCII, which is refused (413) like any other oversized body.
@@ -208,22 +215,31 @@ class Refused(Exception):
 
 
 class LimitedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a request deadline, a header bound and a connection
-    cap (see the module doc). The parser's callbacks say where a connection is; ``_settle``
-    files it where ``ConnectionLimits`` looks for one to displace:
-    - *waiting*, with the deadline armed: no request yet on a new connection, or one begun
-      and not in full (the head, or the body of the request being served);
-    - *idle*: kept alive between requests (uvicorn's keep-alive timer closes it);
+    """uvicorn's httptools protocol with a request deadline, a head bound and a connection cap
+    (see the module doc). The parser's callbacks say where a connection is; ``_settle`` files
+    it where ``ConnectionLimits`` looks for one to displace, with the one timer that state has:
+    - *waiting*, under the deadline: no request yet on a new connection, or one begun and not
+      in full (its head, or its body, also after an answer that did not wait for it);
+    - *idle*, under uvicorn's keep-alive timer: nothing arriving, nothing being answered;
     - *busy*, in neither: a request in full being answered. A pipelined request's head
-      arriving meanwhile waits for its turn to be timed, so no deadline ends a long poll."""
+      arriving meanwhile waits for its turn to be timed, so no deadline ends a long poll.
+    A peer that reads none of its answers for ``keep_alive_s`` is dropped, whatever the state."""
 
     limits: ConnectionLimits  # set on the per-listener subclass made by ``protocol_for``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._deadline: asyncio.TimerHandle | None = None
+        # Aborts a connection whose peer reads nothing: its answers, or a refusal's.
+        self._abort_timer: asyncio.TimerHandle | None = None
+        # The request being answered; uvicorn's ``cycle`` is the last one parsed.
+        self._serving: RequestResponseCycle | None = None
         self._in_head = self._in_body = False
-        self._head_bytes = 0  # of the head being received, past the read it began in
-        self._completed = False  # a request arrived in full during the current read
+        # Bytes of the current request that are neither body nor part of a complete head:
+        # its head while it arrives, chunk framing and trailers (llhttp keeps a header, or a
+        # trailer, until it is complete, however slowly it comes).
+        self._framing = 0
+        self._begun = self._completed = 0  # requests begun and completed in the current read
+        self._body_seen = False  # in the current read
         self._admitted = self.limits.admit(self)
         if not self._admitted:
             # BaseTransport has no abort(); the server's transports are TCP ones, which do.
@@ -237,14 +253,17 @@ class LimitedProtocol(HttpToolsProtocol):
         if not self._admitted:
             return
         self._forget()
+        _disconnect(self._serving)  # uvicorn tells only the last request parsed
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        """uvicorn's, with the parser's reason in a JSON 400, upgrades refused, and the
-        head bounded while it arrives: llhttp keeps a header trickled a byte at a time."""
-        self._unset_keepalive_if_required()
-        head_began_before = self._in_head
-        self._completed = False
+        """uvicorn's, with the parser's reason in a JSON 400, upgrades refused, the bytes that
+        are not body bounded while they arrive, and no timer touched but by ``_settle``: a
+        read that begins no request (blank lines, the rest of a body already answered) must
+        not leave a connection without one."""
+        between = not (self._in_head or self._in_body)
+        self._begun = self._completed = 0
+        self._body_seen = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -258,16 +277,22 @@ class LimitedProtocol(HttpToolsProtocol):
             self.logger.warning("Invalid HTTP request received.")
             self._refuse(refusal)
             return
-        if not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        if head_began_before or not self._completed:
-            self._head_bytes += len(data)  # this read is the head's, from its first byte
-        if self._head_bytes > MAX_HEADER_BYTES:
+        if self._in_head:
+            # All of this read is the head's, unless the head began after something else in
+            # it (a request before it, pipelined).
+            if not self._begun or (between and self._begun == 1 and not self._completed):
+                self._framing += len(data)
+        elif self._in_body and not (between or self._begun or self._body_seen):
+            self._framing += len(data)  # within a body, no byte of it: framing or trailers
+        if self._framing > MAX_HEADER_BYTES:
             self._answer_and_close(431, _HEADERS_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head, self._head_bytes = True, 0
+        self._begun += 1
+        self._in_head, self._framing = True, 0
         self._settle()
 
     def on_headers_complete(self) -> None:
@@ -280,36 +305,48 @@ class LimitedProtocol(HttpToolsProtocol):
                 hosts += 1
             elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 raise Refused(501, "unsupported_transfer_coding", UNSUPPORTED_CODING)
-        if hosts != 1 and self.parser.get_http_version() == "1.1":
-            raise Refused(400, "malformed_request", "an HTTP/1.1 request needs one Host header")
+        if hosts > 1 or (hosts == 0 and self.parser.get_http_version() == "1.1"):
+            raise Refused(400, "malformed_request", "a request needs one Host header")
         super().on_headers_complete()
+        # Trailers after a chunked body come as more on_header calls: into a list nobody
+        # reads, as h11 dropped them. Appended to the request's headers, they would arrive
+        # after the gate and the token checks had read those.
+        self.headers = []
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen, self._framing = True, 0
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_body, self._completed = False, True
+        self._in_body = False
+        self._completed += 1
         self._settle()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # starts a pipelined request, if one is in
         if not self.transport.is_closing():
             self._settle()
 
-    def _refuse(self, refusal: Refused) -> None:
-        """Answer a request the parser refused, and close. If its head had started the app
-        (a malformed chunk), mark the cycle disconnected first, so the app reads a
-        disconnect and its own response is dropped; otherwise it answered on a closed
-        connection and every such request logged two tracebacks."""
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True
-            cycle.message_event.set()
-        body = json.dumps({"error": refusal.message, "code": refusal.code}).encode()
-        self._answer_and_close(refusal.status, body)
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._abort_timer is None:
+            self._abort_timer = self.loop.call_later(self.limits.keep_alive_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._abort_timer is not None and not self.transport.is_closing():
+            self._abort_timer.cancel()
+            self._abort_timer = None
 
     def drop(self) -> None:
         """Close now, freeing the slot at once (the transport reports the loss later)."""
         self._forget()
         self.transport.abort()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._serving = cycle
+        super()._start_asgi_task(cycle, app)
 
     def _refuse_upgrade(self) -> None:
         """Nothing here speaks WebSocket or CONNECT, and llhttp parses nothing after such a
@@ -320,21 +357,34 @@ class LimitedProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    def _refuse(self, refusal: Refused) -> None:
+        body = json.dumps({"error": refusal.message, "code": refusal.code}).encode()
+        self._answer_and_close(refusal.status, body)
+
     def _answer_and_close(self, status: int, body: bytes) -> None:
+        """The answer to a request the protocol refused, the connection's last. Requests
+        that had started the app read a disconnect and their answers are dropped; otherwise
+        they answered on a closed connection, and each such request logged two tracebacks.
+        The slot is freed when the socket closes, within CLOSE_GRACE_S if the peer reads
+        nothing."""
+        _disconnect(self._serving)
+        _disconnect(self.cycle)
+        self._busy()
         self.transport.write(
             STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n" % len(body) + body
         )
         self.transport.close()
-        self._forget()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        self._abort_timer = self.loop.call_later(CLOSE_GRACE_S, self.transport.abort)
 
     def _settle(self) -> None:
-        cycle = self.cycle
-        serving = cycle is not None and not cycle.response_complete
+        serving = self._serving is not None and not self._serving.response_complete
         receiving = self._in_head or self._in_body
-        if cycle is None or (receiving and not serving):
-            self._wait()  # a new connection, or a request begun with nothing being answered
-        elif self._in_body and not self.pipeline:
+        if self.cycle is None or (receiving and not serving):
+            self._wait()  # a new connection, or a request arriving with nothing being answered
+        elif self._in_body and self.cycle is self._serving:
             self._wait()  # the body of the request being answered
         elif not (receiving or serving):
             self._idle()
@@ -342,6 +392,7 @@ class LimitedProtocol(HttpToolsProtocol):
             self._busy()
 
     def _wait(self) -> None:
+        self._unset_keepalive_if_required()
         if self in self.limits.waiting:
             return  # still oldest first: a trickled request keeps its place
         self.limits.idle.pop(self, None)
@@ -352,12 +403,16 @@ class LimitedProtocol(HttpToolsProtocol):
             )
 
     def _idle(self) -> None:
-        if self in self.limits.idle:
-            return
-        self._busy()
-        self.limits.idle[self] = self.limits.clock()
+        if self not in self.limits.idle:
+            self._busy()
+            self.limits.idle[self] = self.limits.clock()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _busy(self) -> None:
+        self._unset_keepalive_if_required()
         self.limits.waiting.pop(self, None)
         self.limits.idle.pop(self, None)
         if self._deadline is not None:
@@ -375,9 +430,30 @@ class LimitedProtocol(HttpToolsProtocol):
         )
         self.drop()
 
+    def _stalled(self) -> None:
+        self._abort_timer = None
+        self.limits._log(
+            logging.INFO,
+            "event=write_stalled listener=%s after_s=%g",
+            self.limits.name,
+            self.limits.keep_alive_s,
+        )
+        self.drop()
+
     def _forget(self) -> None:
         self._busy()
         self.limits.open.discard(self)
+        if self._abort_timer is not None:  # the socket is closing or closed: no abort after
+            self._abort_timer.cancel()
+            self._abort_timer = None
+
+
+def _disconnect(cycle: RequestResponseCycle | None) -> None:
+    """Tell a request still being answered that its connection is gone: the app reads a
+    disconnect, and what it sends is dropped."""
+    if cycle is not None and not cycle.response_complete:
+        cycle.disconnected = True
+        cycle.message_event.set()
 
 
 def protocol_for(limits: ConnectionLimits) -> type[LimitedProtocol]:
