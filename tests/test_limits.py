@@ -306,40 +306,119 @@ async def test_bytes_that_begin_no_request_do_not_keep_an_idle_connection_open(
         assert agent_limits_of(core).timed_out == 0
 
 
+class Rig:
+    """One connection of ``LimitedProtocol`` on a real transport over a socket pair, the
+    listener skipped: the test holds the peer's end and reads from it only when it says.
+    The core's end can hold 8 KiB unsent in the kernel, so an answer past that waits in the
+    transport. uvicorn's own set of connections says when the connection is gone."""
+
+    def __init__(self, app: Any, **limits: Any) -> None:
+        self.limits = ConnectionLimits("test", **limits)
+        self.protocol_class = protocol_for(self.limits)
+        self.config = uvicorn.Config(
+            app, http=self.protocol_class, ws="none", lifespan="off", log_level="warning"
+        )
+        self.config.load()
+        self.state = ServerState()
+        self.core_end, self.peer = socket.socketpair()
+        self.core_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    async def connect(self) -> Any:
+        _, self.connection = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: self.protocol_class(config=self.config, server_state=self.state, app_state={}),
+            self.core_end,
+        )
+        return self.connection
+
+    async def rearmed(self, timer: str) -> None:
+        """Wait until the connection's ``timer`` is a new one (it looked and went on)."""
+        before = getattr(self.connection, timer)
+        await eventually(lambda: getattr(self.connection, timer) not in (None, before))
+
+
+def answering(size: int, *headers: tuple[bytes, bytes]) -> Any:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-length", b"%d" % size), *headers]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b"x" * size})
+
+    return app
+
+
 @pytest.mark.parametrize(
-    ("keep_alive_s", "then"), [(0.3, b""), (60.0, b"\x01\r\n\r\n")], ids=["answers", "a refusal"]
+    ("keep_alive_s", "size", "headers", "then"),
+    [
+        (0.3, 1 << 20, (), b""),
+        (0.3, 40 * 1024, ((b"connection", b"close"),), b""),
+        (60.0, 1 << 20, (), b"\x01\r\n\r\n"),
+    ],
+    ids=["answers", "a closing answer under 64 KiB", "a refusal"],
 )
 async def test_a_peer_that_reads_none_of_its_answers_is_dropped(
-    keep_alive_s: float, then: bytes
+    keep_alive_s: float, size: int, headers: tuple[tuple[bytes, bytes], ...], then: bytes
 ) -> None:
     """A request in full is never timed out, so a client that reads nothing would hold its
-    slot and its answers in memory for as long as it liked: after keep_alive_s with writing
-    paused the connection is aborted. A refusal (a malformed request sent once writing is
-    paused; keep_alive_s is then 60 s) is the connection's last answer and waits
-    CLOSE_GRACE_S at most. A real transport on a socket pair whose other end is never read;
-    uvicorn's own set says when the connection is gone."""
-    limits = ConnectionLimits("test", keep_alive_s=keep_alive_s)
-    answer = b"x" * (1 << 20)
+    slot and its answers in memory for as long as it liked: once keep_alive_s passes with
+    nothing taken the connection is aborted, also when the answer closes it (then
+    asyncio waits for the peer however long). A refusal (a malformed request sent once the
+    answer waits; keep_alive_s is then 60 s) is the connection's last answer and waits
+    CLOSE_GRACE_S at most."""
+    rig = Rig(answering(size, *headers), keep_alive_s=keep_alive_s)
+    with rig.peer:
+        connection = await rig.connect()
+        rig.peer.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await eventually(lambda: connection.flow.write_paused)
+        rig.peer.sendall(then)
+        await eventually(lambda: not rig.state.connections, timeout=5)
+    assert not rig.limits.open
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(b"content-length", b"%d" % len(answer))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
 
-    protocol = protocol_for(limits)
-    config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off", log_level="warning")
-    config.load()
-    state = ServerState()
-    server_end, client_end = socket.socketpair()
-    with client_end:
-        _, connection = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: protocol(config=config, server_state=state, app_state={}), server_end
-        )
-        client_end.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        await eventually(lambda: connection.flow.write_paused)  # type: ignore[attr-defined]
-        client_end.sendall(then)
-        await eventually(lambda: not state.connections, timeout=5)
-    assert not limits.open
+async def test_a_slow_reader_that_keeps_taking_its_answer_is_not_dropped() -> None:
+    """A console fetching megabytes over a slow link: each keep_alive_s it takes 128 KiB,
+    more than MIN_PROGRESS, and gets the whole answer though it takes several periods."""
+    size = 1 << 20
+    rig = Rig(answering(size), keep_alive_s=1.0)
+    with rig.peer:
+        connection = await rig.connect()
+        rig.peer.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await eventually(lambda: connection._abort_timer is not None)
+        rig.peer.settimeout(5)
+        reply = b""
+        for _ in range(3):
+            reply += await asyncio.to_thread(read_exactly, rig.peer, 128 * 1024)
+            await rig.rearmed("_abort_timer")
+        assert rig.state.connections
+        while len(reply) < size or b"\r\n\r\n" not in reply:
+            reply += await asyncio.to_thread(rig.peer.recv, 1 << 20)
+    assert reply.endswith(b"x" * size)
+
+
+async def test_a_large_body_still_arriving_outlives_the_request_deadline() -> None:
+    """A batch of jobs uploaded over a slow link: each header_timeout_s brings 128 KiB of the
+    body, more than MIN_PROGRESS, so the deadline is pushed on; the trickle of a few bytes is
+    still cut (test_a_request_not_complete_within_the_deadline_is_closed)."""
+    rig = Rig(answering(2), header_timeout_s=0.5)
+    piece = b"y" * (128 * 1024)
+    with rig.peer:
+        await rig.connect()
+        head = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (4 * len(piece))
+        await asyncio.to_thread(rig.peer.sendall, head + piece)
+        for _ in range(3):
+            await rig.rearmed("_deadline")
+            await asyncio.to_thread(rig.peer.sendall, piece)
+        rig.peer.settimeout(5)
+        reply = await asyncio.to_thread(rig.peer.recv, 65536)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert rig.limits.timed_out == 0
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        data += sock.recv(size - len(data))
+    return data
 
 
 async def test_at_the_cap_an_idle_kept_alive_connection_makes_room(

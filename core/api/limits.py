@@ -66,6 +66,10 @@ KEEP_ALIVE_S = 75.0
 # A request arrives within milliseconds of its first byte; a connection idle between requests
 # this long is not in the gap of a loop about to send the next (limits.to_displace).
 STALE_S = 1.0
+# A slow peer keeps its connection while it moves at least this much (or all that is left) in
+# each keep_alive_s of its answers and each header_timeout_s of its request's body: a console
+# fetching megabytes over a slow link, a large batch of jobs uploaded; not a trickle.
+MIN_PROGRESS = 64 * KIB
 # A refused request's answer is the connection's last; a peer that does not read it has this
 # long before the socket is aborted, so it cannot hold a descriptor the cap no longer counts.
 CLOSE_GRACE_S = 1.0
@@ -240,6 +244,8 @@ class LimitedProtocol(HttpToolsProtocol):
         self._framing = 0
         self._begun = self._completed = 0  # requests begun and completed in the current read
         self._body_seen = False  # in the current read
+        self._body_bytes = self._body_checked = 0  # of the current request; at the deadline
+        self._unsent = 0  # bytes the peer had not taken when the write watch last looked
         self._admitted = self.limits.admit(self)
         if not self._admitted:
             # BaseTransport has no abort(); the server's transports are TCP ones, which do.
@@ -247,6 +253,12 @@ class LimitedProtocol(HttpToolsProtocol):
             return
         # uvicorn types its parameter as a TCP transport, asyncio's protocol as the base one.
         super().connection_made(transport)  # type: ignore[arg-type]
+        # Paused whenever a write is not all taken by the kernel: every answer the peer is
+        # not reading is watched (_watch_writes), also the last one of a closing connection.
+        # Not on TLS: asyncio's TLS transport would never resume a protocol paused at 0; it
+        # keeps its default (paused past 64 KiB not yet encrypted).
+        if self.scheme == "http":
+            self.transport.set_write_buffer_limits(high=0)
         self._settle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -293,12 +305,13 @@ class LimitedProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._begun += 1
         self._in_head, self._framing = True, 0
+        self._body_bytes = self._body_checked = 0
         self._settle()
 
     def on_headers_complete(self) -> None:
         """Two rules llhttp leaves to the server, as h11 kept them: one Host (RFC 9112 3.2),
         and no transfer coding but chunked, whose bytes would reach the app still coded."""
-        self._in_head, self._in_body = False, True
+        self._in_head, self._in_body, self._framing = False, True, 0
         hosts = 0
         for name, value in self.headers:
             if name == b"host":
@@ -315,6 +328,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_seen, self._framing = True, 0
+        self._body_bytes += len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -331,13 +345,14 @@ class LimitedProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._abort_timer is None:
-            self._abort_timer = self.loop.call_later(self.limits.keep_alive_s, self._stalled)
+            self._watch_writes()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._abort_timer is not None and not self.transport.is_closing():
             self._abort_timer.cancel()
             self._abort_timer = None
+            self._settle()  # all taken: idle now, if nothing else is going on
 
     def drop(self) -> None:
         """Close now, freeing the slot at once (the transport reports the loss later)."""
@@ -367,6 +382,8 @@ class LimitedProtocol(HttpToolsProtocol):
         they answered on a closed connection, and each such request logged two tracebacks.
         The slot is freed when the socket closes, within CLOSE_GRACE_S if the peer reads
         nothing."""
+        if self.transport.is_closing():
+            return
         _disconnect(self._serving)
         _disconnect(self.cycle)
         self._busy()
@@ -381,6 +398,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def _settle(self) -> None:
         serving = self._serving is not None and not self._serving.response_complete
+        serving = serving or self.flow.write_paused  # an answer not all taken yet
         receiving = self._in_head or self._in_body
         if self.cycle is None or (receiving and not serving):
             self._wait()  # a new connection, or a request arriving with nothing being answered
@@ -421,6 +439,12 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def _request_overdue(self) -> None:
         self._deadline = None
+        if self._in_body and self._body_bytes - self._body_checked >= MIN_PROGRESS:
+            self._body_checked = self._body_bytes  # a large body still coming: time it again
+            self._deadline = self.loop.call_later(
+                self.limits.header_timeout_s, self._request_overdue
+            )
+            return
         self.limits.timed_out += 1
         self.limits._log(
             logging.INFO,
@@ -430,12 +454,26 @@ class LimitedProtocol(HttpToolsProtocol):
         )
         self.drop()
 
-    def _stalled(self) -> None:
+    def _watch_writes(self) -> None:
+        self._unsent = self.transport.get_write_buffer_size()
+        self._abort_timer = self.loop.call_later(self.limits.keep_alive_s, self._check_writes)
+
+    def _check_writes(self) -> None:
+        """Drop a connection whose peer took less than MIN_PROGRESS (or all there was) of
+        its answers in keep_alive_s: a request in full is never timed out, so a peer reading
+        nothing would hold its slot, busy, and its answers in memory for as long as it liked."""
         self._abort_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if not unsent:
+            return
+        if self._unsent - unsent >= min(self._unsent, MIN_PROGRESS):
+            self._watch_writes()
+            return
         self.limits._log(
             logging.INFO,
-            "event=write_stalled listener=%s after_s=%g",
+            "event=write_stalled listener=%s unsent=%d after_s=%g",
             self.limits.name,
+            unsent,
             self.limits.keep_alive_s,
         )
         self.drop()
