@@ -15,9 +15,10 @@ import pytest
 
 from alienec2_tui.client import AdminClient, AdminError
 from core.api.access import client_address, is_allowed, networks
+from core.api.agent import network_guard
 from core.api.longpoll import POLL_END_SPREAD
 from core.clouds.sandbox import SANDBOX_IMAGE, MotoEC2Server
-from core.config import ConfigError
+from core.config import ConfigError, WebConfig
 from core.daemon import Core
 from core.model import JobState, VMState
 from core.userdata import read_agent_settings
@@ -326,6 +327,26 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
     assert client_address("10.0.0.1", None, trusted) == "10.0.0.1"
     assert is_allowed("::ffff:192.0.2.7", networks(["192.0.2.0/24"]))
     assert not is_allowed("garbage", networks(["0.0.0.0/0"]))
+
+
+def test_the_network_guard_keeps_each_verdict_to_its_own_peer_and_forwarded_header() -> None:
+    """The guard remembers verdicts (a fleet asks from the same addresses all day): one
+    must never answer for another peer or another X-Forwarded-For, however long."""
+    web = WebConfig(allowed_networks=["192.0.2.0/24"], trusted_proxies=["10.0.0.1/32"])
+    admits = network_guard(web)
+
+    def scope(peer: str, forwarded: str | None = None) -> dict[str, Any]:
+        headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+        return {"client": (peer, 40000), "headers": headers}
+
+    hops = ", ".join(["192.0.2.7"] * 60)  # long: judged, not kept
+    for _ in range(2):  # the second time, from what the first kept
+        assert admits(scope("192.0.2.5"))
+        assert not admits(scope("198.51.100.1"))
+        assert admits(scope("10.0.0.1", "192.0.2.7"))
+        assert not admits(scope("10.0.0.1", "198.51.100.9"))
+        assert not admits(scope("10.0.0.1", hops + ", 198.51.100.9"))
+        assert admits(scope("10.0.0.1", "198.51.100.9, " + hops))
 
 
 async def test_admin_socket_is_private_and_answers_status(core: Core, admin: AdminClient) -> None:
