@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,29 @@ async def test_a_newer_poll_of_a_slot_ends_the_one_parked_before_it(
         job = core.store.submit_job(["true"], core.clock())
         reply = await asyncio.wait_for(newer, 30)
         assert reply.json()["job"]["id"] == job.id
+
+
+@pytest.mark.parametrize("path", ["/agent/v1/heartbeat", "/agent/v1/jobs/next?wait=0"])
+async def test_a_store_failure_on_a_hot_path_is_a_json_500_and_a_logged_error(
+    core: Core,
+    moto: MotoEC2Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """The hot paths sit in front of FastAPI's layers, so their own errors must still get
+    the app's answer: a disk error while the token is looked up is a 500 saying nothing
+    more, and a log line with its traceback."""
+    [vm_id] = await wait_for_vms(core, 1)
+    async with httpx.AsyncClient(base_url=core.agent_url, timeout=20) as served:
+        token = await register(served, moto.url, vm_id)
+
+        def failing(token: str) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(core.service, "authenticate", failing)
+        reply = await served.post(path, json={"busy": False}, headers=bearer(token))
+    assert reply.status_code == 500
+    assert reply.json() == {"error": "internal error", "code": "internal"}
+    [logged] = [r for r in caplog.records if "event=api_error" in r.getMessage()]
+    assert logged.exc_info is not None

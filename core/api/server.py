@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
 from starlette.types import ASGIApp, Scope
 
 from core.api.limits import (
@@ -96,7 +95,7 @@ def unix_socket(path: str | Path) -> socket.socket:
 
 
 def make_server(
-    app: FastAPI,
+    app: ASGIApp,
     *,
     limits: ConnectionLimits | None = None,
     admits: Callable[[Scope], bool] | None = None,
