@@ -70,6 +70,9 @@ STALE_S = 1.0
 # each keep_alive_s of its answers and each header_timeout_s of its request's body: a console
 # fetching megabytes over a slow link, a large batch of jobs uploaded; not a trickle.
 MIN_PROGRESS = 64 * KIB
+# Requests a client may send ahead of their answers (pipelining) on one connection: llhttp
+# parses every request of a read at once, and uvicorn queues each one (~2 KB) until its turn.
+MAX_PIPELINED = 16
 # A refused request's answer is the connection's last; a peer that does not read it has this
 # long before the socket is aborted, so it cannot hold a descriptor the cap no longer counts.
 CLOSE_GRACE_S = 1.0
@@ -93,20 +96,21 @@ _HEADERS_TOO_LARGE = (
 
 
 class RateLimitedLog:
-    """One log line per ``interval_s`` at most, saying how many occurrences it stands for:
-    a flood must not become a flood of log lines."""
+    """One log line per ``interval_s`` at most for each message, saying how many occurrences
+    it stands for: a flood must not become a flood of log lines, nor hide another kind."""
 
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
-        self._last = -float("inf")
-        self._suppressed = 0
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
 
     def __call__(self, level: int, message: str, *args: object) -> None:
         now = time.monotonic()
-        if now - self._last < self.interval_s:
-            self._suppressed += 1
+        if now - self._last.get(message, -float("inf")) < self.interval_s:
+            self._suppressed[message] = self._suppressed.get(message, 0) + 1
             return
-        count, self._suppressed, self._last = self._suppressed + 1, 0, now
+        self._last[message] = now
+        count = self._suppressed.pop(message, 0) + 1
         log.log(level, message + " count=%d", *args, count)
 
 
@@ -318,8 +322,15 @@ class LimitedProtocol(HttpToolsProtocol):
                 hosts += 1
             elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 raise Refused(501, "unsupported_transfer_coding", UNSUPPORTED_CODING)
-        if hosts > 1 or (hosts == 0 and self.parser.get_http_version() == "1.1"):
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise Refused(505, "http_version_not_supported", "HTTP/1.1 or HTTP/1.0 only")
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise Refused(400, "malformed_request", "a request needs one Host header")
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise Refused(
+                429, "too_many_pipelined", f"more than {MAX_PIPELINED} requests ahead of answers"
+            )
         super().on_headers_complete()
         # Trailers after a chunked body come as more on_header calls: into a list nobody
         # reads, as h11 dropped them. Appended to the request's headers, they would arrive
@@ -338,9 +349,19 @@ class LimitedProtocol(HttpToolsProtocol):
         self._settle()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()  # starts a pipelined request, if one is in
-        if not self.transport.is_closing():
-            self._settle()
+        """The next pipelined request starts (uvicorn), or the connection waits for one. If
+        the answer did not wait for its request's body, the rest of that body is not read:
+        the connection closes, as h11 closed it (else a route that answers without reading,
+        a 404, took an endless chunked body)."""
+        unread_body = self._in_body and self.cycle is self._serving
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if unread_body:
+            self.transport.close()
+            self._busy()
+            return
+        self._settle()
 
     def pause_writing(self) -> None:
         super().pause_writing()
