@@ -288,16 +288,21 @@ async def test_bytes_that_begin_no_request_do_not_keep_an_idle_connection_open(
 ) -> None:
     """Blank lines after an answer begin no request: the keep-alive timer still closes the
     connection (the request deadline, 60 s, cannot be what closes it within 5 s). An answer
-    that did not wait for its request's body (the route reads none) ends the connection, as
-    h11 ended it: the rest of that body is not read, however long it runs."""
+    that did not wait for its request's chunked body (the route reads none) ends the
+    connection, as h11 ended it: the rest of that body is not read, however long it runs."""
     config = core_config(tmp_path, moto.url, web={"header_timeout_s": 60, "keep_alive_s": 0.5})
     async with running_core(config) as core:
         port = port_of(core.agent_url)
-        with connect(port) as blank, connect(port) as answered_early:
+        with connect(port) as blank, connect(port) as answered_early, connect(port) as sized:
             assert await asyncio.to_thread(kept_alive_request, blank) == 200
             blank.sendall(b"\r\n")
             early = b"POST /nope HTTP/1.1\r\nHost: core\r\nTransfer-Encoding: chunked\r\n\r\n"
             assert await asyncio.to_thread(kept_alive_request, answered_early, early) == 404
+            # As the real agent polls: the head, answered before its `{}` is sent. A body of
+            # declared length is read to its end and the connection kept.
+            poll_head = b"GET /healthz HTTP/1.1\r\nHost: core\r\nContent-Length: 2\r\n\r\n"
+            assert await asyncio.to_thread(kept_alive_request, sized, poll_head) == 200
+            assert await asyncio.to_thread(kept_alive_request, sized, b"{}" + HEALTHZ) == 200
             for sock in (blank, answered_early):
                 assert await asyncio.to_thread(closed_by_server, sock)
         assert agent_limits_of(core).timed_out == 0

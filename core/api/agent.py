@@ -268,10 +268,10 @@ class HotPaths:
     ) -> None:
         try:
             content = await answer
+            body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         except Exception as exc:
             await self._fail(scope, receive, send, exc)
             return
-        body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         await send_json(send, 200, body.encode())
 
     async def _fail(self, scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:

@@ -241,7 +241,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._abort_timer: asyncio.TimerHandle | None = None
         # The request being answered; uvicorn's ``cycle`` is the last one parsed.
         self._serving: RequestResponseCycle | None = None
-        self._in_head = self._in_body = False
+        self._in_head = self._in_body = self._chunked = False
         # Bytes of the current request that are neither body nor part of a complete head:
         # its head while it arrives, chunk framing and trailers (llhttp keeps a header, or a
         # trailer, until it is complete, however slowly it comes).
@@ -317,11 +317,14 @@ class LimitedProtocol(HttpToolsProtocol):
         and no transfer coding but chunked, whose bytes would reach the app still coded."""
         self._in_head, self._in_body, self._framing = False, True, 0
         hosts = 0
+        self._chunked = False
         for name, value in self.headers:
             if name == b"host":
                 hosts += 1
-            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
-                raise Refused(501, "unsupported_transfer_coding", UNSUPPORTED_CODING)
+            elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise Refused(501, "unsupported_transfer_coding", UNSUPPORTED_CODING)
+                self._chunked = True
         version = self.parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise Refused(505, "http_version_not_supported", "HTTP/1.1 or HTTP/1.0 only")
@@ -350,10 +353,12 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """The next pipelined request starts (uvicorn), or the connection waits for one. If
-        the answer did not wait for its request's body, the rest of that body is not read:
+        the answer did not wait for its request's chunked body, the rest of it is not read:
         the connection closes, as h11 closed it (else a route that answers without reading,
-        a 404, took an endless chunked body)."""
-        unread_body = self._in_body and self.cycle is self._serving
+        a 404, took an endless body). The rest of a body of declared length is read, under
+        the deadline: the real agent sends a poll's ``{}`` after its head, and the poll is
+        often answered before it arrives."""
+        unread_body = self._in_body and self._chunked and self.cycle is self._serving
         super().on_response_complete()
         if self.transport.is_closing():
             return
