@@ -4,18 +4,23 @@ uvicorn bounds idle keep-alive time, but not the size of a request's head on htt
 the time to receive a request (encode/uvicorn#157: ``timeout_keep_alive`` is cancelled by the
 first byte and never armed on a fresh connection), nor open connections
 (``limit_concurrency`` answers 503 to *requests*; a connection that never sends one keeps its
-file descriptor). So a thin subclass of uvicorn's httptools protocol (llhttp parses a request
-in a fraction of h11's CPU, benchmarks/README.md) adds all three:
+file descriptor), nor requests pipelined ahead of their answers, nor a peer that reads none
+of its answers. So a subclass of uvicorn's httptools protocol (llhttp parses a request in a
+fraction of h11's CPU, benchmarks/README.md), ``LimitedProtocol``, adds:
 
-- a bound on a request's head (``MAX_HEADER_BYTES``) while it arrives: llhttp would keep a
-  header trickled a byte at a time for as long as the deadline below allows;
-
+- a bound on a request's head and trailers (``MAX_HEADER_BYTES``) while they arrive: llhttp
+  would keep a header trickled a byte at a time for as long as the deadline below allows;
+- at most ``MAX_PIPELINED`` requests waiting behind the one being answered (429, closed);
+- a watch on unsent answers: a peer that takes less than ``MIN_PROGRESS`` of them in
+  ``keep_alive_s`` is dropped, so a request in full, never timed out, cannot hold its slot
+  for ever;
 - a deadline for a complete request, armed when a connection opens and when the first byte of
-  a further request arrives on a kept-alive one, disarmed once the headers and the body (a few
-  KiB; at most 256 KiB) are in: a body trickled a byte at a time must not hold a connection any
-  more than headers may. Between requests a kept-alive connection may stay idle for
-  ``keep_alive_s`` (uvicorn's ``timeout_keep_alive``), longer than an agent's heartbeat period,
-  so each agent loop keeps one connection instead of opening one per request;
+  a further request arrives on a kept-alive one, disarmed once the headers and the body are
+  in: a body trickled a byte at a time must not hold a connection any more than headers may
+  (a large one still arriving at ``MIN_PROGRESS`` per period is given another). Between
+  requests a kept-alive connection may stay idle for ``keep_alive_s`` (uvicorn's
+  ``timeout_keep_alive``), longer than an agent's heartbeat period, so each agent loop keeps
+  one connection instead of opening one per request;
 - a per-listener cap on open connections. At the cap, a newcomer displaces a connection that
   is not busy with a request (as nginx reuses its "reusable" connections when out of them):
   first one that has waited over a second for its request to arrive, then the kept-alive one
