@@ -318,8 +318,9 @@ class LimitedProtocol(HttpToolsProtocol):
         self._settle()
 
     def on_headers_complete(self) -> None:
-        """Two rules llhttp leaves to the server, as h11 kept them: one Host (RFC 9112 3.2),
-        and no transfer coding but chunked, whose bytes would reach the app still coded."""
+        """Rules llhttp leaves to the server: HTTP/1.x, one Host (RFC 9112 3.2) and no
+        transfer coding but chunked (whose bytes would reach the app still coded), as h11
+        kept them; and no more than MAX_PIPELINED requests queued behind the one answered."""
         self._in_head, self._in_body, self._framing = False, True, 0
         hosts = 0
         self._chunked = False
