@@ -94,10 +94,7 @@ DEFAULT_BODY_LIMIT = 16 * KIB
 # A request line plus headers. The protocol applies it while a head is still incomplete, so a
 # larger block arriving in one read passes it; the gate measures every request's head again.
 MAX_HEADER_BYTES = 16 * KIB
-_HEADERS_TOO_LARGE = (
-    b'{"error":"request headers larger than %d bytes","code":"headers_too_large"}'
-    % (MAX_HEADER_BYTES)
-)
+HEADERS_TOO_LARGE = f"request headers larger than {MAX_HEADER_BYTES} bytes"
 
 
 class RateLimitedLog:
@@ -308,7 +305,7 @@ class LimitedProtocol(HttpToolsProtocol):
         elif self._in_body and not (between or self._begun or self._body_seen):
             self._framing += len(data)  # within a body, no byte of it: framing or trailers
         if self._framing > MAX_HEADER_BYTES:
-            self._answer_and_close(431, _HEADERS_TOO_LARGE)
+            self._refuse(Refused(431, "headers_too_large", HEADERS_TOO_LARGE))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -405,10 +402,6 @@ class LimitedProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, refusal: Refused) -> None:
-        body = json.dumps({"error": refusal.message, "code": refusal.code}).encode()
-        self._answer_and_close(refusal.status, body)
-
-    def _answer_and_close(self, status: int, body: bytes) -> None:
         """The answer to a request the protocol refused, the connection's last. Requests
         that had started the app read a disconnect and their answers are dropped; otherwise
         they answered on a closed connection, and each such request logged two tracebacks.
@@ -419,8 +412,10 @@ class LimitedProtocol(HttpToolsProtocol):
         _disconnect(self._serving)
         _disconnect(self.cycle)
         self._busy()
+        body = json.dumps({"error": refusal.message, "code": refusal.code}).encode()
         self.transport.write(
-            STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: %d\r\n"
+            STATUS_LINE[refusal.status]
+            + b"content-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n" % len(body) + body
         )
         self.transport.close()
@@ -614,7 +609,8 @@ async def _forbidden(send: Send) -> None:
 
 
 async def _headers_too_large(send: Send) -> None:
-    await send_json(send, 431, _HEADERS_TOO_LARGE, close=True)
+    body = json.dumps({"error": HEADERS_TOO_LARGE, "code": "headers_too_large"}).encode()
+    await send_json(send, 431, body, close=True)
 
 
 async def _too_large(limit: int, send: Send) -> None:
