@@ -16,7 +16,7 @@ T0 = 1000.0
 def idle_vm(store: Store, vm_id: str = "i-1", cloud: str = "a") -> str:
     store.add_launch(f"L-{vm_id}", cloud, 1, f"tok-{vm_id}", T0)
     store.complete_launch(f"L-{vm_id}", [(vm_id, "10.0.0.1")], T0)
-    store.register_vm(vm_id, T0 + 1)
+    store.register_vm(vm_id, T0 + 1, token_hash=f"h-{vm_id}")
     return vm_id
 
 
@@ -51,6 +51,8 @@ def test_a_busy_vm_takes_a_job_on_each_free_slot_and_is_idle_only_when_all_are_f
     assert store.assign_next_job("i-1", T0 + 2, slot=0).id == b
     vm = store.vm("i-1")
     assert (vm.state, vm.jobs, vm.job_id) == (VMState.BUSY, {1: a, 0: b}, b)
+    # Every way of reading a VM sees the same held jobs (one VM is read in one statement).
+    assert store.vms() == [vm] and store.vm_by_token("h-i-1") == vm
     assert (store.job(a).slot, store.job(b).slot, store.job(c).slot) == (1, 0, None)
     store.finish_job(a, 1, "i-1", 0, "", T0 + 3)
     vm = store.vm("i-1")
