@@ -53,11 +53,13 @@ class Source:
     TIME_WAIT for a minute; a new connection from the same address and port in that minute
     meets it and waits a 1 s SYN retransmission. Real VMs have an address each and the kernel
     spreads their ports; here each agent gets its own loopback address and steps through ports
-    so none is reused within a run (binding port 0 hands back the port just closed)."""
+    so none is reused within a run (binding port 0 hands back the port just closed). Each
+    starts at a random port: a run started within a minute of another would otherwise meet
+    that run's ports still in TIME_WAIT ("no free source port")."""
 
     def __init__(self, n: int) -> None:
         self.address = f"127.{1 + n // 65536}.{n // 256 % 256}.{n % 256 or 255}"
-        self.port = 20000 + n % 1000
+        self.port = random.randrange(20000, 61000)
 
     def next(self) -> tuple[str, int]:
         self.port = self.port + 1 if self.port < 60999 else 20000
