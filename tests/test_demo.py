@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import sqlite3
@@ -295,6 +296,44 @@ def test_headless_demo_stopped_by_a_signal_leaves_nothing_behind(
     assert [pid for pid in pids if alive(pid)] == []
     assert processes_under(scratch) == []
     assert list(scratch.iterdir()) == []  # its temporary directory is gone
+
+
+def exited(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (not ours to wait for) ends within ``timeout`` seconds."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_demo_killed_outright_takes_its_agents_and_their_jobs_with_it(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "demo", "--headless", "--boot-delay", "1"],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids: list[int] = []
+    try:
+        pids = agent_pids(scratch, 2)
+        demo.kill()  # SIGKILL: no handler of the demo runs
+        demo.wait(timeout=30)
+        assert [pid for pid in pids if not exited(pid, 60)] == []
+        wait_until(lambda: processes_under(scratch) == [], 30, "every job of theirs stopped")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for pid in pids:  # what a failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -44,6 +45,18 @@ from core.config import Config
 from core.userdata import read_agent_settings
 
 log = logging.getLogger("alienec2.sandbox")
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _stop_with_the_sandbox() -> None:
+    """Run in an instance's agent before it execs: SIGTERM when the thread that started it
+    ends, as when whoever runs the sandbox is SIGKILLed (its cloud is gone with it). The
+    agent then stops its jobs and exits, as on a VM powered off; nothing is left running."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
 
 SANDBOX_REGION = "us-east-1"
 SANDBOX_IMAGE = "ami-12c6146b"  # one of the AMIs moto knows
@@ -552,13 +565,15 @@ class InstanceRunner:
         settings = prepare_agent(user_data, instance_id, self._dir(instance_id), **overrides)
         with open(self._dir(instance_id) / "agent.log", "ab") as log_file:
             # Its own process group, as on a VM: a signal meant for whoever started the
-            # sandbox (a terminal's SIGHUP or SIGINT) is not the instance's business.
+            # sandbox (a terminal's SIGHUP or SIGINT) is not the instance's business. Its
+            # end is: the sandbox killed outright powers its instances off too.
             proc = subprocess.Popen(
                 agent_command(settings),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_stop_with_the_sandbox,
             )
         self._procs[instance_id] = proc
         (self._dir(instance_id) / "agent.pid").write_text(f"{proc.pid}\n")
