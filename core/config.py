@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import reprlib
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -34,7 +36,26 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+# The most VMs a bound may name (the admin API's resize allows as many).
+MAX_VMS = 1_000_000
+
+
+def _not_yes_or_no(value: Any) -> Any:
+    """YAML reads `yes`, `on` and `true` as True, which pydantic would take for 1: a number
+    key given one is a mistake to name. (Quoted numbers, "10", are still numbers, as they
+    were: a configuration that loaded before an upgrade loads after it.)"""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not yes/no (got {value})")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_yes_or_no)]
+Float = Annotated[float, BeforeValidator(_not_yes_or_no)]
+
+
 class _Section(BaseModel):
+    """Numbers are ``Int`` and ``Float``: never a yes/no."""
+
     # allow_inf_nan: `idle_timeout_s: 1e400` is YAML's infinity, no number of seconds.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -69,14 +90,14 @@ class CloudConfig(_Section):
     instance_types: list[Annotated[str, Field(min_length=1)]] = []
     launch_template: LaunchTemplateConfig | None = None
     market: Literal["on-demand", "spot"] = "on-demand"
-    spot_max_price: Annotated[float, Field(gt=0)] | None = None  # $/h; None: the on-demand price
+    spot_max_price: Annotated[Float, Field(gt=0)] | None = None  # $/h; None: the on-demand price
     # Spot interruptions of one (cloud, type) within the window that back the type off.
-    spot_interruptions_before_backoff: Annotated[int, Field(ge=1)] = 3
-    spot_interruption_window_s: Annotated[float, Field(gt=0)] = 600.0
+    spot_interruptions_before_backoff: Annotated[Int, Field(ge=1)] = 3
+    spot_interruption_window_s: Annotated[Float, Field(gt=0)] = 600.0
     # $/h per instance type: {type: price} or {type: {on-demand: p, spot: p}}.
     price_per_hour: dict[str, float | dict[Literal["on-demand", "spot"], float]] = {}
     iam_instance_profile: str | None = None  # a name, or an ARN (arn:...)
-    root_volume_size_gb: Annotated[int, Field(ge=1)] | None = None
+    root_volume_size_gb: Annotated[Int, Field(ge=1)] | None = None
     root_volume_type: Literal["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"] | None = None
     root_device_name: str = "/dev/xvda"
     imds_tokens: Literal["required", "optional"] = "required"  # "required": IMDSv2 only
@@ -84,21 +105,21 @@ class CloudConfig(_Section):
     security_group_ids: list[str] = []
     subnet_id: str | None = None  # the one-subnet form of subnet_ids
     subnet_ids: list[Annotated[str, Field(min_length=1)]] = []
-    max_instances: Annotated[int, Field(ge=0)] = 100
-    priority: int = 100
+    max_instances: Annotated[Int, Field(ge=0, le=MAX_VMS)] = 100
+    priority: Int = 100
     tags: dict[str, str] = {}
     exact_count: bool = False
     # None: adaptive (a client-side rate limiter) on AWS, standard on other endpoints.
     retry_mode: Literal["standard", "adaptive"] | None = None
-    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5  # total attempts per call
-    read_timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    call_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    call_backoff_initial_s: Annotated[float, Field(gt=0)] = 15.0
-    backoff_initial_s: Annotated[float, Field(gt=0)] = 60.0
-    backoff_max_s: Annotated[float, Field(gt=0)] = 1800.0
-    boot_failures_before_backoff: Annotated[int, Field(ge=1)] = 3
-    billing_period_s: Annotated[float, Field(gt=0)] = 1.0
-    min_billed_s: Annotated[float, Field(ge=0)] = 60.0
+    max_attempts: Annotated[Int, Field(ge=1, le=20)] = 5  # total attempts per call
+    read_timeout_s: Annotated[Float, Field(gt=0)] = 120.0
+    call_timeout_s: Annotated[Float, Field(gt=0)] = 300.0
+    call_backoff_initial_s: Annotated[Float, Field(gt=0)] = 15.0
+    backoff_initial_s: Annotated[Float, Field(gt=0)] = 60.0
+    backoff_max_s: Annotated[Float, Field(gt=0)] = 1800.0
+    boot_failures_before_backoff: Annotated[Int, Field(ge=1)] = 3
+    billing_period_s: Annotated[Float, Field(gt=0)] = 1.0
+    min_billed_s: Annotated[Float, Field(ge=0)] = 60.0
 
     @field_validator("endpoint_url")
     @classmethod
@@ -179,24 +200,24 @@ class PoolConfig(_Section):
     """Bounds and timers of the VM pool; see the scaling policy in DESIGN.md."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "default"
-    min_vms: Annotated[int, Field(ge=0)] = 0
-    max_vms: Annotated[int, Field(ge=0)] = 10
-    idle_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    boot_timeout_s: Annotated[float, Field(gt=0)] = 900.0
-    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    max_launch_per_cycle: Annotated[int, Field(ge=1)] = 50
-    cycle_interval_s: Annotated[float, Field(gt=0)] = 15.0
-    slots_per_vm: Annotated[int, Field(ge=1, le=1024)] = 1  # the agent API names slots 0-1023
-    reconcile_interval_s: Annotated[float, Field(gt=0)] = 300.0
+    min_vms: Annotated[Int, Field(ge=0, le=MAX_VMS)] = 0
+    max_vms: Annotated[Int, Field(ge=0, le=MAX_VMS)] = 10
+    idle_timeout_s: Annotated[Float, Field(gt=0)] = 600.0
+    boot_timeout_s: Annotated[Float, Field(gt=0)] = 900.0
+    heartbeat_timeout_s: Annotated[Float, Field(gt=0)] = 300.0
+    max_launch_per_cycle: Annotated[Int, Field(ge=1)] = 50
+    cycle_interval_s: Annotated[Float, Field(gt=0)] = 15.0
+    slots_per_vm: Annotated[Int, Field(ge=1, le=1024)] = 1  # the agent API names slots 0-1023
+    reconcile_interval_s: Annotated[Float, Field(gt=0)] = 300.0
     adaptive_warm: bool = True
-    arrival_window_s: Annotated[float, Field(gt=0)] = 600.0
-    boot_time_guess_s: Annotated[float, Field(ge=0)] = 120.0
-    warm_history_s: Annotated[float, Field(ge=0)] = 86400.0
-    warm_margin: Annotated[float, Field(ge=0)] = 1.0
-    max_lifetime_s: Annotated[float, Field(ge=0)] = 0.0  # 0: VMs live as long as needed
-    max_replace_per_cycle: Annotated[int, Field(ge=1)] = 1
+    arrival_window_s: Annotated[Float, Field(gt=0)] = 600.0
+    boot_time_guess_s: Annotated[Float, Field(ge=0)] = 120.0
+    warm_history_s: Annotated[Float, Field(ge=0)] = 86400.0
+    warm_margin: Annotated[Float, Field(ge=0)] = 1.0
+    max_lifetime_s: Annotated[Float, Field(ge=0)] = 0.0  # 0: VMs live as long as needed
+    max_replace_per_cycle: Annotated[Int, Field(ge=1)] = 1
     # $/h the pool may run at (from clouds[].price_per_hour); None: no cap.
-    max_cost_per_hour: Annotated[float, Field(ge=0)] | None = None
+    max_cost_per_hour: Annotated[Float, Field(ge=0)] | None = None
 
     @field_validator("max_vms")
     @classmethod
@@ -211,7 +232,7 @@ class BuiltinQueueConfig(_Section):
     """The core's own FIFO task queue, served to agents through the agent API."""
 
     kind: Literal["builtin"] = "builtin"
-    max_attempts: Annotated[int, Field(ge=1)] = 3
+    max_attempts: Annotated[Int, Field(ge=1)] = 3
 
 
 class CommandQueueConfig(_Section):
@@ -219,7 +240,7 @@ class CommandQueueConfig(_Section):
 
     kind: Literal["command"]
     command: Annotated[list[str], Field(min_length=1)]
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    timeout_s: Annotated[Float, Field(gt=0)] = 30.0
 
 
 class HTCondorQueueConfig(_Section):
@@ -228,7 +249,7 @@ class HTCondorQueueConfig(_Section):
     kind: Literal["htcondor"]
     condor_q: Annotated[list[str], Field(min_length=1)] = ["condor_q"]
     constraint: str | None = None
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    timeout_s: Annotated[Float, Field(gt=0)] = 30.0
 
 
 QueueConfig = Annotated[
@@ -239,7 +260,7 @@ QueueConfig = Annotated[
 class StateConfig(_Section):
     path: str = "/var/lib/alienec2/state.db"
     synchronous: Literal["full", "normal"] = "full"
-    retention_days: Annotated[float, Field(ge=0)] = 14.0  # 0 keeps history for ever
+    retention_days: Annotated[Float, Field(ge=0)] = 14.0  # 0 keeps history for ever
 
 
 def _networks(values: list[str]) -> list[str]:
@@ -255,7 +276,7 @@ class WebConfig(_Section):
     """The agent API listener that VMs reach."""
 
     host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=0, le=65535)] = 8470
+    port: Annotated[Int, Field(ge=0, le=65535)] = 8470
     public_url: str | None = None
     allowed_networks: list[str] = ["0.0.0.0/0", "::/0"]
     trusted_proxies: list[str] = []
@@ -264,12 +285,12 @@ class WebConfig(_Section):
     # Open connections at once; None: per VM of pool.max_vms one for the heartbeat and one per
     # slot's long poll (agents keep them open), plus 256 for registrations and retries. Idle
     # kept-alive connections count, but a newcomer at the cap displaces one of them.
-    max_connections: Annotated[int, Field(ge=1)] | None = None
+    max_connections: Annotated[Int, Field(ge=1)] | None = None
     # A connection must deliver a complete request (headers and body) within this time.
-    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    header_timeout_s: Annotated[Float, Field(gt=0, le=300)] = 10.0
     # An idle kept-alive connection is closed after this; keep it above the agents' heartbeat
     # period and their 60 s bound on reusing an idle connection, or every heartbeat reconnects.
-    keep_alive_s: Annotated[float, Field(gt=0, le=3600)] = 75.0
+    keep_alive_s: Annotated[Float, Field(gt=0, le=3600)] = 75.0
 
     @field_validator("public_url")
     @classmethod
@@ -309,14 +330,14 @@ class AdminConfig(_Section):
 
     socket: str = "/run/alienec2/admin.sock"
     tcp_host: str | None = None
-    tcp_port: Annotated[int, Field(ge=0, le=65535)] = 8471
+    tcp_port: Annotated[Int, Field(ge=0, le=65535)] = 8471
     token: str | None = None
     token_env: str = "ALIENEC2_ADMIN_TOKEN"
     # A token for watchers on TCP: GETs and the event stream only.
     readonly_token_env: str = "ALIENEC2_ADMIN_READONLY_TOKEN"
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    max_connections: Annotated[int, Field(ge=1)] = 256  # per admin listener
+    max_connections: Annotated[Int, Field(ge=1)] = 256  # per admin listener
 
     @field_validator("socket")
     @classmethod
@@ -338,12 +359,12 @@ class AlienConfig(_Section):
     pilot_command: list[str] = []
     cvmfs_repositories: list[str] = ["alice.cern.ch", "alice-ocdb.cern.ch", "grid.cern.ch"]
     cvmfs_http_proxy: str = "DIRECT"
-    cvmfs_quota_mb: Annotated[int, Field(ge=1000)] = 20000
+    cvmfs_quota_mb: Annotated[Int, Field(ge=1000)] = 20000
     # A short pause between runs; idleness comes from idle_run_s, not from the pause.
-    pilot_pause_s: Annotated[float, Field(ge=0)] = 10.0
+    pilot_pause_s: Annotated[Float, Field(ge=0)] = 10.0
     # A run shorter than this, or ending with one of no_job_exit_codes, found no job (idle).
-    idle_run_s: Annotated[float, Field(ge=0)] = 150.0
-    no_job_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = []
+    idle_run_s: Annotated[Float, Field(ge=0)] = 150.0
+    no_job_exit_codes: list[Annotated[Int, Field(ge=0, le=255)]] = []
     # The AliEn job id in a run's output: group 1 (or the whole match) is reported.
     job_id_regex: str = r"(?i)\bjob(?:\s*id)?[ =:#]+(\d+)"
 
@@ -361,16 +382,16 @@ class ContextualisationConfig(_Section):
     """How a VM is told to start its job agent (the cloud-init user-data)."""
 
     template: Literal["builtin", "alien"] = "builtin"
-    agent_heartbeat_s: Annotated[float, Field(gt=0)] = 30.0
-    fetch_wait_s: Annotated[float, Field(gt=0, le=60)] = 20.0
+    agent_heartbeat_s: Annotated[Float, Field(gt=0)] = 30.0
+    fetch_wait_s: Annotated[Float, Field(gt=0, le=60)] = 20.0
     ca_file: str | None = None
     extra_env: dict[str, str] = {}
-    launch_key_rotation_days: Annotated[float, Field(ge=0)] = 30.0
+    launch_key_rotation_days: Annotated[Float, Field(ge=0)] = 30.0
     # Jobs (and JobAgents) run as this unprivileged user, created by the templates;
     # "" runs them as the agent's own user (sandboxes and tests only: they could act as the VM).
     job_user: Annotated[str, Field(pattern=r"^([a-z_][a-z0-9_-]{0,31})?$")] = "alienec2-job"
     # How often the agent polls IMDS for Spot notices; 0 turns the watch off.
-    spot_poll_s: Annotated[float, Field(ge=0)] = 5.0
+    spot_poll_s: Annotated[Float, Field(ge=0)] = 5.0
     alien: Annotated[AlienConfig, Field(validate_default=True)] = AlienConfig()
 
     @field_validator("alien")
@@ -451,9 +472,17 @@ def _message(error: Any) -> str:
     return message
 
 
+# Bounded at every level, not cut after: a YAML alias chain (a "billion laughs") is small
+# as parsed but exponential as written out.
+_QUOTE = reprlib.Repr()  # keyword arguments need Python 3.12
+_QUOTE.maxlevel = 3
+_QUOTE.maxdict = _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = 4
+_QUOTE.maxstring = _QUOTE.maxother = 60
+
+
 def _shown(value: Any, limit: int = 60) -> str:
     """A wrong value as the error line quotes it: cut short, as it reaches logs and events."""
-    text = repr(value)
+    text = _QUOTE.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
