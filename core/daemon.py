@@ -150,6 +150,7 @@ class Core:
             engine.launch_keys,
         )
         self.service.cloud_details = engine.cloud_details
+        self.service.settle_bounds()
 
         self.agent_limits = agent_limits(config, self.service.bounds()[1])
         self.store.listeners.append(self._follow_pool_bounds)
@@ -258,6 +259,7 @@ class Core:
         if new.queue != old.queue:
             engine.demand = demand_source(new.queue, self.store)
         self.config = engine.config = self.service.config = new
+        self.service.settle_bounds()
         message = "configuration reloaded: " + (
             ", ".join(changed) + " changed" if changed else "nothing changed"
         )

@@ -7,6 +7,7 @@ request's behalf. Each method that changes what the engine should do wakes it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +31,13 @@ from core.model import (
 from core.store import Conflict, JobSpec, NotFound, Store
 from core.userdata import LaunchKeys, secret_matches
 
+log = logging.getLogger("alienec2.service")
+
 Action = Literal["run", "drain", "stop"]
 STOP_STATES = STOPPED_SERVING_STATES
+# The setting that says what the configuration's pool bounds were when ``resize`` last set
+# them: the resize holds until the file says otherwise (``PoolService.settle_bounds``).
+RESIZED_OVER = "resized_over"
 
 
 class Unauthorized(Exception):
@@ -325,6 +331,39 @@ class PoolService:
             self.store.setting("max_vms", pool.max_vms),
         )
 
+    def _file_bounds(self) -> list[int]:
+        return [self.config.pool.min_vms, self.config.pool.max_vms]
+
+    def settle_bounds(self) -> None:
+        """At start and after a reload: bounds set by ``resize`` hold while the configuration
+        says what it said when they were set. Once its bounds differ, the file is the newer
+        word: the resize is forgotten, and an event says so. (A resize stored before this
+        rule adopts the file as it is now.)"""
+        if self.store.setting(RESIZED_OVER) is None and self.bounds() == tuple(self._file_bounds()):
+            return  # no resize, or one from before this rule that the file agrees with
+        (low, high), (file_low, file_high) = self.bounds(), self._file_bounds()
+        now = self.clock()
+        over = self.store.setting(RESIZED_OVER)
+        if over is None:
+            self.store.set_settings(
+                {RESIZED_OVER: self._file_bounds()},
+                now,
+                f"pool bounds min {low} max {high} set by resize are kept over the "
+                f"configuration's min {file_low} max {file_high} until the file changes them",
+            )
+        elif over != self._file_bounds():
+            self.store.forget_settings(
+                ["min_vms", "max_vms", RESIZED_OVER],
+                now,
+                f"pool bounds min {file_low} max {file_high} from the configuration replace "
+                f"min {low} max {high} set by resize: the file changed them since",
+            )
+        elif (low, high) != (file_low, file_high):
+            log.info(
+                "event=pool_bounds_from_resize min=%d max=%d file_min=%d file_max=%d",
+                *(low, high, file_low, file_high),
+            )
+
     def paused(self) -> bool:
         return bool(self.store.setting("paused", False))
 
@@ -338,7 +377,7 @@ class PoolService:
         if high < low:
             raise Invalid(f"max must be >= min (got max {high} < min {low})")
         self.store.set_settings(
-            {"min_vms": low, "max_vms": high},
+            {"min_vms": low, "max_vms": high, RESIZED_OVER: self._file_bounds()},
             self.clock(),
             f"pool min_vms {old_min} -> {low}, max_vms {old_max} -> {high}",
         )

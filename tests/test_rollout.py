@@ -86,6 +86,64 @@ async def test_the_agent_connection_cap_follows_a_resize_and_a_reload_of_slots(
         await core.stop()
 
 
+async def test_a_resize_holds_until_the_file_changes_the_bounds_and_then_the_file_rules(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    config = core_config(tmp_path, moto.url, pool={"max_vms": 3})
+    path = write(tmp_path / "config.yaml", config)
+
+    async def started() -> Core:
+        core = Core(load_config(path))
+        await core.start()
+        return core
+
+    def said(core: Core) -> list[str]:
+        return [e.message for e in core.store.events_after(0) if "set by resize" in e.message]
+
+    core = await started()
+    try:
+        core.service.resize(max_vms=5)
+        write(path, config, pool={"max_vms": 3, "idle_timeout_s": 42})  # the bounds unchanged
+        assert core.reload(lambda: load_config(path)) == ["pool"]
+        assert core.service.bounds() == (0, 5) and core.engine.settings().max_vms == 5
+        write(path, config, pool={"max_vms": 6})  # the admin edits the file: the newer word
+        core.reload(lambda: load_config(path))
+        assert core.service.bounds() == (0, 6) and core.engine.settings().max_vms == 6
+        assert said(core) == [
+            "pool bounds min 0 max 6 from the configuration replace min 0 max 5 set by "
+            "resize: the file changed them since"
+        ]
+        core.service.resize(min_vms=1, max_vms=2)
+    finally:
+        await core.stop()
+    core = await started()  # the file as it was at the resize: the resize holds
+    try:
+        assert core.service.bounds() == (1, 2)
+    finally:
+        await core.stop()
+    write(path, config, pool={"max_vms": 9})  # edited while the core was down
+    core = await started()
+    try:
+        assert core.service.bounds() == (0, 9)
+        # A resize stored before this rule (no record of the file it overrode) holds over
+        # the file as it is at the next start, and is forgotten when the file changes.
+        core.store.set_settings({"min_vms": 2, "max_vms": 4}, core.clock(), "an old resize")
+    finally:
+        await core.stop()
+    core = await started()
+    try:
+        assert core.service.bounds() == (2, 4)
+        assert said(core)[-1] == (
+            "pool bounds min 2 max 4 set by resize are kept over the configuration's min 0 "
+            "max 9 until the file changes them"
+        )
+        write(path, config, pool={"max_vms": 8})
+        core.reload(lambda: load_config(path))
+        assert core.service.bounds() == (0, 8)
+    finally:
+        await core.stop()
+
+
 async def test_vms_launched_with_an_old_image_are_replaced_one_at_a_time(
     tmp_path: Path, moto: MotoEC2Server, clock: ManualClock
 ) -> None:

@@ -27,3 +27,9 @@ class Settings(Database):
 
     def set_setting(self, key: str, value: Any, now: float, message: str) -> None:
         self.set_settings({key: value}, now, message)
+
+    def forget_settings(self, keys: list[str], now: float, message: str) -> None:
+        """Remove settings (their defaults rule again) in one transaction, with an event."""
+        with self._tx():
+            self._db.executemany("DELETE FROM settings WHERE key = ?", [(key,) for key in keys])
+            self._event(now, EventKind.SETTING_CHANGED, message)
