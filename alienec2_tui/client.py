@@ -6,7 +6,9 @@ Connects over the core's unix socket by default, or to a TCP URL with a bearer t
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -27,6 +29,50 @@ class CoreUnreachable(Exception):
     """No answer from the core (not running, wrong socket or URL)."""
 
 
+def _segment(value: str) -> str:
+    """``value`` as one path segment: an id holding "/", "?" or "#" names that id (and is
+    not found), never another route."""
+    return quote(value, safe="")
+
+
+# What a terminal acts on instead of showing: C0 and C1 controls (escape sequences that set
+# the title, clear the screen, write the clipboard, move the cursor) and the bidirectional
+# marks that reorder what is shown. Job output, commands and a VM's words are untrusted.
+_BIDI = r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE_IN_LINE = re.compile(rf"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+_UNSAFE_IN_TEXT = re.compile(rf"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")  # keeps \t and \n
+# Output keeps its lines and tabs; every other string is one line of a table or a message.
+_TEXT_FIELDS = frozenset({"output_tail"})
+# A body holding none of these (a JSON escape of a C0 control, or the character itself) is
+# used as it came, without walking it: the common case, and 10,000 VMs in a snapshot.
+_MAYBE_UNSAFE = re.compile(rf"\\u00[01]|\\u007f|\\[bfnrt]|[\x7f-\x9f{_BIDI}]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]  # "\x1b", "\r", "\u202e": seen, not obeyed
+
+
+def shown(value: Any, key: str = "") -> Any:
+    """``value`` with every string safe to print to a terminal: controls (and, outside
+    ``output_tail``, newlines and tabs) written as escapes; a "\\r\\n" ending is a newline.
+    Dicts and lists are changed in place: they are a reply just parsed, nobody else's."""
+    if isinstance(value, str):
+        if key in _TEXT_FIELDS:
+            return _UNSAFE_IN_TEXT.sub(_escaped, value.replace("\r\n", "\n"))
+        return value if value.isprintable() else _UNSAFE_IN_LINE.sub(_escaped, value)
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, str | dict | list):
+                value[index] = shown(item, key)
+    elif isinstance(value, dict):
+        if not all(name.isprintable() for name in value):  # a job's environment names
+            return {shown(name): shown(item, name) for name, item in value.items()}
+        for name, item in value.items():
+            if isinstance(item, str | dict | list):
+                value[name] = shown(item, name)  # the same keys: iterating stays valid
+    return value
+
+
 def default_socket() -> str:
     return os.environ.get("ALIENEC2_SOCKET", DEFAULT_SOCKET)
 
@@ -38,7 +84,11 @@ class AdminClient:
         url: str | None = None,
         token: str | None = None,
         timeout: float = 10.0,
+        raw: bool = False,
     ) -> None:
+        """``raw``: strings as the core sent them, for JSON output (whose encoder escapes
+        controls itself); otherwise as ``shown``, safe to print or draw."""
+        self.raw = raw
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if url:
             self.where = url
@@ -80,15 +130,16 @@ class AdminClient:
         except (httpx.TransportError, OSError) as exc:
             raise CoreUnreachable(f"cannot reach the core at {self.where}: {exc}") from None
         if reply.is_success:
-            return reply.json()
+            body = reply.json()
+            return body if self.raw or not _MAYBE_UNSAFE.search(reply.text) else shown(body)
         try:
             body = reply.json()
             raise AdminError(
-                body.get("error", reply.text), body.get("code", "error"), reply.status_code
+                shown(body.get("error", reply.text)), body.get("code", "error"), reply.status_code
             )
         except ValueError:
             raise AdminError(
-                reply.text or reply.reason_phrase, "error", reply.status_code
+                shown(reply.text or reply.reason_phrase), "error", reply.status_code
             ) from None
 
     # ---- reading --------------------------------------------------------------------------
@@ -104,7 +155,7 @@ class AdminClient:
         return await self._call("GET", "/admin/v1/vms", params={"state": state})
 
     async def vm(self, vm_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"/admin/v1/vms/{vm_id}")
+        return await self._call("GET", f"/admin/v1/vms/{_segment(vm_id)}")
 
     async def jobs(
         self, state: str | None = None, limit: int = 200, kind: str | None = None
@@ -157,13 +208,13 @@ class AdminClient:
         return await self._call("POST", f"/admin/v1/jobs/{job_id}/cancel")
 
     async def drain(self, vm_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/admin/v1/vms/{vm_id}/drain")
+        return await self._call("POST", f"/admin/v1/vms/{_segment(vm_id)}/drain")
 
     async def drain_all(self) -> dict[str, Any]:
         return await self._call("POST", "/admin/v1/vms/drain")
 
     async def kill(self, vm_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/admin/v1/vms/{vm_id}/kill")
+        return await self._call("POST", f"/admin/v1/vms/{_segment(vm_id)}/kill")
 
     async def resize(
         self, min_vms: int | None = None, max_vms: int | None = None

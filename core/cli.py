@@ -156,9 +156,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.never_boot < 1:
         print("error: --never-boot must be a fraction in [0, 1)", file=sys.stderr)
         return EXIT_CONFIG
-    if args.timeout <= 0:
-        print("error: --timeout must be > 0 seconds", file=sys.stderr)
-        return EXIT_CONFIG
     if not 0 <= args.spot_interrupt <= 1:
         print("error: --spot-interrupt must be a fraction in [0, 1]", file=sys.stderr)
         return EXIT_CONFIG
@@ -187,6 +184,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _check_demo_workdir(workdir)
     try:
         return _run_demo(args, opts, workdir)
+    except ConfigError as exc:  # what the options make of the demo's configuration
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except StateError as exc:  # a second demo started in the same directory at the same time
         running = _demo_running_in(workdir) if workdir is not None else None
         _usage_error(_demo_running_there(workdir, running) if running else str(exc))
@@ -273,9 +273,12 @@ def _socket_path(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
+    """Strings come as the core sent them for --json (the encoder escapes controls), and
+    with controls escaped for the tables: job output and commands are untrusted."""
+    raw = bool(getattr(args, "json", False))
     if args.url:
-        return AdminClient(url=args.url, token=os.environ.get(args.token_env))
-    return AdminClient(socket_path=_socket_path(args))
+        return AdminClient(url=args.url, token=os.environ.get(args.token_env), raw=raw)
+    return AdminClient(socket_path=_socket_path(args), raw=raw)
 
 
 def _listening(path: str) -> bool:
@@ -400,6 +403,23 @@ def cmd_why(args: argparse.Namespace) -> int:
             print(f"{when}  {decision['reason']}")
         if not reply["decisions"]:
             print("no decisions yet (the core decides once per cycle)")
+        return 0
+
+    return _admin(args, work)
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    async def work(client: AdminClient) -> int:
+        reply = await client.flow(args.minutes)
+        if args.json:
+            _print_json(reply)
+            return 0
+        kinds = ("submitted", "started", "finished", "failed")
+        rows = [
+            (time.strftime("%H:%M", time.localtime(minute["t"])), *(str(minute[k]) for k in kinds))
+            for minute in reply["minutes"]
+        ]
+        _table(("MINUTE", *(kind.upper() for kind in kinds)), rows)
         return 0
 
     return _admin(args, work)
@@ -834,6 +854,7 @@ JOB_STATES = [str(state) for state in JobState]
 
 JOB_ID_MAX = 2**63 - 1  # what SQLite stores; the admin API's bound too
 POOL_VMS_MAX = 1_000_000  # the admin API's bound on min_vms and max_vms (api.admin.MAX_POOL_VMS)
+PAGE_MAX = 1000  # the most records one admin API list answers (api.admin.MAX_PAGE)
 
 
 def _count(low: int, high: int) -> Callable[[str], int]:
@@ -851,15 +872,30 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _wall_time(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds (the API's bound, 10**9)."""
+def _duration(text: str, *, zero: bool = False) -> float:
+    """An argparse type: a positive (``zero``: or zero), finite number of seconds, at most
+    10**9 (the API's bound on a wall time)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 10**9:  # False for nan, too
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1e9 (got {text})")
+    if not ((value >= 0 if zero else value > 0) and value <= 10**9):  # False for nan
+        low = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be {low} and at most 1e9 (got {text})")
     return value
+
+
+def _duration_or_zero(text: str) -> float:
+    return _duration(text, zero=True)
+
+
+def _vm_id(text: str) -> str:
+    """An argparse type: what may be an instance id. One with "/" (or "." or "..") would be
+    read as a path to another route, so it is refused here; any other is asked of the core,
+    which knows its VMs."""
+    if not text or text in (".", "..") or "/" in text:
+        raise argparse.ArgumentTypeError(f"not an instance id: {text!r}")
+    return text
 
 
 def _version() -> str:
@@ -929,19 +965,30 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--jobs", type=int, help="jobs to run (headless default 40; else endless)")
     demo.add_argument("--json", action="store_true", help="headless summary as JSON")
-    demo.add_argument("--min", type=int, default=1, help="pool min_vms (default 1)")
-    demo.add_argument("--max", type=int, default=8, help="pool max_vms (default 8)")
+    demo.add_argument(
+        "--min", type=_count(0, POOL_VMS_MAX), default=1, help="pool min_vms (default 1)"
+    )
+    demo.add_argument(
+        "--max", type=_count(0, POOL_VMS_MAX), default=8, help="pool max_vms (default 8)"
+    )
     demo.add_argument(
         "--slots", type=int, default=1, help="pool slots_per_vm: jobs a VM runs at once (default 1)"
     )
     demo.add_argument(
-        "--idle-timeout", type=float, default=15.0, help="seconds before an idle VM is reaped"
+        "--idle-timeout", type=_duration, default=15.0, help="seconds before an idle VM is reaped"
     )
-    demo.add_argument("--boot-delay", type=float, default=3.0, help="VM boot seconds (default 3)")
+    demo.add_argument(
+        "--boot-delay", type=_duration_or_zero, default=3.0, help="VM boot seconds (default 3)"
+    )
     demo.add_argument(
         "--never-boot", type=float, default=0.0, help="fraction of VMs that never boot"
     )
-    demo.add_argument("--die-mid-job", type=int, default=0, help="VMs that die while running a job")
+    demo.add_argument(
+        "--die-mid-job",
+        type=_count(0, POOL_VMS_MAX),
+        default=0,
+        help="VMs that die while running a job",
+    )
     demo.add_argument(
         "--capacity-error",
         action="store_true",
@@ -955,7 +1002,10 @@ def parser() -> argparse.ArgumentParser:
         help="Spot clouds; this fraction of VMs get a termination notice seconds after booting",
     )
     demo.add_argument(
-        "--timeout", type=float, default=300.0, help="headless time limit in seconds (default 300)"
+        "--timeout",
+        type=_duration,
+        default=300.0,
+        help="headless time limit in seconds (default 300)",
     )
     demo.add_argument(
         "--workdir",
@@ -997,7 +1047,7 @@ def parser() -> argparse.ArgumentParser:
     snapshot.add_argument(
         "--jobs", type=_count(0, 1000), default=50, metavar="N", help="newest jobs (default 50)"
     )
-    snapshot.set_defaults(run=cmd_snapshot)
+    snapshot.set_defaults(run=cmd_snapshot, json=True)
 
     why = command(
         "why",
@@ -1019,6 +1069,25 @@ def parser() -> argparse.ArgumentParser:
     )
     why.set_defaults(run=cmd_why)
 
+    flow = command(
+        "flow",
+        "jobs submitted, started, finished and failed per minute",
+        "What the console's sparklines show, oldest minute first; the current minute is "
+        "still counting.",
+        admin,
+    )
+    flow.add_argument(
+        "--minutes",
+        type=_count(1, 24 * 60),
+        default=15,
+        metavar="N",
+        help="how many minutes back (1-1440, default 15)",
+    )
+    flow.add_argument(
+        "--json", action="store_true", help="one JSON document: {now, last_seq, minutes: [...]}"
+    )
+    flow.set_defaults(run=cmd_flow)
+
     vms = command(
         "vms",
         "list the VMs",
@@ -1038,9 +1107,9 @@ def parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument(
         "--limit",
-        type=_count(1, 10_000),
+        type=_count(1, PAGE_MAX),
         default=200,
-        help="at most this many jobs (1-10000, default 200)",
+        help=f"at most this many jobs (1-{PAGE_MAX}, default 200)",
     )
     jobs.add_argument("--json", action="store_true", help="one JSON document: {now, jobs: [...]}")
     jobs.set_defaults(run=cmd_jobs)
@@ -1048,7 +1117,7 @@ def parser() -> argparse.ArgumentParser:
     vm = command(
         "vm", "show one VM", "Its state, its current or last job with output, its events.", admin
     )
-    vm.add_argument("vm", metavar="VM", help="the VM's instance id (see alienec2 vms)")
+    vm.add_argument("vm", metavar="VM", type=_vm_id, help="the VM's instance id (see alienec2 vms)")
     vm.add_argument("--json", action="store_true", help="one JSON document: {now, vm, job, events}")
     vm.set_defaults(run=cmd_vm)
 
@@ -1079,9 +1148,9 @@ def parser() -> argparse.ArgumentParser:
     )
     events.add_argument(
         "--last",
-        type=_count(0, 10_000),
+        type=_count(0, PAGE_MAX),
         default=50,
-        help="how many past events to start with (0-10000, default 50)",
+        help=f"how many past events to start with (0-{PAGE_MAX}, default 50)",
     )
     events.add_argument(
         "--after",
@@ -1105,7 +1174,7 @@ def parser() -> argparse.ArgumentParser:
         help="an environment variable for the job (repeatable)",
     )
     submit.add_argument(
-        "--wall-time", type=_wall_time, metavar="SECONDS", help="kill after this long"
+        "--wall-time", type=_duration, metavar="SECONDS", help="kill after this long"
     )
     submit.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     submit.set_defaults(run=cmd_submit)
@@ -1120,12 +1189,12 @@ def parser() -> argparse.ArgumentParser:
         "A draining VM gets no new job and is terminated once idle.",
         changes,
     )
-    drain.add_argument("vm", metavar="VM", nargs="?", help="the VM's instance id")
+    drain.add_argument("vm", metavar="VM", type=_vm_id, nargs="?", help="the VM's instance id")
     drain.add_argument("--all", action="store_true", help="drain every idle and busy VM")
     drain.set_defaults(run=cmd_drain)
 
     kill = command("kill", "terminate a VM now (its jobs go back to the queue)", parents=changes)
-    kill.add_argument("vm", metavar="VM", help="the VM's instance id")
+    kill.add_argument("vm", metavar="VM", type=_vm_id, help="the VM's instance id")
     kill.set_defaults(run=cmd_kill)
 
     resize = command("resize", "change the pool bounds", "Kept across restarts.", changes)

@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from alienec2_tui.client import AdminClient
 from core.cli import _connection_first, parser
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
@@ -276,6 +280,68 @@ async def test_vms_jobs_vm_and_job_show_the_pool_and_a_finished_jobs_output(
         code, out, _ = await cli(core, "vm", vm_id, "--json")
         assert set(json.loads(out)) == {"now", "vm", "job", "jobs", "events"}
 
+        code, out, _ = await cli(core, "flow", "--json")  # the console's sparklines
+        minutes = json.loads(out)["minutes"]
+        assert (code, len(minutes)) == (0, 15)
+        assert [sum(m[k] for m in minutes) for k in ("submitted", "finished")] == [2, 1]
+        code, out, _ = await cli(core, "flow", "--minutes", "2")
+        header, *rows = out.splitlines()
+        assert header.split() == ["MINUTE", "SUBMITTED", "STARTED", "FINISHED", "FAILED"]
+        assert len(rows) == 2
+
+
+# What a job, its submitter or a VM's root writes that a terminal would obey: set the window
+# title, clear the screen, recolour, return to the line's start, a C1 CSI, a bidi override.
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\rfake\x9b2J\u202eevil"
+SEEN = r"\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\rfake\x9b2J\u202eevil"  # how it is printed
+UNSHOWN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]")  # what must never be printed
+
+
+async def test_text_from_jobs_and_vms_is_shown_never_obeyed_and_an_id_names_only_itself(
+    tmp_path: Path, moto: MotoEC2Server
+) -> None:
+    async with running_core(core_config(tmp_path, moto.url, pool={"min_vms": 1})) as core:
+        [vm_id] = await wait_for_vms(core, 1)
+        now = core.clock()
+        core.store.register_vm(vm_id, now)
+        job = core.store.submit_job(["echo", HOSTILE], now, env={f"{HOSTILE}NAME": "v"})
+        core.store.assign_next_job(vm_id, now)
+        output = f"line one\r\n\tindented\n{HOSTILE}\n"
+        core.store.finish_job(job.id, 1, vm_id, 0, output, now)
+        core.service.interruption(core.store.vm(vm_id), "rebalance", HOSTILE)
+
+        for command in (["job", "1"], ["jobs"], ["events"], ["vm", vm_id], ["vms"]):
+            code, out, err = await cli(core, *command)
+            assert (code, UNSHOWN.findall(out), err) == (0, [], ""), command
+        code, out, _ = await cli(core, "job", "1")
+        assert "  line one\n  \tindented\n" in out  # output keeps its lines and tabs
+        assert SEEN in out
+        code, out, _ = await cli(core, "events")
+        assert f"spot rebalance notice: {SEEN}" in out
+        # --json is the core's answer as it is: its encoder escapes every control.
+        code, out, _ = await cli(core, "job", "1", "--json")
+        assert UNSHOWN.findall(out) == []
+        assert (json.loads(out)["output_tail"], json.loads(out)["command"]) == (
+            output,
+            ["echo", HOSTILE],
+        )
+        async with AdminClient(socket_path=str(core.admin_socket)) as console:  # as the console
+            shown = await console.job(1)
+            assert (list(shown["env"]), shown["command"]) == ([f"{SEEN}NAME"], ["echo", SEEN])
+            assert shown["output_tail"] == f"line one\n\tindented\n{SEEN}\n"
+
+        # An id names a VM, never another route: one with "/" cannot be an instance id, and
+        # the rest are one path segment ("?" and "#" included).
+        code, _, err = await cli(core, "kill", "../jobs/1/cancel?")
+        assert (code, err.count("\n")) == (2, 1)
+        assert "argument VM: not an instance id: '../jobs/1/cancel?'" in err
+        code, _, err = await cli(core, "drain", "..")
+        assert (code, err.count("\n")) == (2, 1)
+        code, _, err = await cli(core, "drain", "i-1?pause#")
+        assert (code, err) == (1, "error: vm i-1?pause# not found\n")
+        assert core.store.job(1).state == JobState.DONE
+        assert not core.service.status()["pool"]["paused"]
+
 
 async def test_events_lists_the_last_ones_and_follow_streams_json_lines(
     tmp_path: Path, moto: MotoEC2Server
@@ -358,6 +424,26 @@ def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
         f"error: --workdir {used}: a demo is running there (pid {os.getpid()}); stop it, or "
         "give a new directory"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (("demo", "--idle-timeout", "0"), "argument --idle-timeout: must be more than 0"),
+        (("demo", "--idle-timeout", "nan"), "argument --idle-timeout: must be more than 0"),
+        (("demo", "--boot-delay", "-1"), "argument --boot-delay: must be 0 or more"),
+        (("demo", "--timeout", "nan"), "argument --timeout: must be more than 0"),
+        (("demo", "--die-mid-job", "-1"), "argument --die-mid-job: must be 0 to"),
+        (("jobs", "--limit", "1001"), "argument --limit: must be 1 to 1000 (got 1001)"),
+        (("events", "--last", "5000"), "argument --last: must be 0 to 1000 (got 5000)"),
+    ],
+)
+def test_a_number_out_of_range_is_one_line_before_anything_runs(
+    args: tuple[str, ...], line: str
+) -> None:
+    done = run_cli(*args, "--headless") if args[0] == "demo" else run_cli(*args)
+    assert (done.returncode, done.stderr.count("\n"), done.stdout) == (2, 1, "")
+    assert line in done.stderr
 
 
 def test_connection_options_may_come_before_the_command(tmp_path: Path) -> None:
