@@ -229,6 +229,16 @@ async def test_vms_jobs_vm_and_job_show_the_pool_and_a_finished_jobs_output(
         code, out, _ = await cli(core, "submit", "--env", "SECRET=x", "--", "echo", "hi there")
         assert (code, out.strip()) == (0, "submitted job 1")
         await eventually(lambda: core.store.job(1).state == JobState.DONE, timeout=30)
+        code, out, _ = await cli(core, "flow", "--json")  # the console's sparklines
+        minutes = json.loads(out)["minutes"]
+        assert (code, len(minutes)) == (0, 15)
+        assert [sum(m[k] for m in minutes) for k in ("submitted", "started", "finished")] == [
+            *(1, 1, 1)
+        ]
+        code, out, _ = await cli(core, "flow", "--minutes", "2")
+        header, *rows = out.splitlines()
+        assert header.split() == ["MINUTE", "SUBMITTED", "STARTED", "FINISHED", "FAILED"]
+        assert len(rows) == 2
         await cli(core, "submit", "--", "sleep", "30")  # job 2 still runs while we look
         await eventually(lambda: core.store.job(2).vm_id == vm_id)
 
@@ -279,15 +289,6 @@ async def test_vms_jobs_vm_and_job_show_the_pool_and_a_finished_jobs_output(
         assert "events:" in out and "vm_idle" in out
         code, out, _ = await cli(core, "vm", vm_id, "--json")
         assert set(json.loads(out)) == {"now", "vm", "job", "jobs", "events"}
-
-        code, out, _ = await cli(core, "flow", "--json")  # the console's sparklines
-        minutes = json.loads(out)["minutes"]
-        assert (code, len(minutes)) == (0, 15)
-        assert [sum(m[k] for m in minutes) for k in ("submitted", "finished")] == [2, 1]
-        code, out, _ = await cli(core, "flow", "--minutes", "2")
-        header, *rows = out.splitlines()
-        assert header.split() == ["MINUTE", "SUBMITTED", "STARTED", "FINISHED", "FAILED"]
-        assert len(rows) == 2
 
 
 # What a job, its submitter or a VM's root writes that a terminal would obey: set the window

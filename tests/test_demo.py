@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -224,7 +225,11 @@ def test_headless_timeout_says_so_and_exits_non_zero(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 1
-    assert "timed out after 1 s: 4 jobs unfinished" in result.stdout
+    # Every job it submitted is unfinished (a loaded machine may not have submitted all four
+    # within the second: the demo paces its trickle).
+    submitted = int(re.search(r"jobs: (\d+) submitted", result.stdout)[1])  # type: ignore[index]
+    assert submitted >= 2  # the first burst, at once
+    assert f"timed out after 1 s: {submitted} jobs unfinished" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == "error: timed out after 1 s"
     assert "Traceback" not in result.stderr
 
