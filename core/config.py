@@ -95,7 +95,12 @@ class CloudConfig(_Section):
     spot_interruptions_before_backoff: Annotated[Int, Field(ge=1)] = 3
     spot_interruption_window_s: Annotated[Float, Field(gt=0)] = 600.0
     # $/h per instance type: {type: price} or {type: {on-demand: p, spot: p}}.
-    price_per_hour: dict[str, float | dict[Literal["on-demand", "spot"], float]] = {}
+    price_per_hour: dict[
+        str,
+        Annotated[
+            float | dict[Literal["on-demand", "spot"], Float], BeforeValidator(_not_yes_or_no)
+        ],
+    ] = {}
     iam_instance_profile: str | None = None  # a name, or an ARN (arn:...)
     root_volume_size_gb: Annotated[Int, Field(ge=1)] | None = None
     root_volume_type: Literal["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"] | None = None
@@ -252,8 +257,18 @@ class HTCondorQueueConfig(_Section):
     timeout_s: Annotated[Float, Field(gt=0)] = 30.0
 
 
+def _kind_as_text(value: Any) -> Any:
+    """A queue whose ``kind`` is no string has it quoted (bounded) first: pydantic writes the
+    tag it refuses into its message whole, and a YAML alias chain is exponential written."""
+    if isinstance(value, dict) and "kind" in value and not isinstance(value["kind"], str):
+        return {**value, "kind": _shown(value["kind"])}
+    return value
+
+
 QueueConfig = Annotated[
-    BuiltinQueueConfig | CommandQueueConfig | HTCondorQueueConfig, Field(discriminator="kind")
+    BuiltinQueueConfig | CommandQueueConfig | HTCondorQueueConfig,
+    Field(discriminator="kind"),
+    BeforeValidator(_kind_as_text),
 ]
 
 
@@ -440,6 +455,11 @@ class Config(_Section):
         return self
 
 
+# The member of a union pydantic names in an error's path (price_per_hour's "float" or
+# "dict[...]"): no key the admin wrote.
+_UNION_MEMBER = re.compile(r"(?:float|int|str|bool|(?:dict|list|function-\w+)\[.*\])$")
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
     if len(loc) > 1 and loc[0] == "queue":
         loc = ("queue", *loc[2:])  # drop the union tag pydantic inserts: queue.command.x
@@ -447,6 +467,8 @@ def _path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif _UNION_MEMBER.fullmatch(part):
+            continue
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
@@ -459,7 +481,9 @@ def _message(error: Any) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_invalid":
-        return f"must be one of builtin, command, htcondor (got {error['input'].get('kind')!r})"
+        return (
+            f"must be one of builtin, command, htcondor (got {_shown(error['input'].get('kind'))})"
+        )
     if kind == "union_tag_not_found":
         return "required key is missing (builtin, command or htcondor)"
     if kind in ("model_type", "dict_type"):

@@ -61,21 +61,31 @@ def test_max_below_min_names_both_keys_and_values() -> None:
     assert errors_of(data) == ["pool.max_vms: must be >= pool.min_vms (got 2 < 5)"]
 
 
+CLOUD = MINIMAL["clouds"][0]
+
+
 @pytest.mark.parametrize(
-    ("pool", "error"),
+    ("data", "error"),
     [
-        ({"max_vms": True}, "pool.max_vms: must be a number, not yes/no (got True)"),
-        ({"max_vms": 10**26}, "pool.max_vms: Input should be less than or equal to 1000000"),
+        ({"pool": {"max_vms": True}}, "pool.max_vms: must be a number, not yes/no (got True)"),
         (
-            {"idle_timeout_s": False},
+            {"pool": {"idle_timeout_s": False}},
             "pool.idle_timeout_s: must be a number, not yes/no (got False)",
+        ),
+        (
+            {"clouds": [{**CLOUD, "price_per_hour": {"m5.large": True}}]},
+            "clouds[0].price_per_hour.m5.large: must be a number, not yes/no (got True)",
+        ),
+        (
+            {"pool": {"max_vms": 10**26}},
+            "pool.max_vms: Input should be less than or equal to 1000000",
         ),
     ],
 )
 def test_a_number_is_never_a_yes_or_no_and_a_pool_bound_is_bounded(
-    pool: dict[str, object], error: str
+    data: dict[str, object], error: str
 ) -> None:
-    assert errors_of({**MINIMAL, "pool": pool}) == [error]
+    assert errors_of({**MINIMAL, **data}) == [error]
     pool = parse_config({**MINIMAL, "pool": {"idle_timeout_s": 60, "max_vms": "10"}}).pool
     assert (pool.idle_timeout_s, pool.max_vms) == (60.0, 10)  # as every release read them
 
@@ -86,13 +96,14 @@ def test_a_yaml_alias_chain_is_quoted_in_bounded_time_and_length(tmp_path: Path)
     path = tmp_path / "config.yaml"
     path.write_text(
         "clouds: [{name: a, image_id: x}]\npool:\n  z:\n    l0: &l0 [a, b, c, d, e, f, g, h, i]\n"
-        f"{chain}  max_vms: *l11\n"
+        f"{chain}  max_vms: *l11\nqueue: {{kind: *l11}}\n"  # pydantic quotes a union's tag
     )
     result = check_config(path)  # 9**11 strings if written out: it would not end
     assert result.returncode == 2
-    [line, unknown] = sorted(result.stderr.strip().splitlines())
-    assert line.startswith("error: pool.max_vms: Input should be a valid integer (got [")
-    assert len(line) < 200 and unknown == "error: pool.z: unknown key"
+    [bound, unknown, kind] = sorted(result.stderr.strip().splitlines())
+    assert bound.startswith("error: pool.max_vms: Input should be a valid integer (got [")
+    assert kind.startswith("error: queue.kind: must be one of builtin, command, htcondor (got ")
+    assert max(len(bound), len(kind)) < 200 and unknown == "error: pool.z: unknown key"
 
 
 def test_every_error_is_listed_at_once_with_its_path() -> None:
