@@ -1197,7 +1197,14 @@ def parser() -> argparse.ArgumentParser:
     kill.add_argument("vm", metavar="VM", type=_vm_id, help="the VM's instance id")
     kill.set_defaults(run=cmd_kill)
 
-    resize = command("resize", "change the pool bounds", "Kept across restarts.", changes)
+    resize = command(
+        "resize",
+        "change the pool bounds",
+        "Kept across restarts and reloads until a restart or reload finds the configuration's "
+        "pool.min_vms or max_vms changed from those in force at the resize: the file is then "
+        "the newer word, and an event says so.",
+        changes,
+    )
     resize.add_argument("--min", type=_count(0, POOL_VMS_MAX), help="new min_vms")
     resize.add_argument("--max", type=_count(0, POOL_VMS_MAX), help="new max_vms")
     resize.set_defaults(run=cmd_resize)

@@ -336,32 +336,38 @@ class PoolService:
 
     def settle_bounds(self) -> None:
         """At start and after a reload: bounds set by ``resize`` hold while the configuration
-        says what it said when they were set. Once its bounds differ, the file is the newer
-        word: the resize is forgotten, and an event says so. (A resize stored before this
-        rule adopts the file as it is now.)"""
-        if self.store.setting(RESIZED_OVER) is None and self.bounds() == tuple(self._file_bounds()):
-            return  # no resize, or one from before this rule that the file agrees with
-        (low, high), (file_low, file_high) = self.bounds(), self._file_bounds()
-        now = self.clock()
-        over = self.store.setting(RESIZED_OVER)
-        if over is None:
+        says what the one in force at the resize said. Once either bound in it differs, the
+        file is the newer word: the resize is forgotten, and an event says so. Bounds that
+        agree with the file are forgotten too (there is nothing to keep, and a later edit
+        of the file must count); a resize stored before this rule holds over the file as
+        it is now."""
+        if self.store.setting("min_vms") is None and self.store.setting("max_vms") is None:
+            return
+        (low, high), file = self.bounds(), self._file_bounds()
+        over, now = self.store.setting(RESIZED_OVER), self.clock()
+        forget = ["min_vms", "max_vms", RESIZED_OVER]
+        if [low, high] == file:
+            self.store.forget_settings(
+                forget, now, f"pool bounds min {low} max {high} follow the configuration again"
+            )
+        elif over is None:
             self.store.set_settings(
-                {RESIZED_OVER: self._file_bounds()},
+                {RESIZED_OVER: file},
                 now,
                 f"pool bounds min {low} max {high} set by resize are kept over the "
-                f"configuration's min {file_low} max {file_high} until the file changes them",
+                f"configuration's min {file[0]} max {file[1]} until the file changes them",
             )
-        elif over != self._file_bounds():
+        elif over != file:
             self.store.forget_settings(
-                ["min_vms", "max_vms", RESIZED_OVER],
+                forget,
                 now,
-                f"pool bounds min {file_low} max {file_high} from the configuration replace "
+                f"pool bounds min {file[0]} max {file[1]} from the configuration replace "
                 f"min {low} max {high} set by resize: the file changed them since",
             )
-        elif (low, high) != (file_low, file_high):
+        else:
             log.info(
                 "event=pool_bounds_from_resize min=%d max=%d file_min=%d file_max=%d",
-                *(low, high, file_low, file_high),
+                *(low, high, *file),
             )
 
     def paused(self) -> bool:

@@ -98,7 +98,7 @@ async def test_a_resize_holds_until_the_file_changes_the_bounds_and_then_the_fil
         return core
 
     def said(core: Core) -> list[str]:
-        return [e.message for e in core.store.events_after(0) if "set by resize" in e.message]
+        return [e.message for e in core.store.events_after(0) if "pool bounds" in e.message]
 
     core = await started()
     try:
@@ -140,6 +140,14 @@ async def test_a_resize_holds_until_the_file_changes_the_bounds_and_then_the_fil
         write(path, config, pool={"max_vms": 8})
         core.reload(lambda: load_config(path))
         assert core.service.bounds() == (0, 8)
+        # An old resize the file was later made to agree with: forgotten, so that the next
+        # edit of the file counts.
+        core.store.set_settings({"min_vms": 0, "max_vms": 8}, core.clock(), "an old resize")
+        core.reload(lambda: load_config(path))
+        assert said(core)[-1] == "pool bounds min 0 max 8 follow the configuration again"
+        write(path, config, pool={"max_vms": 5})
+        core.reload(lambda: load_config(path))
+        assert core.service.bounds() == (0, 5)
     finally:
         await core.stop()
 
