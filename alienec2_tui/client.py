@@ -43,9 +43,10 @@ _UNSAFE_IN_LINE = re.compile(rf"[\x00-\x1f\x7f-\x9f{_BIDI}]")
 _UNSAFE_IN_TEXT = re.compile(rf"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")  # keeps \t and \n
 # Output keeps its lines and tabs; every other string is one line of a table or a message.
 _TEXT_FIELDS = frozenset({"output_tail"})
-# A body holding none of these (a JSON escape of a C0 control, or the character itself) is
-# used as it came, without walking it: the common case, and 10,000 VMs in a snapshot.
-_MAYBE_UNSAFE = re.compile(rf"\\u00[01]|\\u007f|\\[bfnrt]|[\x7f-\x9f{_BIDI}]")
+# A body holding none of these (a JSON escape other than \" \\ \/, or any character but
+# printable ASCII) is used as it came, without walking it: the common case, and 10,000 VMs
+# in a snapshot. Whatever the encoder escapes, and however, is walked.
+_MAYBE_UNSAFE = re.compile(r"\\[bfnrtu]|[^\x20-\x7e]")
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -66,7 +67,8 @@ def shown(value: Any, key: str = "") -> Any:
                 value[index] = shown(item, key)
     elif isinstance(value, dict):
         if not all(name.isprintable() for name in value):  # a job's environment names
-            return {shown(name): shown(item, name) for name, item in value.items()}
+            # Every name written as Python would (backslashes too): no two may look alike.
+            return {repr(name)[1:-1]: shown(item, name) for name, item in value.items()}
         for name, item in value.items():
             if isinstance(item, str | dict | list):
                 value[name] = shown(item, name)  # the same keys: iterating stays valid

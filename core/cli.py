@@ -746,6 +746,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if bool(command) == bool(args.file):
         print("error: give either a command after -- or --file FILE", file=sys.stderr)
         return EXIT_CONFIG
+    for text in [*command, *env, *env.values()]:
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # bytes that are no UTF-8, kept by argv as surrogates
+            raw = text.encode(errors="surrogateescape")
+            print(f"error: not UTF-8 text, which a job cannot carry: {raw!r}", file=sys.stderr)
+            return EXIT_CONFIG
     jobs = (
         _jobs_file(args.file, env, args.wall_time)
         if args.file

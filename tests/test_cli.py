@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alienec2_tui.client import AdminClient
+from alienec2_tui.client import _MAYBE_UNSAFE, AdminClient, shown
 from core.cli import _connection_first, parser
 from core.clouds.sandbox import MotoEC2Server
 from core.daemon import Core
@@ -344,6 +344,15 @@ async def test_text_from_jobs_and_vms_is_shown_never_obeyed_and_an_id_names_only
         assert not core.service.status()["pool"]["paused"]
 
 
+def test_shown_escapes_whatever_the_encoder_wrote_and_never_merges_two_names() -> None:
+    body = json.dumps({"a": "\u009b2J\u202e"})  # escaped to ASCII, as any encoder may
+    assert shown(json.loads(body)) == {"a": "\\x9b2J\\u202e"}
+    assert _MAYBE_UNSAFE.search(body)  # so the reply is walked, not passed as it came
+    assert not _MAYBE_UNSAFE.search(json.dumps({"a": 'plain \\ " /'}))
+    names = {"A\x1b": "1", "A\\x1b": "2"}  # a control, and the text that shows it
+    assert shown({"env": names}) == {"env": {"A\\x1b": "1", "A\\\\x1b": "2"}}
+
+
 async def test_events_lists_the_last_ones_and_follow_streams_json_lines(
     tmp_path: Path, moto: MotoEC2Server
 ) -> None:
@@ -437,6 +446,10 @@ def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
         (("demo", "--die-mid-job", "-1"), "argument --die-mid-job: must be 0 to"),
         (("jobs", "--limit", "1001"), "argument --limit: must be 1 to 1000 (got 1001)"),
         (("events", "--last", "5000"), "argument --last: must be 0 to 1000 (got 5000)"),
+        (
+            ("submit", "--", "printf", "\udcff"),
+            "not UTF-8 text, which a job cannot carry: b'\\xff'",
+        ),
     ],
 )
 def test_a_number_out_of_range_is_one_line_before_anything_runs(
