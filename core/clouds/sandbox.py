@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import urllib.request
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -50,12 +52,15 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
-def _stop_with_the_sandbox() -> None:
+def _stop_with_the_sandbox(sandbox_pid: int) -> None:
     """Run in an instance's agent before it execs: SIGTERM when the thread that started it
-    ends, as when whoever runs the sandbox is SIGKILLed (its cloud is gone with it). The
-    agent then stops its jobs and exits, as on a VM powered off; nothing is left running."""
+    ends (``InstanceRunner``'s own, which lives as long as the runner), as when whoever runs
+    the sandbox is SIGKILLed: its cloud is gone with it. The agent then stops its jobs and
+    exits, as on a VM powered off; nothing is left running."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != sandbox_pid:  # it died before the request was made
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 SANDBOX_REGION = "us-east-1"
@@ -479,6 +484,10 @@ class InstanceRunner:
         self._seen: set[str] = set()
         self._boot_at: dict[str, float] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        # The one thread that polls and so starts every agent: an agent is told to stop when
+        # the thread that started it ends (``_stop_with_the_sandbox``), so it must not end
+        # before the runner closes.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sandbox-instances")
         self._doomed: set[str] = set()
         self._imds: dict[str, IMDSStub] = {}
         self._notice_at: dict[str, float] = {}  # Spot notices to announce, when
@@ -489,8 +498,9 @@ class InstanceRunner:
         self.interrupted: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
-            await asyncio.to_thread(self.poll)
+            await loop.run_in_executor(self._thread, self.poll)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._poll_s)
 
@@ -573,7 +583,7 @@ class InstanceRunner:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_stop_with_the_sandbox,
+                preexec_fn=functools.partial(_stop_with_the_sandbox, os.getpid()),
             )
         self._procs[instance_id] = proc
         (self._dir(instance_id) / "agent.pid").write_text(f"{proc.pid}\n")
@@ -618,6 +628,7 @@ class InstanceRunner:
         spools); with ``keep_logs_in``, each agent's log is kept there as ``<instance>.log``."""
         for instance_id in list(self._procs):
             self._kill(instance_id)
+        self._thread.shutdown(wait=False)
         if keep_logs_in is not None:
             for log_file in self.workdir.glob("*/agent.log"):
                 keep_logs_in.mkdir(parents=True, exist_ok=True)
