@@ -900,6 +900,10 @@ def _vm_id(text: str) -> str:
     """An argparse type: what may be an instance id. One with "/" (or "." or "..") would be
     read as a path to another route, so it is refused here; any other is asked of the core,
     which knows its VMs."""
+    try:
+        text.encode()  # bytes that are no UTF-8 stay in argv as surrogates
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not an instance id: not UTF-8 text") from None
     if not text or text in (".", "..") or "/" in text:
         raise argparse.ArgumentTypeError(f"not an instance id: {text!r}")
     return text

@@ -260,8 +260,9 @@ class HTCondorQueueConfig(_Section):
 def _kind_as_text(value: Any) -> Any:
     """A queue whose ``kind`` is no string has it quoted (bounded) first: pydantic writes the
     tag it refuses into its message whole, and a YAML alias chain is exponential written."""
-    if isinstance(value, dict) and "kind" in value and not isinstance(value["kind"], str):
-        return {**value, "kind": _shown(value["kind"])}
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if isinstance(kind, list | dict) or (isinstance(kind, int) and kind.bit_length() > 64):
+        return {**value, "kind": _shown(kind)}
     return value
 
 
@@ -455,8 +456,8 @@ class Config(_Section):
         return self
 
 
-# The member of a union pydantic names in an error's path (price_per_hour's "float" or
-# "dict[...]"): no key the admin wrote.
+# The member of price_per_hour's union that pydantic names in an error's path after the
+# instance type ("float", "dict[...]"): no key the admin wrote.
 _UNION_MEMBER = re.compile(r"(?:float|int|str|bool|(?:dict|list|function-\w+)\[.*\])$")
 
 
@@ -464,10 +465,10 @@ def _path(loc: tuple[int | str, ...]) -> str:
     if len(loc) > 1 and loc[0] == "queue":
         loc = ("queue", *loc[2:])  # drop the union tag pydantic inserts: queue.command.x
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _UNION_MEMBER.fullmatch(part):
+        elif i >= 2 and loc[i - 2] == "price_per_hour" and _UNION_MEMBER.fullmatch(part):
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -506,7 +507,10 @@ _QUOTE.maxstring = _QUOTE.maxother = 60
 
 def _shown(value: Any, limit: int = 60) -> str:
     """A wrong value as the error line quotes it: cut short, as it reaches logs and events."""
-    text = _QUOTE.repr(value)
+    try:
+        text = _QUOTE.repr(value)
+    except ValueError:  # an int past the 4,300 digits Python writes out (YAML's 0xfff...)
+        text = f"a number of {value.bit_length()} bits" if isinstance(value, int) else "?"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -591,6 +595,8 @@ def load_config(path: str | Path) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}: invalid YAML at {where}{problem}"]) from None
+    except ValueError as exc:  # a number past Python's 4,300 digits for int(); no line known
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
     twice = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     try:
         config = parse_config(data)

@@ -446,15 +446,14 @@ def test_a_demo_workdir_it_cannot_use_is_one_line(tmp_path: Path) -> None:
         (("demo", "--die-mid-job", "-1"), "argument --die-mid-job: must be 0 to"),
         (("jobs", "--limit", "1001"), "argument --limit: must be 1 to 1000 (got 1001)"),
         (("events", "--last", "5000"), "argument --last: must be 0 to 1000 (got 5000)"),
+        (("vm", "i-\udcff"), "argument VM: not an instance id: not UTF-8 text"),
         (
             ("submit", "--", "printf", "\udcff"),
             "not UTF-8 text, which a job cannot carry: b'\\xff'",
         ),
     ],
 )
-def test_a_number_out_of_range_is_one_line_before_anything_runs(
-    args: tuple[str, ...], line: str
-) -> None:
+def test_a_bad_argument_is_one_line_before_anything_runs(args: tuple[str, ...], line: str) -> None:
     done = run_cli(*args, "--headless") if args[0] == "demo" else run_cli(*args)
     assert (done.returncode, done.stderr.count("\n"), done.stdout) == (2, 1, "")
     assert line in done.stderr

@@ -90,6 +90,13 @@ def test_a_number_is_never_a_yes_or_no_and_a_pool_bound_is_bounded(
     assert (pool.idle_timeout_s, pool.max_vms) == (60.0, 10)  # as every release read them
 
 
+def test_a_key_named_like_a_type_is_named_in_its_path() -> None:
+    """Only price_per_hour's union members ("float", "dict[...]") leave the path."""
+    assert errors_of({**MINIMAL, "pool": {"int": 1}}) == ["pool.int: unknown key"]
+    tags = {"clouds": [{**CLOUD, "tags": {"float": 1}}]}
+    assert errors_of(tags)[0].startswith("clouds[0].tags.float: ")
+
+
 def test_a_yaml_alias_chain_is_quoted_in_bounded_time_and_length(tmp_path: Path) -> None:
     """A "billion laughs" under a wrong-typed key: small as parsed, exponential as written."""
     chain = "".join(f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 12))
@@ -178,6 +185,12 @@ def test_check_config_prints_one_line_summary_and_exits_0() -> None:
             "clouds: [{name: a, image_id: x}]\nweb: {public_url: ftp//x}\n",
             "web.public_url: must be an http:// or https:// URL with a host",
         ),
+        (  # YAML's hex has no length limit; Python writes no int past 4,300 digits
+            f"core_id: 0x{'f' * 5000}\nclouds: [{{name: a, image_id: x}}]\n",
+            "core_id: Input should be a valid string (got a number of 20000 bits)",
+        ),
+        (f"clouds: [{{name: a, image_id: x}}]\nqueue: {{kind: 0x{'f' * 5000}}}\n", "queue.kind:"),
+        (f"pool: {{max_vms: {'9' * 5000}}}\n", "invalid YAML: Exceeds the limit (4300 digits)"),
     ],
 )
 def test_check_config_exits_2_with_a_clear_line_and_no_traceback(

@@ -60,7 +60,7 @@ def _stop_with_the_sandbox(sandbox_pid: int) -> None:
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != sandbox_pid:  # it died before the request was made
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGKILL)  # SIGTERM's handler is still the sandbox's
 
 
 SANDBOX_REGION = "us-east-1"
@@ -615,7 +615,9 @@ class InstanceRunner:
         imds = self._imds.pop(instance_id, None)
         if imds is not None:
             imds.stop()
-        proc = self._procs.pop(instance_id)
+        proc = self._procs.pop(instance_id, None)
+        if proc is None:
+            return  # killed already (by close, while a poll ended)
         for pid in [*_descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
