@@ -747,10 +747,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print("error: give either a command after -- or --file FILE", file=sys.stderr)
         return EXIT_CONFIG
     for text in [*command, *env, *env.values()]:
-        try:
-            text.encode()
-        except UnicodeEncodeError:  # bytes that are no UTF-8, kept by argv as surrogates
-            raw = text.encode(errors="surrogateescape")
+        if (raw := _not_utf8(text)) is not None:
             print(f"error: not UTF-8 text, which a job cannot carry: {raw!r}", file=sys.stderr)
             return EXIT_CONFIG
     jobs = (
@@ -896,14 +893,22 @@ def _duration_or_zero(text: str) -> float:
     return _duration(text, zero=True)
 
 
+def _not_utf8(text: str) -> bytes | None:
+    """The bytes of an argument that are no UTF-8 (argv keeps them as surrogates, which no
+    JSON request can carry); None for UTF-8 text."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="surrogateescape")
+    return None
+
+
 def _vm_id(text: str) -> str:
     """An argparse type: what may be an instance id. One with "/" (or "." or "..") would be
     read as a path to another route, so it is refused here; any other is asked of the core,
     which knows its VMs."""
-    try:
-        text.encode()  # bytes that are no UTF-8 stay in argv as surrogates
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("not an instance id: not UTF-8 text") from None
+    if _not_utf8(text) is not None:
+        raise argparse.ArgumentTypeError("not an instance id: not UTF-8 text")
     if not text or text in (".", "..") or "/" in text:
         raise argparse.ArgumentTypeError(f"not an instance id: {text!r}")
     return text
@@ -1056,7 +1061,7 @@ def parser() -> argparse.ArgumentParser:
         admin,
     )
     snapshot.add_argument(
-        "--jobs", type=_count(0, 1000), default=50, metavar="N", help="newest jobs (default 50)"
+        "--jobs", type=_count(0, PAGE_MAX), default=50, metavar="N", help="newest jobs (default 50)"
     )
     snapshot.set_defaults(run=cmd_snapshot, json=True)
 
@@ -1070,10 +1075,10 @@ def parser() -> argparse.ArgumentParser:
     )
     why.add_argument(
         "--last",
-        type=_count(1, 1000),
+        type=_count(1, PAGE_MAX),
         default=10,
         metavar="N",
-        help="how many decisions (1-1000, default 10)",
+        help=f"how many decisions (1-{PAGE_MAX}, default 10)",
     )
     why.add_argument(
         "--json", action="store_true", help="one JSON document: {now, decisions: [...]}"

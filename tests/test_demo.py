@@ -269,6 +269,20 @@ def agent_pids(scratch: Path, count: int, timeout: float = 60) -> list[int]:
     return [int(f.read_text()) for f in files]
 
 
+def headless_demo(scratch: Path) -> subprocess.Popen[str]:
+    """A headless demo whose temporary directory is ``scratch`` (made here), VMs booting in
+    a second; its output piped, as text."""
+    scratch.mkdir()
+    return subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "demo", "--headless", "--boot-delay", "1"],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 # One handler serves SIGTERM, SIGHUP and SIGINT (core/demo.py STOP_SIGNALS): each signal is
 # sent in the mode where it matters most; SIGINT in the kept-workdir test below.
 @pytest.mark.slow
@@ -277,15 +291,7 @@ def test_headless_demo_stopped_by_a_signal_leaves_nothing_behind(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
     scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "demo", "--headless", "--boot-delay", "1"],
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(scratch)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    demo = headless_demo(scratch)
     try:
         pids = agent_pids(scratch, 2)
         assert all(alive(pid) for pid in pids)
@@ -318,19 +324,12 @@ def exited(pid: int, timeout: float) -> bool:
 @pytest.mark.slow
 def test_a_demo_killed_outright_takes_its_agents_and_their_jobs_with_it(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "demo", "--headless", "--boot-delay", "1"],
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(scratch)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    demo = headless_demo(scratch)
     pids: list[int] = []
     try:
         pids = agent_pids(scratch, 2)
         demo.kill()  # SIGKILL: no handler of the demo runs
-        demo.wait(timeout=30)
+        demo.communicate(timeout=30)
         assert [pid for pid in pids if not exited(pid, 60)] == []
         wait_until(lambda: processes_under(scratch) == [], 30, "every job of theirs stopped")
     finally:
