@@ -205,6 +205,15 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(choices.choices)
 
 
+def test_the_clis_bounds_are_the_admin_apis() -> None:
+    """Kept apart so the CLI starts without FastAPI; a bound moved on one side only would
+    let the CLI promise what the core refuses (it did: --limit 1-10000 against 1000)."""
+    from core.api.admin import MAX_PAGE, MAX_POOL_VMS
+    from core.cli import PAGE_MAX, POOL_VMS_MAX
+
+    assert (PAGE_MAX, POOL_VMS_MAX) == (MAX_PAGE, MAX_POOL_VMS)
+
+
 def test_every_subcommand_and_argument_has_a_help_text() -> None:
     commands = _subcommands()
     assert {"vms", "jobs", "vm", "job", "events", "status", "core", "demo"} <= set(commands)
